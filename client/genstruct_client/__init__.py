@@ -1,0 +1,1 @@
+"""Typed clients of the Genstruct service, the bulk runner and the `genstruct` command."""

@@ -1,0 +1,174 @@
+"""The server's settings: one object, each field with an env var (GENSTRUCT_*) and a flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+
+DEFAULT_MODEL = "genstruct-7b:Q4_K_M"
+
+
+class Settings(BaseSettings):
+    """Configuration of `genstruct-server`; `genstruct-server --help` lists every field."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GENSTRUCT_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_prog_name="genstruct-server",
+        validate_default=True,
+        extra="forbid",
+    )
+
+    # The model
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="The model: a path to a .gguf file, a registry name (genstruct-7b:Q4_K_M, "
+        "demo; see `genstruct-server models list`) or hf://owner/repo/file.gguf.",
+    )
+    models_dir: Path = Field(
+        Path("models"), description="Folder that holds downloaded models (the registry's home)."
+    )
+    fallback_to_demo: bool = Field(
+        False,
+        description="If the model cannot be had, serve the small `demo` stand-in instead, with "
+        "a warning (the quickstart does this; a production server should not).",
+    )
+
+    # Where it listens
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to bind. The default serves only this machine (a sidecar); "
+        "use 0.0.0.0 or :: to accept remote callers.",
+    )
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
+    metrics_port: int = Field(
+        9464, ge=0, le=65535, description="Prometheus metrics port on the same host; 0 = off."
+    )
+
+    # The engine
+    n_parallel: int = Field(
+        4, ge=1, le=256, description="Documents decoded together (slots of the engine)."
+    )
+    n_ctx: int = Field(
+        8192,
+        ge=256,
+        description="Tokens of KV cache shared by all slots; each slot may use n_ctx / n_parallel.",
+    )
+    n_batch: int = Field(
+        512, ge=32, description="Most tokens in one decode step (prompt chunks plus generation)."
+    )
+    n_gpu_layers: int = Field(
+        -1, ge=-1, description="Layers to offload to the GPU; -1 = all, 0 = CPU only."
+    )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for llama.cpp; unset = the number of cores."
+    )
+    flash_attn: bool = Field(False, description="Use flash attention where the backend has it.")
+    max_queue: int = Field(
+        256,
+        ge=1,
+        description="Documents waiting for a slot before new ones are refused (RESOURCE_EXHAUSTED).",
+    )
+
+    # Defaults for sampling fields a request leaves unset
+    temperature: float = Field(0.7, ge=0.0, le=5.0, description="Default temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Default top_p (1 = off).")
+    top_k: int = Field(0, ge=0, le=1000, description="Default top_k (0 = off).")
+    min_p: float = Field(0.05, ge=0.0, lt=1.0, description="Default min_p (0 = off).")
+    repeat_penalty: float = Field(
+        1.0, gt=0.0, le=5.0, description="Default repeat penalty (1 = off)."
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Default presence penalty."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Default frequency penalty."
+    )
+    default_max_tokens: int = Field(
+        512, ge=1, description="Tokens to generate per pair when a request does not say."
+    )
+
+    # Limits on requests
+    max_tokens_limit: int = Field(2048, ge=1, description="Most max_tokens a request may ask.")
+    max_title_chars: int = Field(2_000, ge=0, description="Most characters in a title.")
+    max_content_chars: int = Field(
+        100_000, ge=1, description="Most characters in a document's content."
+    )
+    max_num_generations: int = Field(
+        8, ge=1, le=64, description="Most generations (pairs) per document."
+    )
+    max_stop_strings: int = Field(8, ge=0, description="Most stop strings per request.")
+    max_stop_chars: int = Field(64, ge=1, description="Most characters in one stop string.")
+    max_id_chars: int = Field(256, ge=1, description="Most characters in a request id.")
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Most bytes in one gRPC message, each way."
+    )
+    max_batch_in_flight: int = Field(
+        64,
+        ge=1,
+        description="Documents of one GenerateBatch stream worked on at a time; the stream "
+        "reads no more until results go out.",
+    )
+
+    # Lifecycle
+    drain_seconds: float = Field(
+        30.0,
+        ge=0.0,
+        description="On SIGTERM/SIGINT, how long in-flight work may take to finish before "
+        "the server exits.",
+    )
+
+    # Security
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate chain of the server; with tls_key_file enables TLS."
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of the server.")
+    tls_client_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle; when set, clients must present a certificate it signed "
+        "(mutual TLS).",
+    )
+    auth_token: SecretStr | None = Field(
+        None,
+        description="Bearer token callers must send as `authorization: Bearer <token>` "
+        "metadata; health checks stay open.",
+    )
+
+    # Logging
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level. Document text is logged only at DEBUG."
+    )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one JSON object per line; text: for a terminal."
+    )
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be given together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) is above "
+                f"max_tokens_limit ({self.max_tokens_limit})"
+            )
+        if self.n_ctx < self.n_parallel * 64:
+            raise ValueError(
+                f"n_ctx ({self.n_ctx}) leaves fewer than 64 tokens per slot for "
+                f"n_parallel {self.n_parallel}"
+            )
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None
+
+
+def settings_from_args(argv: list[str] | None) -> Settings:
+    """Settings from flags, then GENSTRUCT_* env vars, then defaults."""
+    return CliApp.run(Settings, cli_args=argv if argv is not None else None)

@@ -1,0 +1,146 @@
+"""The engine's vocabulary: what a generation request is, what comes back, and the Protocol."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class FinishReason(enum.Enum):
+    """Why one generation stopped."""
+
+    EOS = "eos"  # the model's end-of-sequence token
+    STOP = "stop"  # a stop string (the Genstruct `[[[User]]]` turn or one of the caller's)
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"  # the caller went away or the engine is shutting down
+
+
+class Truncation(enum.Enum):
+    """What to do with content too long for the context."""
+
+    REFUSE = "refuse"
+    TRUNCATE = "truncate"
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Sampling for one request; the servicer has already filled in server defaults."""
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0  # 1.0 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # None = a fresh random seed
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()  # the caller's stop strings, on top of the Genstruct stop
+    ignore_eos: bool = False  # benchmarks only: generate exactly max_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One document to turn into `num_generations` completions."""
+
+    title: str
+    content: str
+    sampling: Sampling = field(default_factory=Sampling)
+    num_generations: int = 1
+    constrained: bool = False  # force `question [[[Assistant]]] answer` with a grammar
+    truncation: Truncation = Truncation.REFUSE
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDelta:
+    """New text of one generation; never splits a UTF-8 character or leaks a stop string."""
+
+    index: int  # which generation, 0 <= index < num_generations
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One finished completion (raw text after the prompt, stop string removed)."""
+
+    index: int
+    text: str
+    finish_reason: FinishReason
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Seconds spent queued, to the first generated token, and in all (from submission)."""
+
+    queue_seconds: float
+    first_token_seconds: float
+    total_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """The last event of a request: every generation, usage and timings."""
+
+    generations: tuple[Generation, ...]
+    prompt_tokens: int
+    truncated: bool
+    timings: Timings
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(g.completion_tokens for g in self.generations)
+
+
+EngineEvent = TokenDelta | Completed
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What the engine runs on, for GetModelInfo and the logs."""
+
+    model_name: str  # e.g. "genstruct-7b:Q4_K_M" or the file stem
+    model_path: str
+    quantization: str  # e.g. "Q4_K_M", from the GGUF file type
+    parameter_count: int
+    architecture: str  # general.architecture, e.g. "llama"
+    context_length: int  # n_ctx of the context (shared by all slots)
+    train_context_length: int  # the model's own context length
+    n_parallel: int
+    gpu_layers_offloaded: int
+    total_layers: int
+    backend: str  # "CPU", "CUDA", "Metal", ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot for metrics and tests."""
+
+    busy_slots: int
+    queued: int
+    n_parallel: int
+
+
+class Engine(Protocol):
+    """What the gRPC layer needs from a generation engine."""
+
+    @property
+    def info(self) -> EngineInfo: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+        """Yield TokenDeltas as they are made, then exactly one Completed.
+
+        Raises the errors of `genstruct_service.errors` before the first event when the
+        request is refused (queue full, can never fit, too long). Closing the iterator, or
+        cancelling the task that iterates it, cancels the request and frees its slot within
+        one engine step.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Cancel everything in flight, stop the engine thread and free the model."""
+        ...

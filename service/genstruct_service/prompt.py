@@ -1,0 +1,67 @@
+"""The Genstruct prompt (a Jinja2 template) and the parser of its completions."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+
+import jinja2
+
+USER_MARK = "[[[User]]]"
+ASSISTANT_MARK = "[[[Assistant]]]"
+
+# distilabel's rule: some text, the assistant marker, more text (the first marker wins).
+_PAIR = re.compile(r"(.+?)\[\[\[Assistant\]\]\](.+)$", re.DOTALL)
+
+
+@cache
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("genstruct_service", "templates"),
+        autoescape=False,  # a completion prompt, not HTML
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    return env.get_template("genstruct.jinja")
+
+
+def render_prompt(title: str, content: str) -> str:
+    """The raw completion prompt for one document; it ends with `[[[User]]] `."""
+    return _template().render(title=title, content=content)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedCompletion:
+    """A completion split into the user's question and the assistant's answer."""
+
+    raw_text: str
+    user: str | None
+    assistant: str | None
+
+    @property
+    def parsed(self) -> bool:
+        return self.assistant is not None
+
+
+def end_of_answer(text: str) -> int:
+    """Index where the answer ends: at a `[[[User]]]` turn after the first assistant marker."""
+    marker = text.find(ASSISTANT_MARK, 1)
+    if marker == -1:
+        return len(text)
+    next_turn = text.find(USER_MARK, marker + len(ASSISTANT_MARK))
+    return len(text) if next_turn == -1 else next_turn
+
+
+def parse_completion(text: str) -> ParsedCompletion:
+    """Split a completion as distilabel's Genstruct task does, but end the answer at a new turn.
+
+    A completion without `[[[Assistant]]]` (or with nothing on one side of it) is not parsed:
+    `user` and `assistant` are None and the text is kept in `raw_text`.
+    """
+    match = _PAIR.search(text[: end_of_answer(text)])
+    if match is None:
+        return ParsedCompletion(raw_text=text, user=None, assistant=None)
+    return ParsedCompletion(
+        raw_text=text, user=match.group(1).strip(), assistant=match.group(2).strip()
+    )

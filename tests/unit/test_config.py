@@ -1,0 +1,61 @@
+"""Every setting has a description, an env var and a flag."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from genstruct_service.config import Settings, settings_from_args
+
+
+def test_every_field_is_described() -> None:
+    missing = [name for name, field in Settings.model_fields.items() if not field.description]
+    assert missing == []
+
+
+def test_defaults_bind_loopback_only() -> None:
+    settings = settings_from_args([])
+    assert settings.host == "127.0.0.1"
+    assert settings.model == "genstruct-7b:Q4_K_M"
+    assert settings.auth_token is None and not settings.tls_enabled
+
+
+def test_env_vars_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GENSTRUCT_N_PARALLEL", "6")
+    monkeypatch.setenv("GENSTRUCT_PORT", "6000")
+    monkeypatch.setenv("GENSTRUCT_AUTH_TOKEN", "s3cret")
+    settings = settings_from_args(["--port", "7000", "--n-ctx", "4096", "--flash-attn"])
+    assert settings.n_parallel == 6  # from the environment
+    assert settings.port == 7000  # the flag wins over the environment
+    assert settings.n_ctx == 4096 and settings.flash_attn is True
+    assert settings.auth_token is not None and settings.auth_token.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--port", "70000"], "port"),
+        (["--tls-cert-file", "/x.pem"], "tls_key_file"),
+        (["--default-max-tokens", "4096"], "max_tokens_limit"),
+        (["--n-parallel", "64", "--n-ctx", "1024"], "per slot"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_reason(args: list[str], words: str) -> None:
+    with pytest.raises((ValidationError, SystemExit)) as info:
+        settings_from_args(args)
+    assert words in str(info.value)
+
+
+def test_help_lists_every_flag() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "from genstruct_service.config import settings_from_args as s; s(['--help'])"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in Settings.model_fields:
+        assert f"--{name.replace('_', '-')}" in result.stdout, name
