@@ -1,0 +1,175 @@
+"""Build and run llama.cpp's own `llama-server`, the peer the engine is measured against.
+
+The server is built from the llama.cpp source vendored in the llama-cpp-python sdist of the
+installed version, so both peers run the same kernels. Everything lives under the
+git-ignored `bench/.build/`.
+
+    python -m bench.llama_server build      # download the sdist, cmake-build llama-server
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+BUILD_ROOT = Path(__file__).resolve().parent / ".build"
+
+
+def installed_version() -> str:
+    return metadata.version("llama-cpp-python")
+
+
+def _sdist_dir(version: str) -> Path:
+    return BUILD_ROOT / f"llama_cpp_python-{version}"
+
+
+def _binary_path(version: str) -> Path:
+    return BUILD_ROOT / f"server-{version}" / "bin" / "llama-server"
+
+
+def fetch_source(version: str) -> Path:
+    """The vendored llama.cpp folder of the sdist, downloaded through pip when missing."""
+    source = _sdist_dir(version) / "vendor" / "llama.cpp"
+    if (source / "CMakeLists.txt").exists():
+        return source
+    BUILD_ROOT.mkdir(parents=True, exist_ok=True)
+    archive = BUILD_ROOT / f"llama_cpp_python-{version}.tar.gz"
+    if not archive.exists():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+             f"llama-cpp-python=={version}", "-d", str(BUILD_ROOT)],
+            check=True,
+        )
+    with tarfile.open(archive) as tar:
+        tar.extractall(BUILD_ROOT, filter="data")
+    if not (source / "CMakeLists.txt").exists():
+        raise RuntimeError(f"{archive} holds no vendor/llama.cpp")
+    return source
+
+
+def build(version: str | None = None, jobs: int | None = None) -> Path:
+    """Build only the `llama-server` target (Release, no curl, no web UI download)."""
+    version = version or installed_version()
+    binary = _binary_path(version)
+    if binary.exists():
+        return binary
+    if shutil.which("cmake") is None:
+        raise RuntimeError("cmake is not installed")
+    source = fetch_source(version)
+    build_dir = BUILD_ROOT / f"server-{version}"
+    subprocess.run(
+        ["cmake", "-S", str(source), "-B", str(build_dir),
+         "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+         "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+         "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"],
+        check=True,
+    )
+    subprocess.run(
+        ["cmake", "--build", str(build_dir), "--config", "Release", "--target", "llama-server",
+         "-j", str(jobs or os.cpu_count() or 1)],
+        check=True,
+    )
+    if not binary.exists():
+        raise RuntimeError(f"the build finished but {binary} is missing")
+    return binary
+
+
+def find_binary(version: str | None = None) -> Path | None:
+    binary = _binary_path(version or installed_version())
+    return binary if binary.exists() else None
+
+
+def _free_port() -> int:
+    # llama-server takes no port 0, so a port is picked here; the race is harmless in a benchmark.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen[bytes]
+    url: str
+
+    def post(self, path: str, body: dict[str, object], timeout: float = 600.0) -> dict[str, object]:
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            result: dict[str, object] = json.load(response)
+            return result
+
+
+@contextmanager
+def serve(
+    binary: Path, model_path: str, *, n_parallel: int, n_ctx: int, n_threads: int,
+    n_batch: int, extra: Sequence[str] = (),
+) -> Iterator[RunningServer]:
+    """Start llama-server, wait for /health, and stop it on exit."""
+    port = _free_port()
+    args = [
+        str(binary), "-m", model_path, "--host", "127.0.0.1", "--port", str(port),
+        "--parallel", str(n_parallel), "-c", str(n_ctx), "-t", str(n_threads),
+        "-tb", str(n_threads), "-b", str(n_batch), "-ub", str(n_batch), "-ngl", "0",
+        "--kv-unified", "--no-webui", *extra,
+    ]
+    log = open(BUILD_ROOT / "llama-server.log", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    server = RunningServer(process, f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {process.returncode}; see {log.name}")
+            try:
+                with urllib.request.urlopen(server.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("llama-server did not become healthy in 120 s")
+            time.sleep(0.2)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["build", "path"])
+    parser.add_argument("--jobs", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        print(build(jobs=args.jobs))
+    else:
+        found = find_binary()
+        if found is None:
+            print("not built; run `python -m bench.llama_server build`", file=sys.stderr)
+            return 1
+        print(found)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

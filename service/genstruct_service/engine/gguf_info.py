@@ -1,0 +1,75 @@
+"""What a loaded GGUF model is: quantization, size, architecture, offload, from its metadata."""
+
+from __future__ import annotations
+
+import ctypes
+
+import llama_cpp as ll
+
+from genstruct_service.engine.types import EngineInfo
+
+# llama_ftype values -> the names quantizers use (Q4_K_M, ...), read from the bindings.
+_FTYPE_NAMES: dict[int, str] = {
+    int(value): name.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_").removeprefix("ALL_")
+    for name, value in vars(ll).items()
+    if name.startswith("LLAMA_FTYPE_") and isinstance(value, int) and name != "LLAMA_FTYPE_GUESSED"
+}
+
+_GPU_BACKENDS = ("CUDA", "Metal", "Vulkan", "ROCm", "HIP", "SYCL", "OpenCL", "CANN", "MUSA")
+
+
+def meta_str(model: int, key: str) -> str | None:
+    """One GGUF metadata value as text, or None when the key is absent."""
+    size = 256
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = ll.llama_model_meta_val_str(model, key.encode(), buf, size)
+        if n < 0:
+            return None
+        if n < size:
+            return buf.value.decode("utf-8", "replace")
+        size = n + 1
+
+
+def quantization_name(file_type: str | None) -> str:
+    if file_type is None:
+        return "unknown"
+    try:
+        return _FTYPE_NAMES.get(int(file_type), f"ftype {file_type}")
+    except ValueError:
+        return file_type
+
+
+def backend_name() -> str:
+    """"CPU" unless this llama.cpp build can offload, then the GPU backend it was built with."""
+    if not ll.llama_supports_gpu_offload():
+        return "CPU"
+    system = ll.llama_print_system_info().decode("utf-8", "replace")
+    for name in _GPU_BACKENDS:
+        if name.upper() in system.upper():
+            return name
+    return "GPU"
+
+
+def engine_info(
+    model: int, *, model_name: str, model_path: str, n_ctx: int, n_parallel: int,
+    n_gpu_layers: int,
+) -> EngineInfo:
+    n_layer = int(ll.llama_model_n_layer(model))
+    backend = backend_name()
+    # llama.cpp counts the output layer as one more offloadable layer (n_layer + 1).
+    wanted = n_layer + 1 if n_gpu_layers < 0 else n_gpu_layers
+    offloaded = min(wanted, n_layer + 1) if backend != "CPU" else 0
+    return EngineInfo(
+        model_name=model_name,
+        model_path=model_path,
+        quantization=quantization_name(meta_str(model, "general.file_type")),
+        parameter_count=int(ll.llama_model_n_params(model)),
+        architecture=meta_str(model, "general.architecture") or "unknown",
+        context_length=n_ctx,
+        train_context_length=int(ll.llama_model_n_ctx_train(model)),
+        n_parallel=n_parallel,
+        gpu_layers_offloaded=offloaded,
+        total_layers=n_layer,
+        backend=backend,
+    )

@@ -1,0 +1,798 @@
+"""`LlamaEngine`: continuous batching over llama.cpp's low-level API on one engine thread.
+
+Slots and sequences. A slot is one llama.cpp sequence id (0 <= id < n_parallel) in a
+unified KV cache (`kv_unified`, `n_seq_max = n_parallel`). A request with
+`num_generations = n` takes n slots at once: its prompt is prefilled on the first, the
+prompt KV is shared with the other n - 1 through `llama_memory_seq_cp` (a unified cache
+shares the cells, it does not copy them), and every slot samples its first token from the
+same last-prompt logits with its own sampler chain (seed + i). So `n_parallel` bounds the
+number of sequences decoded together, whatever the mix of requests, and a request may ask
+for at most `n_parallel` generations.
+
+Admission. A request reserves `prompt_tokens + n * max_tokens` KV cells, which bounds
+what it can ever use (the prompt cells are shared). The unified cache is one pool, so a
+request is admitted, first come first served, when n slots are free and the sum of the
+reservations of the running requests plus its own is at most `n_ctx`. A request that
+could not fit even in an empty engine (`prompt + n * max_tokens > n_ctx`) is refused with
+ContextOverflow, or its content cut to fit with Truncation.TRUNCATE. Waiting requests are
+bounded by `max_queue` (QueueFull beyond). Unlike llama-server's fixed `n_ctx / n_parallel`
+per slot, one long document may use most of the context while short ones share the rest.
+
+Threads. Only the engine thread touches llama.cpp objects (model, context, batch,
+samplers, tokenisation). The asyncio side hands it jobs through a locked inbox and
+receives events through `loop.call_soon_threadsafe`, one call per request per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp as ll
+
+from genstruct_service.engine.gguf_info import engine_info
+from genstruct_service.engine.grammar import ANSWER_RESERVE, ASSISTANT_MARK, GENSTRUCT_GBNF
+from genstruct_service.engine.sampling import build_chain
+from genstruct_service.engine.text import TextAssembler
+from genstruct_service.engine.types import (
+    Completed,
+    EngineEvent,
+    EngineInfo,
+    EngineStats,
+    FinishReason,
+    Generation,
+    GenerationRequest,
+    Timings,
+    TokenDelta,
+    Truncation,
+)
+from genstruct_service.errors import (
+    ContextOverflow,
+    InvalidRequest,
+    ModelError,
+    QueueFull,
+    Unavailable,
+)
+from genstruct_service.prompt import USER_MARK, render_prompt
+
+log = logging.getLogger(__name__)
+
+_ALL_LAYERS = 0x7FFFFFFF
+_ASSISTANT_BYTES = ASSISTANT_MARK.encode()
+
+
+class _Job:
+    """One request as both threads see it; `queue` is read only by the asyncio side."""
+
+    __slots__ = ("cancelled", "done", "loop", "queue", "request", "submitted")
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self.loop = loop
+        self.queue: asyncio.Queue[list[EngineEvent] | BaseException] = asyncio.Queue()
+        self.submitted = time.perf_counter()
+        self.cancelled = False  # set by the asyncio side, read by the engine thread
+        self.done = False  # set by the asyncio side once the last event arrived
+
+    def send(self, item: list[EngineEvent] | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+@dataclass(slots=True, eq=False)
+class _Seq:
+    """One generation: a slot's sequence id, its sampler chain and its text."""
+
+    index: int
+    seq_id: int
+    chain: int
+    assembler: TextAssembler
+    max_tokens: int
+    pos: int = 0
+    feed: list[int] = field(default_factory=list)  # tokens to decode next, in order
+    n_generated: int = 0
+    finish: FinishReason | None = None
+    out_row: int = -1  # batch row whose logits this step samples, or -1
+    # constrained mode: bytes written from the first `[` on (the assistant marker)
+    constrained: bool = False
+    question_visible: bool = False
+    marker: bytes | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Active:
+    """A request holding slots: prefilling its prompt, then generating."""
+
+    job: _Job
+    tokens: list[int]
+    truncated: bool
+    reserved: int
+    admitted: float
+    seqs: list[_Seq]
+    n_prefilled: int = 0
+    prefill_row: int = -1
+    first_token: float = 0.0
+    done: int = 0  # sequences finished
+    deltas: list[EngineEvent] = field(default_factory=list)
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    job: _Job
+    tokens: list[int]
+    truncated: bool
+    reserved: int
+
+
+class LlamaEngine:
+    """Continuous batching of Genstruct generations over one llama.cpp context.
+
+    The constructor loads the model on the engine thread and returns once it is ready
+    (raising ModelError if it cannot be loaded). `on_step(batch_tokens)` is called on the
+    engine thread after every decode with the number of tokens in the batch; it must be
+    cheap and thread-safe (e.g. a Prometheus histogram observe).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        model_name: str | None = None,
+        n_parallel: int = 4,
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        n_gpu_layers: int = -1,
+        n_threads: int | None = None,
+        flash_attn: bool | None = None,
+        max_queue: int = 64,
+        default_seed: int | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
+        if n_parallel < 1:
+            raise ValueError("n_parallel must be at least 1")
+        if n_batch < n_parallel:
+            raise ValueError("n_batch must be at least n_parallel (one token per slot per step)")
+        if n_ctx < 16 or max_queue < 0:
+            raise ValueError("n_ctx must be at least 16 and max_queue non-negative")
+        self._model_path = str(model_path)
+        self._model_name = model_name or Path(model_path).stem
+        self._n_parallel = n_parallel
+        self._n_ctx = n_ctx
+        self._n_batch = n_batch
+        self._n_gpu_layers = n_gpu_layers
+        self._n_threads = n_threads or os.cpu_count() or 1
+        self._flash_attn = flash_attn
+        self._max_queue = max_queue
+        self._default_seed = default_seed
+        self._on_step = on_step
+
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: list[_Job] = []
+        self._n_waiting = 0  # inbox + pending, under _lock
+        self._cancel_epoch = 0
+        self._closing = False
+        self._broken: BaseException | None = None
+        self._busy = 0
+
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self._info: EngineInfo | None = None
+        self._thread = threading.Thread(target=self._thread_main, name="llama-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            self._thread.join()
+            raise self._load_error
+
+    @classmethod
+    async def open(cls, model_path: str | os.PathLike[str], **kwargs: object) -> LlamaEngine:
+        """Load without blocking the event loop."""
+        return await asyncio.to_thread(lambda: cls(model_path, **kwargs))  # type: ignore[arg-type]
+
+    # ---------------------------------------------------------------- asyncio side
+
+    @property
+    def info(self) -> EngineInfo:
+        assert self._info is not None
+        return self._info
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(
+                busy_slots=self._busy, queued=self._n_waiting, n_parallel=self._n_parallel
+            )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+        job = self._submit(request)
+        try:
+            while True:
+                item = await job.queue.get()
+                if isinstance(item, BaseException):
+                    job.done = True
+                    raise item
+                for event in item:
+                    if isinstance(event, Completed):
+                        job.done = True
+                    yield event
+                if job.done:
+                    return
+        finally:
+            if not job.done:
+                with self._wake:
+                    job.cancelled = True
+                    self._cancel_epoch += 1
+                    self._wake.notify()
+
+    async def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        await asyncio.to_thread(self._thread.join)
+
+    def _submit(self, request: GenerationRequest) -> _Job:
+        self._validate(request)
+        job = _Job(request, asyncio.get_running_loop())
+        with self._wake:
+            if self._closing or self._broken is not None:
+                raise Unavailable(
+                    "the engine is shutting down"
+                    if self._closing
+                    else f"the engine failed and must be restarted: {self._broken}"
+                )
+            if self._n_waiting >= self._max_queue:
+                raise QueueFull(
+                    f"the queue is full ({self._max_queue} requests waiting for "
+                    f"{self._n_parallel} slots); retry later"
+                )
+            self._n_waiting += 1
+            self._inbox.append(job)
+            self._wake.notify()
+        return job
+
+    def _validate(self, request: GenerationRequest) -> None:
+        s = request.sampling
+        if not 1 <= request.num_generations <= self._n_parallel:
+            raise InvalidRequest(
+                "num_generations",
+                f"must be between 1 and {self._n_parallel} (the engine's slots), "
+                f"got {request.num_generations}",
+            )
+        if s.max_tokens < 1:
+            raise InvalidRequest("sampling.max_tokens", f"must be at least 1, got {s.max_tokens}")
+        if request.constrained and s.max_tokens < self._min_constrained_tokens:
+            raise InvalidRequest(
+                "sampling.max_tokens",
+                f"constrained output needs at least {self._min_constrained_tokens} tokens, "
+                f"got {s.max_tokens}",
+            )
+        if not s.temperature >= 0.0:
+            raise InvalidRequest("sampling.temperature", f"must be >= 0, got {s.temperature}")
+        if not 0.0 < s.top_p <= 1.0:
+            raise InvalidRequest("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
+        if not 0.0 <= s.min_p <= 1.0:
+            raise InvalidRequest("sampling.min_p", f"must be in [0, 1], got {s.min_p}")
+        if s.top_k < 0:
+            raise InvalidRequest("sampling.top_k", f"must be >= 0, got {s.top_k}")
+        if not s.repeat_penalty > 0.0:
+            raise InvalidRequest(
+                "sampling.repeat_penalty", f"must be > 0, got {s.repeat_penalty}"
+            )
+
+    # ---------------------------------------------------------------- engine thread
+
+    def _thread_main(self) -> None:
+        try:
+            self._load()
+        except BaseException as exc:
+            self._load_error = (
+                exc if isinstance(exc, ModelError) else ModelError(f"cannot load model: {exc}")
+            )
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._loop()
+        except BaseException as exc:
+            log.exception("the engine thread failed")
+            with self._lock:
+                self._broken = exc
+            self._fail_everything(ModelError(f"the engine failed: {exc}"))
+        finally:
+            self._free()
+
+    def _load(self) -> None:
+        if not Path(self._model_path).is_file():
+            raise ModelError(f"model file not found: {self._model_path}")
+        ll.llama_backend_init()
+        mparams = ll.llama_model_default_params()
+        mparams.n_gpu_layers = _ALL_LAYERS if self._n_gpu_layers < 0 else self._n_gpu_layers
+        model = ll.llama_model_load_from_file(self._model_path.encode(), mparams)
+        if not model:
+            raise ModelError(f"llama.cpp could not load {self._model_path} (not a GGUF model?)")
+        self._model = model
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = self._n_ctx
+        cparams.n_batch = self._n_batch
+        cparams.n_ubatch = self._n_batch
+        cparams.n_seq_max = self._n_parallel
+        cparams.n_threads = self._n_threads
+        cparams.n_threads_batch = self._n_threads
+        cparams.kv_unified = True
+        cparams.no_perf = True
+        cparams.flash_attn_type = (
+            ll.LLAMA_FLASH_ATTN_TYPE_AUTO
+            if self._flash_attn is None
+            else ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if self._flash_attn
+            else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        ctx = ll.llama_init_from_model(model, cparams)
+        if not ctx:
+            ll.llama_model_free(model)
+            raise ModelError("llama.cpp could not create a context (n_ctx too large for memory?)")
+        self._ctx = ctx
+        self._mem = ll.llama_get_memory(ctx)
+        self._vocab = ll.llama_model_get_vocab(model)
+        self._n_vocab = int(ll.llama_vocab_n_tokens(self._vocab))
+        self._eog = [t for t in range(self._n_vocab) if ll.llama_vocab_is_eog(self._vocab, t)]
+        self._eog_set = frozenset(self._eog)
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._tok_buf = (ll.llama_token * 4096)()
+
+        batch = ll.llama_batch_init(self._n_batch, 0, 1)
+        self._batch = batch
+        self._b_token = batch.token
+        self._b_pos = batch.pos
+        self._b_logits = batch.logits
+        n_seq_id = batch.n_seq_id
+        self._b_seq = [batch.seq_id[i] for i in range(self._n_batch)]
+        for i in range(self._n_batch):
+            n_seq_id[i] = 1
+
+        self._free_ids = list(range(self._n_parallel - 1, -1, -1))
+        self._pending: deque[_Pending] = deque()
+        self._active: list[_Active] = []
+        self._reserved = 0
+        self._seen_cancel_epoch = 0
+        self._marker_tokens = len(self._tokenize(ASSISTANT_MARK, add_special=False))
+        self._min_constrained_tokens = self._marker_tokens + ANSWER_RESERVE + 4
+        self._info = engine_info(
+            model, model_name=self._model_name, model_path=self._model_path,
+            n_ctx=int(ll.llama_n_ctx(ctx)), n_parallel=self._n_parallel,
+            n_gpu_layers=self._n_gpu_layers,
+        )
+
+    def _free(self) -> None:
+        for active in self._active:
+            for seq in active.seqs:
+                if seq.chain:
+                    ll.llama_sampler_free(seq.chain)
+                    seq.chain = 0
+        self._active.clear()
+        if getattr(self, "_batch", None) is not None:
+            ll.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            ll.llama_model_free(self._model)
+            self._model = None
+
+    # -- text
+
+    def _tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        buf = self._tok_buf
+        n = ll.llama_tokenize(self._vocab, data, len(data), buf, len(buf), add_special, False)
+        if n < 0:
+            buf = (ll.llama_token * (-n))()
+            n = ll.llama_tokenize(self._vocab, data, len(data), buf, len(buf), add_special, False)
+            if n < 0:
+                raise InvalidRequest("document", "the text could not be tokenized")
+        return buf[:n]
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = self._piece_buf
+            n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            piece = buf.raw[:n]
+            self._pieces[token] = piece
+        return piece
+
+    def _detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self._piece(t) for t in tokens).decode("utf-8", "ignore")
+
+    # -- the step loop
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                # with nothing running, any pending request can be admitted: no wait then
+                while not (self._inbox or self._closing or self._active or self._pending):
+                    self._wake.wait()
+                inbox, self._inbox = self._inbox, []
+                closing = self._closing
+                epoch = self._cancel_epoch
+            if closing:
+                self._shutdown(inbox)
+                return
+            for job in inbox:
+                self._accept(job)
+            if epoch != self._seen_cancel_epoch:
+                self._seen_cancel_epoch = epoch
+                self._drop_cancelled()
+            self._admit()
+            if self._active:
+                self._step()
+
+    def _accept(self, job: _Job) -> None:
+        """Tokenize and size a new job; queue it or refuse it."""
+        if job.cancelled:
+            with self._lock:
+                self._n_waiting -= 1
+            return
+        try:
+            tokens, truncated, reserved = self._prepare(job.request)
+        except Exception as exc:
+            with self._lock:
+                self._n_waiting -= 1
+            job.send(exc)
+            return
+        self._pending.append(_Pending(job, tokens, truncated, reserved))
+
+    def _prepare(self, request: GenerationRequest) -> tuple[list[int], bool, int]:
+        n = request.num_generations
+        max_tokens = request.sampling.max_tokens
+        generated = n * max_tokens
+        budget = self._n_ctx - generated
+        tokens = self._tokenize(render_prompt(request.title, request.content), add_special=True)
+        if len(tokens) <= budget:
+            return tokens, False, len(tokens) + generated
+        asked = (
+            f"max_tokens {max_tokens:,}"
+            if n == 1
+            else f"max_tokens {max_tokens:,} x {n} generations"
+        )
+        where = (
+            f"the context holds at most {self._n_ctx:,} tokens (n_ctx {self._n_ctx:,}, "
+            f"one unified KV cache shared by {self._n_parallel} slots)"
+        )
+        if request.truncation is Truncation.REFUSE:
+            raise ContextOverflow(
+                "document.content",
+                f"prompt is {len(tokens):,} tokens and {asked}, but {where}",
+            )
+        base = len(self._tokenize(render_prompt(request.title, ""), add_special=True))
+        if base + 1 > budget:
+            raise ContextOverflow(
+                "document",
+                f"prompt without content is {base:,} tokens and {asked}, but {where}",
+            )
+        content = self._tokenize(request.content.strip(), add_special=False)
+        keep = min(len(content), budget - base - 2)
+        for _ in range(8):
+            text = self._detokenize(content[: max(keep, 0)])
+            tokens = self._tokenize(render_prompt(request.title, text), add_special=True)
+            if len(tokens) <= budget:
+                return tokens, True, len(tokens) + generated
+            keep -= len(tokens) - budget + 1
+        raise ContextOverflow("document.content", f"could not truncate the content to fit: {where}")
+
+    def _drop_cancelled(self) -> None:
+        if any(p.job.cancelled for p in self._pending):
+            kept = deque(p for p in self._pending if not p.job.cancelled)
+            dropped = len(self._pending) - len(kept)
+            self._pending = kept
+            with self._lock:
+                self._n_waiting -= dropped
+        for active in [a for a in self._active if a.job.cancelled]:
+            for seq in active.seqs:
+                if seq.finish is None:
+                    seq.finish = FinishReason.CANCELLED
+                    self._release_seq(active, seq)
+            self._complete(active)
+
+    def _admit(self) -> None:
+        while self._pending:
+            head = self._pending[0]
+            n = head.job.request.num_generations
+            if len(self._free_ids) < n or self._reserved + head.reserved > self._n_ctx:
+                return
+            self._pending.popleft()
+            with self._lock:
+                self._n_waiting -= 1
+            try:
+                self._start(head)
+            except BaseException as exc:
+                head.job.send(exc)
+
+    def _start(self, pending: _Pending) -> None:
+        request = pending.job.request
+        sampling = request.sampling
+        seed = sampling.seed
+        if seed is None:
+            seed = self._default_seed if self._default_seed is not None else random.getrandbits(32)
+        stops = (USER_MARK, *sampling.stop)
+        banned = self._eog if sampling.ignore_eos else ()
+        grammar = GENSTRUCT_GBNF if request.constrained else None
+        seqs: list[_Seq] = []
+        try:
+            for i in range(request.num_generations):
+                chain = build_chain(
+                    self._vocab, self._n_vocab, sampling, seed + i, grammar=grammar, banned=banned
+                )
+                seqs.append(
+                    _Seq(
+                        index=i, seq_id=-1, chain=chain, assembler=TextAssembler(stops),
+                        max_tokens=sampling.max_tokens, constrained=request.constrained,
+                    )
+                )
+        except BaseException:
+            for seq in seqs:
+                ll.llama_sampler_free(seq.chain)
+            raise
+        for seq in seqs:
+            seq.seq_id = self._free_ids.pop()
+            ll.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
+        self._reserved += pending.reserved
+        with self._lock:
+            self._busy += len(seqs)
+        self._active.append(
+            _Active(
+                job=pending.job, tokens=pending.tokens, truncated=pending.truncated,
+                reserved=pending.reserved, admitted=time.perf_counter(), seqs=seqs,
+            )
+        )
+
+    def _step(self) -> None:
+        b_token, b_pos, b_logits, b_seq = self._b_token, self._b_pos, self._b_logits, self._b_seq
+        cap = self._n_batch
+        n = 0
+        # one token (or a few forced ones) for every generating sequence
+        for active in self._active:
+            if active.n_prefilled < len(active.tokens):
+                continue
+            for seq in active.seqs:
+                feed = seq.feed
+                if seq.finish is not None or not feed:
+                    seq.out_row = -1
+                    continue
+                take = min(len(feed), cap - n)
+                sid = seq.seq_id
+                pos = seq.pos
+                for j in range(take):
+                    b_token[n] = feed[j]
+                    b_pos[n] = pos + j
+                    b_seq[n][0] = sid
+                    b_logits[n] = 0
+                    n += 1
+                seq.pos = pos + take
+                del feed[:take]
+                if feed:
+                    seq.out_row = -1
+                else:
+                    b_logits[n - 1] = 1
+                    seq.out_row = n - 1
+        # prompt chunks for requests still prefilling, first admitted first
+        for active in self._active:
+            active.prefill_row = -1
+            done = active.n_prefilled
+            total = len(active.tokens)
+            if done >= total or n >= cap:
+                continue
+            take = min(total - done, cap - n)
+            sid = active.seqs[0].seq_id
+            tokens = active.tokens
+            for j in range(done, done + take):
+                b_token[n] = tokens[j]
+                b_pos[n] = j
+                b_seq[n][0] = sid
+                b_logits[n] = 0
+                n += 1
+            active.n_prefilled = done + take
+            if done + take == total:
+                b_logits[n - 1] = 1
+                active.prefill_row = n - 1
+        if n == 0:
+            return
+        self._batch.n_tokens = n
+        rc = ll.llama_decode(self._ctx, self._batch)
+        if self._on_step is not None:
+            self._on_step(n)
+        if rc != 0:
+            if rc == 1:
+                # no room in the KV cache: fail the requests in this batch, keep the engine
+                for active in list(self._active):
+                    self._fail_active(active, ModelError("the KV cache is full; retry later"))
+                return
+            raise RuntimeError(f"llama_decode returned {rc}")
+        now = time.perf_counter()
+        ctx = self._ctx
+        sample = ll.llama_sampler_sample
+        for active in self._active:
+            if active.prefill_row >= 0:
+                row = active.prefill_row
+                first = active.seqs[0]
+                total = len(active.tokens)
+                for seq in active.seqs:
+                    if seq is not first:
+                        ll.llama_memory_seq_cp(self._mem, first.seq_id, seq.seq_id, -1, -1)
+                    seq.pos = total
+                    self._accept_token(active, seq, sample(seq.chain, ctx, row))
+                active.first_token = now
+            else:
+                for seq in active.seqs:
+                    if seq.out_row >= 0 and seq.finish is None:
+                        self._accept_token(active, seq, sample(seq.chain, ctx, seq.out_row))
+        finished = []
+        for active in self._active:
+            if active.done == len(active.seqs):
+                finished.append(active)
+            elif active.deltas:
+                active.job.send(active.deltas)
+                active.deltas = []
+        for active in finished:
+            self._complete(active)
+
+    def _accept_token(self, active: _Active, seq: _Seq, token: int) -> None:
+        """Take one sampled token: text out, stop checks, the next feed."""
+        if token in self._eog_set:
+            self._finish(active, seq, FinishReason.EOS)
+            return
+        seq.n_generated += 1
+        piece = self._piece(token)
+        text = seq.assembler.push(piece)
+        if text:
+            active.deltas.append(TokenDelta(seq.index, text))
+        if seq.assembler.stopped:
+            self._finish(active, seq, FinishReason.STOP)
+            return
+        if seq.n_generated >= seq.max_tokens:
+            self._finish(active, seq, FinishReason.LENGTH)
+            return
+        seq.feed.append(token)
+        if seq.constrained:
+            self._track_marker(active, seq, piece)
+
+    def _track_marker(self, active: _Active, seq: _Seq, piece: bytes) -> None:
+        """Constrained mode: force the rest of `[[[Assistant]]]` when the budget runs low."""
+        if seq.marker is None:
+            at = piece.find(b"[")
+            if at == -1:
+                if not seq.question_visible and piece.strip():
+                    seq.question_visible = True
+            else:
+                seq.question_visible = seq.question_visible or bool(piece[:at].strip())
+                seq.marker = piece[at:]
+        elif len(seq.marker) < len(_ASSISTANT_BYTES):
+            seq.marker += piece
+        if seq.marker is not None and len(seq.marker) >= len(_ASSISTANT_BYTES):
+            return
+        remaining = seq.max_tokens - seq.n_generated
+        if remaining > 2 * self._marker_tokens + ANSWER_RESERVE:
+            return
+        if not seq.question_visible or seq.assembler.mid_character:
+            return
+        rest = ASSISTANT_MARK[len(seq.marker or b"") :]
+        forced = self._tokenize(rest, add_special=False)
+        if remaining - len(forced) > ANSWER_RESERVE:
+            return
+        for token in forced:
+            ll.llama_sampler_accept(seq.chain, token)
+            seq.n_generated += 1
+            text = seq.assembler.push(self._piece(token))
+            if text:
+                active.deltas.append(TokenDelta(seq.index, text))
+        seq.feed.extend(forced)
+        seq.marker = _ASSISTANT_BYTES
+        if seq.assembler.stopped:
+            self._finish(active, seq, FinishReason.STOP)
+        elif seq.n_generated >= seq.max_tokens:
+            self._finish(active, seq, FinishReason.LENGTH)
+
+    def _finish(self, active: _Active, seq: _Seq, reason: FinishReason) -> None:
+        seq.finish = reason
+        if reason is not FinishReason.STOP:
+            tail = seq.assembler.finish()
+            if tail:
+                active.deltas.append(TokenDelta(seq.index, tail))
+        if not active.first_token:
+            active.first_token = time.perf_counter()
+        active.done += 1
+        self._release_seq(active, seq)
+
+    def _release_seq(self, active: _Active, seq: _Seq) -> None:
+        if seq.seq_id >= 0:
+            ll.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
+            self._free_ids.append(seq.seq_id)
+            seq.seq_id = -1
+            with self._lock:
+                self._busy -= 1
+        if seq.chain:
+            ll.llama_sampler_free(seq.chain)
+            seq.chain = 0
+        seq.feed.clear()
+        seq.out_row = -1
+
+    def _complete(self, active: _Active) -> None:
+        """Send the last event of a request and give back its reservation."""
+        for seq in active.seqs:
+            if seq.finish is None:
+                seq.finish = FinishReason.CANCELLED
+            self._release_seq(active, seq)
+        self._active.remove(active)
+        self._reserved -= active.reserved
+        now = time.perf_counter()
+        submitted = active.job.submitted
+        events = active.deltas
+        events.append(
+            Completed(
+                generations=tuple(
+                    Generation(
+                        index=s.index,
+                        text=s.assembler.text,
+                        finish_reason=s.finish or FinishReason.CANCELLED,
+                        completion_tokens=s.n_generated,
+                    )
+                    for s in active.seqs
+                ),
+                prompt_tokens=len(active.tokens),
+                truncated=active.truncated,
+                timings=Timings(
+                    queue_seconds=active.admitted - submitted,
+                    first_token_seconds=(active.first_token or now) - submitted,
+                    total_seconds=now - submitted,
+                ),
+            )
+        )
+        active.deltas = []
+        if not active.job.cancelled:
+            active.job.send(events)
+
+    def _fail_active(self, active: _Active, error: BaseException) -> None:
+        for seq in active.seqs:
+            seq.finish = seq.finish or FinishReason.CANCELLED
+            self._release_seq(active, seq)
+        self._active.remove(active)
+        self._reserved -= active.reserved
+        active.job.send(error)
+
+    def _shutdown(self, inbox: list[_Job]) -> None:
+        for active in list(self._active):
+            self._complete(active)
+        unavailable = "the engine is shutting down"
+        for job in inbox:
+            job.send(Unavailable(unavailable))
+        for pending in self._pending:
+            pending.job.send(Unavailable(unavailable))
+        with self._lock:
+            self._n_waiting -= len(inbox) + len(self._pending)
+        self._pending.clear()
+
+    def _fail_everything(self, error: ModelError) -> None:
+        for active in list(getattr(self, "_active", [])):
+            with contextlib.suppress(Exception):
+                self._fail_active(active, ModelError(str(error)))
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for job in inbox:
+            job.send(ModelError(str(error)))
+        for pending in getattr(self, "_pending", ()):
+            pending.job.send(ModelError(str(error)))
