@@ -1,0 +1,161 @@
+"""Bookkeeping of `generate_many`: what is waiting, in flight or due for another attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+from google.rpc import status_pb2
+
+from genstruct.v1 import genstruct_pb2 as pb
+
+# Stream-wide failures after which the documents without a result are sent again: the server
+# went away (killed, restarted, draining, connection lost) or pushed back.
+STREAM_RETRY_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+# Per-document refusals inside GenerateBatch worth another attempt.
+ITEM_RETRY_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE.value[0], grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ResubmitPolicy:
+    """How `generate_many` retries what gRPC's own retry cannot (streams already answering).
+
+    Each document gets up to `max_attempts` tries; a try is used up when the document is
+    refused with UNAVAILABLE / RESOURCE_EXHAUSTED, cancelled by a draining server, runs past
+    its deadline, or is in flight on a stream that breaks. Streams are reopened with
+    exponential backoff and full jitter; the run gives up (BatchAborted) when no result at all
+    has come back for `budget_seconds`.
+    """
+
+    max_attempts: int = 5
+    initial_backoff: float = 0.5  # seconds
+    max_backoff: float = 15.0  # seconds
+    multiplier: float = 2.0
+    budget_seconds: float = 300.0
+
+    def backoff(self, failures: int, rng: Callable[[], float] = random.random) -> float:
+        """Seconds to wait after `failures` failures in a row (full jitter)."""
+        ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier ** max(0, failures - 1))
+        return ceiling * rng()
+
+
+class BatchAborted(Exception):
+    """The servers stayed unreachable (or failed the stream for good): the rest was not done."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class Item:
+    """One document on its way through generate_many."""
+
+    request: pb.GenerateRequest
+    attempts: int = 0  # tries used up
+    sent_at: float = 0.0
+    last_code: int = 0
+    last_message: str = ""
+
+
+def error_response(item: Item, code: int, message: str) -> pb.GenerateResponse:
+    """A result that says the document failed."""
+    return pb.GenerateResponse(
+        id=item.request.id, error=status_pb2.Status(code=code, message=message)
+    )
+
+
+@dataclass(slots=True)
+class Scheduler:
+    """Hands out documents: retries that are due first, then new ones from the source."""
+
+    source: Iterator[pb.GenerateRequest]
+    clock: Callable[[], float] = time.monotonic
+    in_flight: int = 0
+    exhausted: bool = False
+    last_progress: float = 0.0
+    _ready: deque[Item] = field(default_factory=deque)
+    _delayed: list[tuple[float, int, Item]] = field(default_factory=list)
+    _seq: Iterator[int] = field(default_factory=itertools.count)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.last_progress = self.clock()
+
+    @property
+    def finished(self) -> bool:
+        return self.exhausted and not self._ready and not self._delayed and self.in_flight == 0
+
+    def poll(self) -> Item | None | float:
+        """An item to send; None when everything is finished; else seconds to wait at most
+        (math.inf when only a result from a stream can change anything)."""
+        now = self.clock()
+        while self._delayed and self._delayed[0][0] <= now:
+            self._ready.append(heapq.heappop(self._delayed)[2])
+        if self._ready:
+            self.in_flight += 1
+            return self._ready.popleft()
+        if not self.exhausted:
+            try:
+                request = next(self.source)
+            except StopIteration:
+                self.exhausted = True
+            else:
+                self.in_flight += 1
+                return Item(request)
+        if self.finished:
+            return None
+        return self._delayed[0][0] - now if self._delayed else float("inf")
+
+    async def take(self) -> Item | None:
+        """The next item to send, waiting for one; None when everything is finished."""
+        while True:
+            polled = self.poll()
+            if polled is None or isinstance(polled, Item):
+                return polled
+            changed = self._changed
+            timeout = None if polled == float("inf") else max(0.0, polled)
+            try:
+                await asyncio.wait_for(changed.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def done(self, item: Item) -> None:
+        """The item has its final result."""
+        self.in_flight -= 1
+        self.last_progress = self.clock()
+        self._notify()
+
+    def progress(self) -> None:
+        self.last_progress = self.clock()
+
+    def retry(self, item: Item, delay: float) -> None:
+        """Send the item again after `delay` seconds."""
+        self.in_flight -= 1
+        heapq.heappush(self._delayed, (self.clock() + delay, next(self._seq), item))
+        self._notify()
+
+    def stalled_for(self) -> float:
+        """Seconds since the last result."""
+        return self.clock() - self.last_progress

@@ -1,0 +1,7 @@
+"""Bulk generation from files: readers, crash-safe writers, the resume ledger and the runner."""
+
+from genstruct_client.bulk.documents import ColumnMapping, derive_id
+from genstruct_client.bulk.errors import UsageError
+from genstruct_client.bulk.runner import RunSummary, arun, run
+
+__all__ = ["ColumnMapping", "RunSummary", "UsageError", "arun", "derive_id", "run"]

@@ -1,0 +1,356 @@
+"""The bulk run: documents from a file through GenerateBatch into a resumable output.
+
+Exactly once: the output (or its journal) and the errors file are the ledger. A rerun of the
+same command skips every (id, generation) already written and every id that failed for good,
+and asks again for the rest, writing only the generations still missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+
+from genstruct.v1 import genstruct_pb2 as pb
+from genstruct_client._batching import BatchAborted, ResubmitPolicy
+from genstruct_client.aio import AsyncGenstructClient
+from genstruct_client.bulk.documents import ColumnMapping
+from genstruct_client.bulk.errors import UsageError
+from genstruct_client.bulk.ledger import Ledger
+from genstruct_client.bulk.readers import count_rows, detect_input_format, read_rows
+from genstruct_client.bulk.writers import JsonlJournal, Output, detect_output_format
+from genstruct_client.channel import ChannelConfig, target_addresses
+from genstruct_client.progress import Progress
+from genstruct_client.types import GenerationOptions
+
+log = logging.getLogger("genstruct_client.bulk")
+
+# Failures worth trying again on a later run: they are not written to the ledger as done.
+RETRYABLE_CODES = frozenset(
+    code.value[0]
+    for code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+    )
+)
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+_FINISH_REASONS = {
+    pb.FINISH_REASON_EOS: "eos",
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_CANCELLED: "cancelled",
+}
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """What a bulk run did."""
+
+    output: Path
+    errors: Path
+    rows_read: int = 0  # input records read
+    already_done: int = 0  # documents skipped: written (or failed for good) by an earlier run
+    duplicates: int = 0  # records whose id was already seen in this input: processed once
+    succeeded: int = 0  # documents whose pairs were written in this run
+    failed: int = 0  # documents written to the errors file in this run
+    pairs_written: int = 0
+    parsed: int = 0  # of pairs_written
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    elapsed_seconds: float = 0.0
+    interrupted: bool = False  # stopped by Ctrl-C / SIGTERM; rerun to finish
+    aborted: str | None = None  # the servers stayed unavailable; rerun to finish
+    finished: bool = False  # every document was handled (written or failed)
+    repaired_bytes: int = 0  # a torn last line cut off the output or errors file
+    failed_codes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every document is done, else 1."""
+        return 0 if self.finished and self.failed == 0 else 1
+
+    def report(self) -> str:
+        """A few lines for people."""
+        lines = [
+            f"{self.succeeded} documents done ({self.pairs_written} pairs, "
+            f"{self.parsed} parsed) in {self.elapsed_seconds:.1f}s; "
+            f"{self.completion_tokens} tokens generated "
+            f"({self.completion_tokens / self.elapsed_seconds if self.elapsed_seconds else 0:.1f}"
+            " tok/s)",
+        ]
+        if self.already_done:
+            lines.append(f"{self.already_done} documents already done by an earlier run, skipped")
+        if self.duplicates:
+            lines.append(
+                f"{self.duplicates} records repeat an id seen before (same id, or same title and "
+                "content): each id is processed once"
+            )
+        if self.failed:
+            codes = ", ".join(f"{name} {count}" for name, count in sorted(self.failed_codes.items()))
+            lines.append(f"{self.failed} documents failed ({codes}): see {self.errors}")
+        if self.repaired_bytes:
+            lines.append(f"cut off a torn last line ({self.repaired_bytes} bytes) left by a crash")
+        if self.interrupted:
+            lines.append("interrupted: rerun the same command to finish")
+        if self.aborted:
+            lines.append(f"stopped: {self.aborted}; rerun the same command to finish")
+        if self.finished:
+            lines.append(f"output: {self.output}")
+        return "\n".join(lines)
+
+
+def output_rows(
+    response: pb.GenerateResponse, title: str, content: str, indices: set[int] | None = None
+) -> list[dict[str, Any]]:
+    """The output records of one result (only generations in `indices`, if given)."""
+    rows = []
+    for pair in response.pairs:
+        if indices is not None and pair.index not in indices:
+            continue
+        rows.append(
+            {
+                "id": response.id,
+                "generation_index": pair.index,
+                "title": title,
+                "content": content,
+                # distilabel reports None for both sides of a completion that did not parse.
+                "user": pair.user if pair.parsed else None,
+                "assistant": pair.assistant if pair.parsed else None,
+                "model_name": response.model_name,
+                "parsed": pair.parsed,
+                "finish_reason": _FINISH_REASONS.get(pair.finish_reason, "unspecified"),
+                "prompt_tokens": response.usage.prompt_tokens,
+                "completion_tokens": pair.completion_tokens,
+                "truncated": response.truncated,
+                "raw_text": pair.raw_text,
+            }
+        )
+    return rows
+
+
+def default_errors_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".errors.jsonl")
+
+
+def run(input_path: str | Path, output_path: str | Path, **kwargs: Any) -> RunSummary:
+    """Runs `arun` in a new event loop (see there)."""
+    return asyncio.run(arun(input_path, output_path, **kwargs))
+
+
+async def arun(
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    config: ChannelConfig | None = None,
+    options: GenerationOptions | None = None,
+    columns: ColumnMapping | None = None,
+    input_format: str | None = None,
+    output_format: str | None = None,
+    split: str | None = None,
+    errors_path: str | Path | None = None,
+    concurrency: int = 32,
+    streams: int | None = None,
+    deadline: float | None = None,
+    policy: ResubmitPolicy | None = None,
+    progress: bool | None = None,
+    progress_stream: TextIO | None = None,
+    progress_interval: float = 10.0,
+    commit_every: int = 64,
+    commit_seconds: float = 1.0,
+) -> RunSummary:
+    """Generates pairs for every document of `input_path` into `output_path`, resumably.
+
+    Raises UsageError for bad input, options or files. Cancelling the task (Ctrl-C) stops
+    the run cleanly: what was received is committed and the summary says `interrupted`.
+    `concurrency` documents are in flight per stream; `streams` defaults to the number of
+    addresses in the target. `progress`: None = a bar on a terminal, plain lines otherwise.
+    """
+    started = time.monotonic()
+    input_path, output_path = Path(input_path), Path(output_path)
+    config = config or ChannelConfig()
+    options = options or GenerationOptions()
+    columns = columns or ColumnMapping()
+    input_format = input_format or detect_input_format(input_path)
+    output_format = output_format or detect_output_format(output_path)
+    errors_file = Path(errors_path) if errors_path else default_errors_path(output_path)
+    if concurrency < 1:
+        raise UsageError("--concurrency must be at least 1")
+    if options.num_generations < 1:
+        raise UsageError("--num-generations must be at least 1")
+    summary = RunSummary(output=output_path, errors=errors_file)
+
+    rows = read_rows(input_path, input_format, split)
+    first = next(rows, None)
+    if first is not None and first.error is None:
+        columns.check(first.values)
+
+    output = Output(output_path, output_format)
+    try:
+        errors = JsonlJournal(errors_file)
+    except BaseException:
+        output.close()
+        raise
+    try:
+        summary.repaired_bytes = output.journal.repaired_bytes + errors.repaired_bytes
+        previous_errors = list(errors.records())
+        ledger = Ledger.from_records(output.journal.records(), previous_errors)
+        permanent = [error for error in previous_errors if not error.get("retryable", False)]
+        if len(permanent) != len(previous_errors):  # those are tried again now
+            errors.rewrite(permanent)
+        total = count_rows(input_path, input_format, split)
+        bar = Progress(total, stream=progress_stream, bar=progress, interval=progress_interval)
+        try:
+            await _generate(
+                rows,
+                first,
+                summary,
+                ledger,
+                output,
+                errors,
+                bar,
+                config=config,
+                options=options,
+                columns=columns,
+                concurrency=concurrency,
+                streams=streams or target_addresses(config.target),
+                deadline=deadline,
+                policy=policy,
+                commit_every=commit_every,
+                commit_seconds=commit_seconds,
+            )
+        finally:
+            bar.close()
+        if summary.finished:
+            output.finish()
+    finally:
+        output.close()
+        errors.close()
+        summary.elapsed_seconds = time.monotonic() - started
+    return summary
+
+
+async def _generate(
+    rows: Iterator[Any],
+    first: Any,
+    summary: RunSummary,
+    ledger: Ledger,
+    output: Output,
+    errors: JsonlJournal,
+    bar: Progress,
+    *,
+    config: ChannelConfig,
+    options: GenerationOptions,
+    columns: ColumnMapping,
+    concurrency: int,
+    streams: int,
+    deadline: float | None,
+    policy: ResubmitPolicy | None,
+    commit_every: int,
+    commit_seconds: float,
+) -> None:
+    n = options.num_generations
+    seen: set[str] = set()
+    waiting: dict[str, tuple[str, str]] = {}  # id -> (title, content) of documents sent
+
+    def fail(doc_id: str, code: int, message: str, row: int | None = None) -> None:
+        retryable = code in RETRYABLE_CODES
+        record: dict[str, Any] = {
+            "id": doc_id,
+            "code": _CODE_NAMES.get(code, str(code)),
+            "message": message,
+            "retryable": retryable,
+        }
+        if row is not None:
+            record["row"] = row
+        errors.append(record)
+        if not retryable:
+            ledger.failed.add(doc_id)
+        summary.failed += 1
+        summary.failed_codes[record["code"]] = summary.failed_codes.get(record["code"], 0) + 1
+        bar.update(failed=True)
+
+    def documents() -> Iterator[pb.GenerateRequest]:
+        for row in _chain(first, rows):
+            summary.rows_read += 1
+            if row.error is not None:
+                row_id = f"row:{row.number}"
+                if row_id in ledger.failed:
+                    summary.already_done += 1
+                    bar.skip()
+                else:
+                    fail(row_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], row.error, row.number)
+                continue
+            document = columns.document(row.values)
+            if document.id in seen:
+                summary.duplicates += 1
+                bar.skip()
+                continue
+            seen.add(document.id)
+            if ledger.is_done(document.id, n):
+                summary.already_done += 1
+                bar.skip()
+                continue
+            waiting[document.id] = (document.title, document.content)
+            yield options.request(document)
+
+    last_commit = time.monotonic()
+    async with AsyncGenstructClient(config=config) as client:
+        try:
+            results = client.generate_many(
+                documents(), window=concurrency, streams=streams, deadline=deadline, policy=policy
+            )
+            async with contextlib.aclosing(results):
+                async for response in results:
+                    title, content = waiting.pop(response.id, ("", ""))
+                    if response.HasField("error"):
+                        fail(response.id, response.error.code, response.error.message)
+                    else:
+                        missing = set(ledger.missing(response.id, n))
+                        records = output_rows(response, title, content, missing)
+                        for record in records:
+                            output.journal.append(record)
+                            ledger.record(response.id, record["generation_index"])
+                        parsed = sum(1 for record in records if record["parsed"])
+                        summary.succeeded += 1
+                        summary.pairs_written += len(records)
+                        summary.parsed += parsed
+                        summary.prompt_tokens += response.usage.prompt_tokens
+                        summary.completion_tokens += response.usage.completion_tokens
+                        bar.update(
+                            tokens=response.usage.completion_tokens,
+                            pairs=len(records),
+                            parsed=parsed,
+                        )
+                    now = time.monotonic()
+                    pending = output.journal.pending + errors.pending
+                    if pending >= commit_every or now - last_commit >= commit_seconds:
+                        output.journal.commit()
+                        errors.commit()
+                        last_commit = now
+            summary.finished = True
+        except BatchAborted as exc:
+            summary.aborted = str(exc)
+        except asyncio.CancelledError:
+            summary.interrupted = True
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        finally:
+            output.journal.commit()
+            errors.commit()
+
+
+def _chain(first: Any, rows: Iterator[Any]) -> Iterator[Any]:
+    if first is not None:
+        yield first
+    yield from rows

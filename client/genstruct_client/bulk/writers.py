@@ -1,0 +1,262 @@
+"""Crash-safe output: an append-only JSONL journal, and Parquet converted from one at the end.
+
+Lines are appended in batches, each batch written, flushed and fsynced, so after a crash
+only the last line can be incomplete; opening the file again cuts that torn line off.
+Parquet cannot be appended to, so Parquet output is journalled to `<output>.journal.jsonl`
+beside it and converted (to a temporary file, then renamed into place) when the run has
+finished; the journal is then removed. A run that stops early leaves the journal, which the
+next run resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from genstruct_client.bulk.errors import UsageError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows
+    fcntl = None  # type: ignore[assignment]
+
+OUTPUT_FORMATS = ("jsonl", "parquet")
+# Output columns: distilabel's (title, content, user, assistant, model_name) and ours.
+COLUMNS = (
+    "id",
+    "generation_index",
+    "title",
+    "content",
+    "user",
+    "assistant",
+    "model_name",
+    "parsed",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "truncated",
+    "raw_text",
+)
+
+
+class CorruptFile(UsageError):
+    """A line other than the last one of a journal is not valid JSON."""
+
+
+def repair_torn_tail(path: Path) -> int:
+    """Cuts off an incomplete last line (no newline at its end); returns the bytes removed."""
+    if not path.exists():
+        return 0
+    with path.open("r+b") as file:
+        size = file.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        file.seek(size - 1)
+        if file.read(1) == b"\n":
+            return 0
+        # Walk back to the last newline, a block at a time.
+        end = size
+        keep = 0
+        while end > 0:
+            start = max(0, end - 65536)
+            file.seek(start)
+            block = file.read(end - start)
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            end = start
+        file.truncate(keep)
+        file.flush()
+        os.fsync(file.fileno())
+        return size - keep
+
+
+def read_jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a repaired journal; raises CorruptFile on a bad line."""
+    if not path.exists():
+        return
+    with path.open("rb") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise CorruptFile(f"{path} line {number} is not valid JSON ({exc})") from None
+            if not isinstance(record, dict):
+                raise CorruptFile(f"{path} line {number} is not a JSON object")
+            yield record
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class JsonlJournal:
+    """An append-only JSONL file, locked against a second writer, written in fsynced batches."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.repaired_bytes = repair_torn_tail(path)
+        self._file = self._open()
+        self._pending: list[bytes] = []
+
+    def _open(self) -> BinaryIO:
+        file = self.path.open("ab")
+        if fcntl is not None:
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.close()
+                raise UsageError(f"another run is writing {self.path}") from None
+        return file
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """What the file already holds."""
+        return read_jsonl_records(self.path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Queues one line; it reaches the file at the next commit."""
+        self._pending.append(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def commit(self) -> None:
+        """Writes the queued lines, flushes and fsyncs."""
+        if not self._pending:
+            return
+        self._file.write(b"".join(self._pending))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._pending.clear()
+
+    def rewrite(self, records: list[dict[str, Any]]) -> None:
+        """Replaces the whole content (atomically: a temporary file renamed over it)."""
+        self.commit()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("wb") as file:
+            for record in records:
+                file.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+        self._file.close()
+        self._file = self._open()
+
+    def close(self) -> None:
+        self.commit()
+        self._file.close()
+
+
+class Output:
+    """The output of a bulk run: a JSONL file, or Parquet through a JSONL journal."""
+
+    def __init__(self, path: Path, fmt: str | None = None) -> None:
+        self.path = path
+        self.format = fmt or detect_output_format(path)
+        if self.format == "jsonl":
+            self.journal_path = path
+        elif self.format == "parquet":
+            _parquet()
+            self.journal_path = path.with_name(path.name + ".journal.jsonl")
+            if not self.journal_path.exists() and path.exists():
+                self._seed_journal_from_parquet()
+        else:
+            raise UsageError(f"unknown output format {fmt!r}; use jsonl or parquet")
+        self.journal = JsonlJournal(self.journal_path)
+
+    def _seed_journal_from_parquet(self) -> None:
+        """A finished Parquet output is resumed from: its rows become the journal."""
+        table = _parquet().read_table(self.path)
+        tmp = self.journal_path.with_name(self.journal_path.name + ".tmp")
+        with tmp.open("wb") as file:
+            for batch in table.to_batches(max_chunksize=4096):
+                for record in batch.to_pylist():
+                    file.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, self.journal_path)
+
+    def finish(self) -> None:
+        """Everything is written: for Parquet, converts the journal and removes it."""
+        self.journal.commit()
+        if self.format != "parquet":
+            return
+        import pyarrow as pa
+
+        pq = _parquet()
+        schema = pa.schema(
+            [
+                ("id", pa.string()),
+                ("generation_index", pa.int32()),
+                ("title", pa.string()),
+                ("content", pa.string()),
+                ("user", pa.string()),
+                ("assistant", pa.string()),
+                ("model_name", pa.string()),
+                ("parsed", pa.bool_()),
+                ("finish_reason", pa.string()),
+                ("prompt_tokens", pa.int32()),
+                ("completion_tokens", pa.int32()),
+                ("truncated", pa.bool_()),
+                ("raw_text", pa.string()),
+            ]
+        )
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with pq.ParquetWriter(tmp, schema) as writer:
+            chunk: list[dict[str, Any]] = []
+            for record in read_jsonl_records(self.journal_path):
+                chunk.append(record)
+                if len(chunk) >= 4096:
+                    writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+                    chunk = []
+            if chunk:
+                writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+        with tmp.open("rb") as file:
+            os.fsync(file.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+        self.journal.close()
+        self.journal_path.unlink()
+
+    def close(self) -> None:
+        if not self.journal.closed:
+            self.journal.close()
+
+
+def detect_output_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        return "jsonl"
+    raise UsageError(f"cannot tell the output format of {path}; use --output-format")
+
+
+def _parquet() -> Any:
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise UsageError(
+            "Parquet output needs pyarrow: pip install 'genstruct-grpc[parquet]'"
+        ) from None
+    return pyarrow.parquet

@@ -1,0 +1,245 @@
+"""The `genstruct` command: bulk generation from files, and health / info for operators.
+
+Exit codes: 0 all done (health: SERVING), 1 something failed or is left to do (health: not
+SERVING or unreachable), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+
+from genstruct_client._batching import ResubmitPolicy
+from genstruct_client.bulk.documents import ColumnMapping
+from genstruct_client.bulk.errors import UsageError
+from genstruct_client.bulk.readers import INPUT_FORMATS
+from genstruct_client.bulk.runner import RunSummary, arun
+from genstruct_client.bulk.writers import OUTPUT_FORMATS
+from genstruct_client.channel import DEFAULT_TARGET, ChannelConfig, TlsConfig, resolve_target
+from genstruct_client.client import GenstructClient
+from genstruct_client.types import GenerationOptions
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--target",
+        action="append",
+        metavar="HOST:PORT",
+        help="server address; repeat it (or separate with commas) for several servers, "
+        "spread with round_robin; or a gRPC URI such as dns:///genstruct:50051 "
+        f"(env GENSTRUCT_TARGET, default {DEFAULT_TARGET})",
+    )
+    group.add_argument("--tls", action="store_true", help="use TLS (implied by --ca-cert/--cert)")
+    group.add_argument("--ca-cert", type=Path, help="PEM roots to verify the server with")
+    group.add_argument("--cert", type=Path, help="PEM client certificate, for mutual TLS")
+    group.add_argument("--key", type=Path, help="PEM client key, for mutual TLS")
+    group.add_argument("--server-name", help="name expected in the server's certificate")
+    group.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the bearer token (env GENSTRUCT_TOKEN holds it otherwise); sent "
+        "as `authorization: Bearer <token>`",
+    )
+
+
+def _config(args: argparse.Namespace) -> ChannelConfig:
+    targets = args.target or [os.environ.get("GENSTRUCT_TARGET", DEFAULT_TARGET)]
+    try:
+        target = resolve_target(",".join(targets) if len(targets) > 1 else targets[0])
+        tls = None
+        if args.tls or args.ca_cert or args.cert or args.key:
+            tls = TlsConfig.from_files(args.ca_cert, args.cert, args.key, args.server_name)
+        token = os.environ.get("GENSTRUCT_TOKEN") or None
+        if args.token_file:
+            token = args.token_file.read_text().strip()
+    except (ValueError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+    return ChannelConfig(target=target, tls=tls, token=token)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="genstruct", description="Client of the Genstruct gRPC service."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser(
+        "generate",
+        help="generate pairs for every document of a file, resumably",
+        description="Generates instruction/response pairs for every document of INPUT into "
+        "OUTPUT. Rerunning the same command resumes: what is written is skipped, each "
+        "(id, generation) is written once. Parquet output is journalled to "
+        "OUTPUT.journal.jsonl and converted when the run finishes.",
+    )
+    gen.add_argument("input", type=Path, help="JSONL, CSV, Parquet, Arrow or a datasets folder")
+    gen.add_argument("-o", "--output", type=Path, required=True, help="JSONL or Parquet file")
+    gen.add_argument("--input-format", choices=INPUT_FORMATS, help="default: from the suffix")
+    gen.add_argument("--output-format", choices=OUTPUT_FORMATS, help="default: from the suffix")
+    gen.add_argument("--split", help="split of a DatasetDict folder")
+    gen.add_argument("--title-column", default="title", help="default: title")
+    gen.add_argument("--content-column", default="content", help="default: content")
+    gen.add_argument(
+        "--id-column",
+        help="column of document ids; default: ids derived from title and content (sha256), "
+        "so repeated documents are processed once",
+    )
+    gen.add_argument(
+        "--errors", type=Path, help="JSONL of failed documents (default: OUTPUT's stem + .errors.jsonl)"
+    )
+    sampling = gen.add_argument_group("generation (unset: the server's defaults)")
+    sampling.add_argument("--temperature", type=float)
+    sampling.add_argument("--top-p", type=float)
+    sampling.add_argument("--top-k", type=int)
+    sampling.add_argument("--min-p", type=float)
+    sampling.add_argument("--repeat-penalty", type=float)
+    sampling.add_argument("--presence-penalty", type=float)
+    sampling.add_argument("--frequency-penalty", type=float)
+    sampling.add_argument("--seed", type=int)
+    sampling.add_argument("--max-tokens", type=int)
+    sampling.add_argument("--stop", action="append", default=[], help="extra stop string (repeat)")
+    sampling.add_argument("--num-generations", type=int, default=1, help="pairs per document")
+    sampling.add_argument(
+        "--constrained", action="store_true", help="grammar-constrained: every pair parses"
+    )
+    sampling.add_argument(
+        "--truncate", action="store_true", help="cut over-long content instead of failing it"
+    )
+    flow = gen.add_argument_group("flow")
+    flow.add_argument(
+        "--concurrency", type=int, default=32, help="documents in flight per stream (default 32)"
+    )
+    flow.add_argument(
+        "--streams", type=int, help="GenerateBatch streams (default: one per target address)"
+    )
+    flow.add_argument(
+        "--deadline", type=float, help="seconds one document may take from when it is sent"
+    )
+    flow.add_argument(
+        "--max-attempts", type=int, default=5, help="tries per document on transient failures"
+    )
+    flow.add_argument(
+        "--retry-budget",
+        type=float,
+        default=300.0,
+        help="give up when no result has come back for this many seconds (default 300)",
+    )
+    flow.add_argument("--no-progress", action="store_true", help="no bar, no progress lines")
+    flow.add_argument(
+        "--progress-interval",
+        type=float,
+        default=10.0,
+        help="seconds between progress lines when not on a terminal",
+    )
+    _add_connection(gen)
+
+    health = commands.add_parser("health", help="exit 0 only when the server is SERVING")
+    health.add_argument("--service", default="", help="service to ask about (default: server)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    _add_connection(health)
+
+    info = commands.add_parser("info", help="describe the loaded model and the limits")
+    info.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    _add_connection(info)
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.num_generations < 1 or args.concurrency < 1 or args.max_attempts < 1:
+        raise UsageError("--num-generations, --concurrency and --max-attempts must be >= 1")
+    options = GenerationOptions(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        stop=tuple(args.stop),
+        num_generations=args.num_generations,
+        constrained=args.constrained,
+        truncate=args.truncate,
+    )
+    config = _config(args)
+
+    async def main() -> RunSummary:
+        task = asyncio.create_task(
+            arun(
+                args.input,
+                args.output,
+                config=config,
+                options=options,
+                columns=ColumnMapping(args.title_column, args.content_column, args.id_column),
+                input_format=args.input_format,
+                output_format=args.output_format,
+                split=args.split,
+                errors_path=args.errors,
+                concurrency=args.concurrency,
+                streams=args.streams,
+                deadline=args.deadline,
+                policy=ResubmitPolicy(
+                    max_attempts=args.max_attempts, budget_seconds=args.retry_budget
+                ),
+                progress=False if args.no_progress else None,
+                progress_interval=float("inf") if args.no_progress else args.progress_interval,
+            )
+        )
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, task.cancel)
+        return await task
+
+    summary = asyncio.run(main())
+    print(summary.report(), file=sys.stderr)
+    return summary.exit_code
+
+
+def _health(args: argparse.Namespace) -> int:
+    with GenstructClient(config=_config(args)) as client:
+        try:
+            status = client.health(args.service, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return EXIT_FAILED
+    print(status)
+    return EXIT_OK if status == "SERVING" else EXIT_FAILED
+
+
+def _info(args: argparse.Namespace) -> int:
+    with GenstructClient(config=_config(args)) as client:
+        try:
+            info = client.model_info(timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return EXIT_FAILED
+    print(json.dumps(json_format.MessageToDict(info), indent=2))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    handlers = {"generate": _generate, "health": _health, "info": _info}
+    try:
+        return handlers[args.command](args)
+    except UsageError as exc:
+        print(f"genstruct: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The synchronous client of the Genstruct service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from genstruct.v1 import genstruct_pb2 as pb
+from genstruct.v1 import genstruct_pb2_grpc as pb_grpc
+from genstruct_client._batching import ResubmitPolicy
+from genstruct_client.aio import AsyncGenstructClient
+from genstruct_client.channel import ChannelConfig, create_channel, resolve_target
+from genstruct_client.types import GenerationOptions, RequestLike, to_request
+
+_Outcome = pb.GenerateResponse | BaseException | None
+
+
+class GenstructClient:
+    """Calls a Genstruct service (or several, round_robin) from synchronous code.
+
+    Use it as `with GenstructClient("127.0.0.1:50051") as client:`. `timeout` arguments are
+    deadlines in seconds. gRPC retries calls refused with UNAVAILABLE or RESOURCE_EXHAUSTED
+    (see `ChannelConfig.retry`).
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[str] | None = None,
+        *,
+        config: ChannelConfig | None = None,
+    ) -> None:
+        if config is None:
+            config = ChannelConfig() if target is None else ChannelConfig(resolve_target(target))
+        elif target is not None:
+            raise TypeError("give either a target or a config, not both")
+        self.config = config
+        self._channel = create_channel(config)
+        self._stub = pb_grpc.GenstructServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._metadata = config.metadata()
+
+    def __enter__(self) -> GenstructClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Waits until the channel has connected (grpc.FutureTimeoutError otherwise)."""
+        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+
+    def generate(
+        self,
+        document: RequestLike,
+        options: GenerationOptions | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> pb.GenerateResponse:
+        """Pairs for one document (a Document with `options`, or a ready GenerateRequest)."""
+        request = to_request(document, options)
+        return self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
+
+    def generate_stream(
+        self,
+        document: RequestLike,
+        options: GenerationOptions | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        """Text deltas as they are generated, then one message with the result.
+
+        Closing the iterator early cancels the call and frees the server's slot.
+        """
+        request = to_request(document, options)
+        call = self._stub.GenerateStream(request, timeout=timeout, metadata=self._metadata)
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    def generate_batch(
+        self, requests: Iterable[pb.GenerateRequest], *, timeout: float | None = None
+    ) -> Iterator[pb.GenerateResponse]:
+        """The raw GenerateBatch stream: results in the order they finish, matched by id.
+
+        No resubmission on failure; `generate_many` does that.
+        """
+        call = self._stub.GenerateBatch(iter(requests), timeout=timeout, metadata=self._metadata)
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    def model_info(self, *, timeout: float | None = None) -> pb.GetModelInfoResponse:
+        """The loaded model and the server's limits and defaults."""
+        return self._stub.GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata
+        )
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The health status name ("SERVING", "NOT_SERVING", ...) of `service` ("" = server)."""
+        response = self._health.Check(
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=timeout,
+            metadata=self._metadata,
+        )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def generate_many(
+        self,
+        documents: Iterable[RequestLike],
+        options: GenerationOptions | None = None,
+        *,
+        window: int = 32,
+        streams: int = 1,
+        deadline: float | None = None,
+        policy: ResubmitPolicy | None = None,
+    ) -> Iterator[pb.GenerateResponse]:
+        """Results for many documents as they finish; see AsyncGenstructClient.generate_many.
+
+        Runs the asyncio implementation on a private thread; `documents` is read there.
+        Closing the iterator early stops the work.
+        """
+        results: queue.Queue[_Outcome] = queue.Queue(maxsize=window * streams)
+        loop = asyncio.new_event_loop()
+
+        async def produce() -> None:
+            try:
+                async with AsyncGenstructClient(config=self.config) as client:
+                    batch = client.generate_many(
+                        documents,
+                        options,
+                        window=window,
+                        streams=streams,
+                        deadline=deadline,
+                        policy=policy,
+                    )
+                    async with contextlib.aclosing(batch):
+                        async for response in batch:
+                            await asyncio.to_thread(results.put, response)
+            except BaseException as exc:  # handed to the consuming thread
+                results.put(exc)
+            else:
+                results.put(None)
+
+        task = loop.create_task(produce())
+
+        def run() -> None:
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(task)
+
+        thread = threading.Thread(target=run, name="genstruct-many", daemon=True)
+        thread.start()
+        try:
+            while True:
+                outcome = results.get()
+                if outcome is None:
+                    return
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                yield outcome
+        finally:
+            if not task.done():
+                loop.call_soon_threadsafe(task.cancel)
+            while thread.is_alive():  # unblock a pending put so the cancel lands
+                with contextlib.suppress(queue.Empty):
+                    results.get(timeout=0.1)
+            thread.join()
+            loop.close()

@@ -1,0 +1,233 @@
+"""The pure parts of the bulk runner: readers, column mapping, ids, the journal and the ledger."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from genstruct_client.bulk.documents import ColumnMapping, derive_id
+from genstruct_client.bulk.errors import UsageError
+from genstruct_client.bulk.ledger import Ledger
+from genstruct_client.bulk.readers import count_rows, detect_input_format, read_rows
+from genstruct_client.bulk.writers import (
+    CorruptFile,
+    JsonlJournal,
+    Output,
+    read_jsonl_records,
+    repair_torn_tail,
+)
+from genstruct_client.progress import Progress
+
+RECORDS = [
+    {"title": "Tides", "content": "The moon pulls the sea.", "key": "a"},
+    {"title": "Bees", "content": "Bees dance to show where food is.", "key": "b"},
+    {"title": "Ünïcode", "content": "Ça marche, 日本語も。", "key": "c"},
+]
+
+
+def write_input(path: Path, fmt: str, records: list[dict[str, str]]) -> Path:
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    elif fmt == "csv":
+        with path.open("w", newline="", encoding="utf-8") as file:
+            writer = csv.DictWriter(file, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), path)
+    elif fmt == "hf":
+        import datasets
+
+        datasets.Dataset.from_list(records).save_to_disk(str(path))
+    elif fmt == "hf-dict":
+        import datasets
+
+        datasets.DatasetDict(
+            {"train": datasets.Dataset.from_list(records)}
+        ).save_to_disk(str(path))
+    else:
+        raise AssertionError(fmt)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name"),
+    [("jsonl", "in.jsonl"), ("csv", "in.csv"), ("parquet", "in.parquet"), ("hf", "ds"),
+     ("hf-dict", "dsd")],
+)
+def test_every_input_format_reads_the_same_rows(tmp_path: Path, fmt: str, name: str) -> None:
+    path = write_input(tmp_path / name, fmt, RECORDS)
+    rows = list(read_rows(path))
+    assert [row.values for row in rows] == RECORDS
+    assert [row.error for row in rows] == [None, None, None]
+    assert count_rows(path) in (3, None)  # CSV has no cheap count
+    if fmt != "csv":
+        assert count_rows(path) == 3
+
+
+def test_datasets_folder_with_several_splits_needs_a_split(tmp_path: Path) -> None:
+    import datasets
+
+    folder = tmp_path / "dsd"
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(RECORDS[:2]),
+            "test": datasets.Dataset.from_list(RECORDS[2:]),
+        }
+    ).save_to_disk(str(folder))
+    with pytest.raises(UsageError, match="--split"):
+        list(read_rows(folder))
+    assert [row.values["key"] for row in read_rows(folder, split="test")] == ["c"]
+    with pytest.raises(UsageError, match="no split"):
+        list(read_rows(folder, split="validation"))
+
+
+def test_unreadable_jsonl_lines_become_error_rows(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"title": "a", "content": "b"}\nnot json\n\n[1, 2]\n{"content": "c"}\n')
+    rows = list(read_rows(path))
+    assert [row.number for row in rows] == [1, 2, 4, 5]
+    assert [row.error is None for row in rows] == [True, False, False, True]
+    assert "line 2" in (rows[1].error or "")
+
+
+def test_format_detection(tmp_path: Path) -> None:
+    assert detect_input_format(tmp_path / "x.JSONL") == "jsonl"
+    assert detect_input_format(tmp_path) == "hf"
+    with pytest.raises(UsageError, match="--input-format"):
+        detect_input_format(tmp_path / "x.txt")
+
+
+def test_ids_are_stable_and_depend_on_title_and_content() -> None:
+    assert derive_id("a", "b") == derive_id("a", "b")
+    assert derive_id("ab", "c") != derive_id("a", "bc")
+    assert derive_id("a", "b") != derive_id("a", "c")
+    assert len(derive_id("", "x")) == 32
+
+
+def test_column_mapping() -> None:
+    mapping = ColumnMapping(title="headline", content="body", id="key")
+    doc = mapping.document({"headline": "H", "body": "B", "key": 7})
+    assert (doc.title, doc.content, doc.id) == ("H", "B", "7")
+    # No id column: derived from the text; a null title is an empty one.
+    doc = ColumnMapping().document({"title": None, "content": "B"})
+    assert (doc.title, doc.id) == ("", derive_id("", "B"))
+    mapping.check({"headline": 1, "body": 2, "key": 3})
+    with pytest.raises(UsageError, match="'body'"):
+        mapping.check({"headline": 1, "text": 2, "key": 3})
+
+
+def test_torn_last_line_is_cut_off(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"id": "a"}\n{"id": "b"}\n{"id": "c", "us')
+    assert repair_torn_tail(path) == len(b'{"id": "c", "us')
+    assert path.read_bytes() == b'{"id": "a"}\n{"id": "b"}\n'
+    assert repair_torn_tail(path) == 0
+    # A file that is one torn line is emptied.
+    path.write_bytes(b'{"id"')
+    assert repair_torn_tail(path) == 5
+    assert path.read_bytes() == b""
+
+
+def test_torn_line_longer_than_a_block(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"id": "a"}\n' + b"x" * 200_000)
+    repair_torn_tail(path)
+    assert path.read_bytes() == b'{"id": "a"}\n'
+
+
+def test_journal_appends_in_committed_batches_and_repairs_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    journal = JsonlJournal(path)
+    journal.append({"id": "a", "text": "é"})
+    assert path.read_bytes() == b""  # not committed yet
+    journal.commit()
+    journal.close()
+    with path.open("ab") as file:
+        file.write(b'{"id": "torn')
+    journal = JsonlJournal(path)
+    assert journal.repaired_bytes == len(b'{"id": "torn')
+    assert list(journal.records()) == [{"id": "a", "text": "é"}]
+    journal.rewrite([{"id": "z"}])
+    journal.append({"id": "y"})
+    journal.close()
+    assert list(read_jsonl_records(path)) == [{"id": "z"}, {"id": "y"}]
+
+
+def test_a_second_writer_is_refused(tmp_path: Path) -> None:
+    journal = JsonlJournal(tmp_path / "out.jsonl")
+    try:
+        with pytest.raises(UsageError, match="another run"):
+            JsonlJournal(tmp_path / "out.jsonl")
+    finally:
+        journal.close()
+
+
+def test_corrupt_interior_line_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_text('{"id": "a"}\ngarbage\n{"id": "b"}\n')
+    with pytest.raises(CorruptFile, match="line 2"):
+        list(read_jsonl_records(path))
+
+
+def test_parquet_output_goes_through_a_journal_and_resumes_from_the_parquet(
+    tmp_path: Path,
+) -> None:
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "pairs.parquet"
+    output = Output(path)
+    assert output.journal_path == tmp_path / "pairs.parquet.journal.jsonl"
+    row = {"id": "a", "generation_index": 0, "title": "t", "content": "c", "user": None,
+           "assistant": None, "model_name": "m", "parsed": False, "finish_reason": "eos",
+           "prompt_tokens": 3, "completion_tokens": 4, "truncated": False, "raw_text": "r"}
+    output.journal.append(row)
+    output.finish()
+    output.close()
+    assert not output.journal_path.exists()
+    assert pq.read_table(path).to_pylist() == [row]
+    # A later run seeds its journal from the finished Parquet file and adds to it.
+    output = Output(path)
+    assert [record["id"] for record in output.journal.records()] == ["a"]
+    output.journal.append({**row, "id": "b"})
+    output.finish()
+    output.close()
+    assert [r["id"] for r in pq.read_table(path).to_pylist()] == ["a", "b"]
+
+
+def test_ledger() -> None:
+    ledger = Ledger.from_records(
+        [{"id": "a", "generation_index": 0}, {"id": "a", "generation_index": 2},
+         {"id": "b", "generation_index": 0}],
+        [{"id": "c", "retryable": False}, {"id": "d", "retryable": True}],
+    )
+    assert ledger.missing("a", 3) == [1]
+    assert ledger.is_done("b", 1) and not ledger.is_done("b", 2)
+    assert ledger.is_done("c", 4)  # failed for good
+    assert not ledger.is_done("d", 1)  # a transient failure is tried again
+    ledger.record("a", 1)
+    assert ledger.is_done("a", 3)
+    assert ledger.rows == 4
+
+
+def test_progress_lines_when_not_a_terminal() -> None:
+    now = [0.0]
+    stream = io.StringIO()
+    progress = Progress(10, stream=stream, bar=False, interval=5.0, clock=lambda: now[0])
+    progress.skip(2)
+    now[0] = 1.0
+    progress.update(tokens=10, pairs=1, parsed=1)
+    assert stream.getvalue() == ""  # not yet: one line per interval
+    now[0] = 6.0
+    progress.update(tokens=20, pairs=1, parsed=0, failed=True)
+    line = stream.getvalue()
+    assert "4/10 documents (40%)" in line
+    assert "5 tok/s" in line and "parsed 50%" in line and "1 failed" in line and "ETA" in line
+    progress.close()
