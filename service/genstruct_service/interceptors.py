@@ -1,0 +1,237 @@
+"""The one interceptor of the service: request id, auth, logging, metrics and error mapping.
+
+It wraps unary and streaming handlers alike, so a domain error raised anywhere in a handler
+(before or after the first streamed message) becomes the same status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from .errors import GenstructError, InvalidRequest, ModelError, QueueFull, Unavailable
+from .metrics import Metrics
+
+log = logging.getLogger("genstruct_service.rpc")
+
+REQUEST_ID_KEY = "x-request-id"
+SERVICE_PREFIX = "/genstruct.v1.GenstructService/"
+# A caller's request id is echoed only when it is short and printable; otherwise a new one.
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+@dataclass
+class CallRecord:
+    """What one RPC did, filled in by the servicer and logged when the call ends."""
+
+    request_id: str
+    method: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    documents: int = 0
+
+
+_current: ContextVar[CallRecord | None] = ContextVar("genstruct_call", default=None)
+
+
+def current_call() -> CallRecord | None:
+    """The record of the RPC the running task serves (None outside an RPC)."""
+    return _current.get()
+
+
+class Unauthenticated(GenstructError):
+    """No bearer token, or the wrong one, on a server that requires one: UNAUTHENTICATED."""
+
+
+def domain_status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status code and message of a domain error; None for anything else (a bug)."""
+    if isinstance(exc, InvalidRequest):  # ContextOverflow included
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "the queue is full; retry later"
+    if isinstance(exc, Unavailable | ModelError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc) or "the service is not available"
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, str(exc)
+    return None
+
+
+def _code_name(code: Any) -> str:
+    return code.name if isinstance(code, grpc.StatusCode) else "OK"
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every GenstructService handler; health and reflection pass through untouched."""
+
+    def __init__(self, metrics: Metrics | None = None, auth_token: str | None = None) -> None:
+        self._metrics = metrics
+        self._token = auth_token.encode() if auth_token else None
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        metadata = {k: v for k, v in handler_call_details.invocation_metadata or ()}
+        given_id = metadata.get(REQUEST_ID_KEY)
+        request_id = (
+            given_id
+            if isinstance(given_id, str) and _REQUEST_ID.fullmatch(given_id)
+            else uuid.uuid4().hex
+        )
+        authorized = self._authorized(metadata.get("authorization"))
+        name = method.removeprefix(SERVICE_PREFIX)
+        call = _Call(self._metrics, CallRecord(request_id, name), authorized)
+        return call.wrap(handler)
+
+    def _authorized(self, header: Any) -> bool:
+        if self._token is None:
+            return True
+        if not isinstance(header, str) or not header.startswith("Bearer "):
+            return False
+        return hmac.compare_digest(header.removeprefix("Bearer ").strip().encode(), self._token)
+
+
+class _Call:
+    """One RPC: runs its handler, maps what it raises, then logs and counts it."""
+
+    def __init__(self, metrics: Metrics | None, record: CallRecord, authorized: bool) -> None:
+        self.metrics = metrics
+        self.record = record
+        self.authorized = authorized
+        self.code: grpc.StatusCode = grpc.StatusCode.OK
+        self.started = 0.0
+
+    def wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary), **kwargs)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(handler.stream_unary), **kwargs
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(handler.unary_stream), **kwargs
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._streaming(handler.stream_stream), **kwargs
+        )
+
+    async def _begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.started = time.perf_counter()
+        _current.set(self.record)
+        pair = ((REQUEST_ID_KEY, self.record.request_id),)
+        context.set_trailing_metadata(pair)
+        await context.send_initial_metadata(pair)
+        if not self.authorized:
+            raise Unauthenticated(
+                "this server requires a bearer token: send metadata "
+                "`authorization: Bearer <token>`"
+            )
+
+    def _unary(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                await self._begin(context)
+                response = await behavior(request, context)
+                self.code = context.code() or grpc.StatusCode.OK
+                return response
+            except BaseException as exc:
+                await self._fail(exc, context)
+                raise
+            finally:
+                self._finish(context)
+
+        return run
+
+    def _streaming(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def run(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            try:
+                await self._begin(context)
+                async with aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
+                self.code = context.code() or grpc.StatusCode.OK
+            except BaseException as exc:
+                await self._fail(exc, context)
+                raise
+            finally:
+                self._finish(context)
+
+        return run
+
+    async def _fail(self, exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Abort with the status `exc` stands for; returns only when `exc` should propagate."""
+        if isinstance(exc, grpc.aio.AbortError):  # the handler already chose the status
+            self.code = context.code() or grpc.StatusCode.UNKNOWN
+            return
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            remaining = context.time_remaining()
+            self.code = (
+                grpc.StatusCode.DEADLINE_EXCEEDED
+                if remaining is not None and remaining <= 0
+                else grpc.StatusCode.CANCELLED
+            )
+            return
+        mapped = domain_status(exc)
+        if mapped is None:
+            log.error(
+                "bug while serving %s",
+                self.record.method,
+                exc_info=exc,
+                extra={"request_id": self.record.request_id},
+            )
+            mapped = (
+                grpc.StatusCode.INTERNAL,
+                f"internal error; please report it with x-request-id {self.record.request_id}",
+            )
+        self.code = mapped[0]
+        await context.abort(
+            mapped[0], mapped[1], trailing_metadata=((REQUEST_ID_KEY, self.record.request_id),)
+        )
+
+    def _finish(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        duration = time.perf_counter() - self.started
+        record = self.record
+        code = _code_name(self.code)
+        if self.metrics is not None:
+            self.metrics.requests.labels(record.method, code).inc()
+            self.metrics.latency.labels(record.method).observe(duration)
+        log.info(
+            "%s %s in %.1f ms",
+            record.method,
+            code,
+            duration * 1000.0,
+            extra={
+                "request_id": record.request_id,
+                "method": record.method,
+                "code": code,
+                "prompt_tokens": record.prompt_tokens,
+                "completion_tokens": record.completion_tokens,
+                "documents": record.documents,
+                "duration_ms": round(duration * 1000.0, 2),
+                "peer": context.peer(),
+            },
+        )

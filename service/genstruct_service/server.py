@@ -1,0 +1,176 @@
+"""Builds and runs the gRPC server: the servicer, health, reflection, TLS, metrics and drain."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+from genstruct.v1 import genstruct_pb2, genstruct_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .config import Settings
+from .engine.types import Engine
+from .interceptors import ServiceInterceptor
+from .metrics import Metrics
+from .servicer import GenstructServicer, ServiceState
+
+log = logging.getLogger("genstruct_service.server")
+
+SERVICE_NAME: str = genstruct_pb2.DESCRIPTOR.services_by_name["GenstructService"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port`, with brackets around an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+@dataclass
+class RunningServer:
+    """A started server and what a caller needs of it: the bound ports, health and drain.
+
+    The engine stays the caller's: stopping the server does not close it.
+    """
+
+    server: grpc.aio.Server
+    settings: Settings
+    port: int  # the bound gRPC port (the real one when settings.port was 0)
+    metrics_port: int | None  # the bound metrics port, None when metrics are off
+    state: ServiceState
+    health: health.aio.HealthServicer
+    metrics: Metrics
+
+    @property
+    def target(self) -> str:
+        """Where to connect, e.g. `127.0.0.1:50051` (a wildcard host becomes loopback)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+            self.settings.host, self.settings.host
+        )
+        return host_port(host, self.port)
+
+    async def set_engine(self, engine: Engine) -> None:
+        """Start serving with `engine` (the model has loaded): health becomes SERVING."""
+        self.state.engine = engine
+        self.metrics.watch_engine(engine.stats)
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, _SERVING)
+
+    async def drain(self, seconds: float | None = None) -> bool:
+        """Stop taking work and let in-flight work finish, then stop the server.
+
+        Health turns NOT_SERVING and new calls get UNAVAILABLE at once; calls in flight have
+        `seconds` (default settings.drain_seconds) to finish, after which they are cancelled.
+        Returns True when everything finished in time.
+        """
+        seconds = self.settings.drain_seconds if seconds is None else seconds
+        await self.health.enter_graceful_shutdown()
+        self.state.start_draining()
+        log.info("draining", extra={"in_flight": self.state.active, "seconds": seconds})
+        finished = await self.state.wait_idle(seconds)
+        if not finished:
+            log.warning(
+                "drain time is up; cancelling the work still in flight",
+                extra={"in_flight": self.state.active},
+            )
+        # Finished calls only need to flush their last messages; the rest are cancelled.
+        await self.stop(grace=1.0 if finished else 0.0)
+        return finished
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop at once (grace None) or after `grace` seconds for calls in flight."""
+        await self.server.stop(grace)
+        self.metrics.close()
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    key = settings.tls_key_file.read_bytes()
+    chain = settings.tls_cert_file.read_bytes()
+    client_ca = (
+        settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    )
+    return grpc.ssl_server_credentials(
+        [(key, chain)],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+async def start_server(
+    settings: Settings,
+    engine: Engine | None,
+    *,
+    metrics: Metrics | None = None,
+    metrics_port: int | None = None,
+) -> RunningServer:
+    """Bind settings.host:settings.port, serve, and return the running server.
+
+    With `engine=None` the server starts in the loading state (health NOT_SERVING, calls
+    UNAVAILABLE) until `set_engine`. `metrics_port` overrides settings.metrics_port; there,
+    0 means a free port chosen by the OS (tests), whereas settings.metrics_port = 0 means off.
+    """
+    metrics = metrics or Metrics()
+    token = settings.auth_token.get_secret_value() if settings.auth_token else None
+    server = grpc.aio.server(
+        interceptors=[ServiceInterceptor(metrics, token)],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on a taken port fails, not shares
+        ],
+    )
+    state = ServiceState()
+    genstruct_pb2_grpc.add_GenstructServiceServicer_to_server(
+        GenstructServicer(settings, state, metrics), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, _NOT_SERVING)
+    # Reflection only describes the public contract, so it stays open like health.
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    address = host_port(settings.host, settings.port)
+    credentials = _credentials(settings)
+    try:
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    bound_metrics: int | None = None
+    wanted = settings.metrics_port if metrics_port is None else metrics_port
+    if metrics_port is not None or settings.metrics_port:
+        try:
+            bound_metrics = metrics.serve(settings.host, wanted)
+        except OSError:
+            await server.stop(None)
+            raise
+    running = RunningServer(
+        server=server,
+        settings=settings,
+        port=port,
+        metrics_port=bound_metrics,
+        state=state,
+        health=health_servicer,
+        metrics=metrics,
+    )
+    if engine is not None:
+        await running.set_engine(engine)
+    return running

@@ -1,0 +1,357 @@
+"""The GenstructService servicer: protobuf requests in, engine work, protobuf responses out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+from genstruct.v1 import genstruct_pb2, genstruct_pb2_grpc
+
+from . import __version__
+from .config import Settings
+from .engine.types import Completed, Engine, EngineEvent, GenerationRequest, TokenDelta
+from .errors import InvalidRequest, Unavailable
+from .interceptors import current_call, domain_status
+from .metrics import Metrics
+from .responses import error_response, to_response
+from .validation import default_sampling, limits, to_generation_request
+
+log = logging.getLogger("genstruct_service.servicer")
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class ServiceState:
+    """Whether the service takes work (loading, serving, draining) and how much is in flight."""
+
+    def __init__(self, engine: Engine | None = None) -> None:
+        self.engine = engine
+        self.draining = False
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._drain_listeners: set[Callable[[], None]] = set()
+
+    @property
+    def active(self) -> int:
+        """RPCs doing generation work now (a GenerateBatch stream counts once)."""
+        return self._active
+
+    def ready_engine(self) -> Engine:
+        """The engine, or Unavailable while the model loads or the server drains."""
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        if self.engine is None:
+            raise Unavailable("the model is still loading; retry in a moment")
+        return self.engine
+
+    @contextmanager
+    def work(self) -> Iterator[Engine]:
+        """Admit one unit of work (refused while loading or draining); drain waits for it."""
+        engine = self.ready_engine()
+        self._active += 1
+        self._idle.clear()
+        try:
+            yield engine
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    def start_draining(self) -> None:
+        """Refuse new work from now on and tell open GenerateBatch streams to stop reading."""
+        self.draining = True
+        for listener in list(self._drain_listeners):
+            listener()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no work is in flight, at most `timeout` seconds; True when idle."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    @contextmanager
+    def drain_listener(self, listener: Callable[[], None]) -> Iterator[None]:
+        self._drain_listeners.add(listener)
+        try:
+            yield
+        finally:
+            self._drain_listeners.discard(listener)
+
+
+@asynccontextmanager
+async def engine_events(
+    engine: Engine, request: GenerationRequest
+) -> AsyncIterator[AsyncIterator[EngineEvent]]:
+    """The engine's events for one request, closed on the way out (which frees its slot)."""
+    events = engine.generate(request)
+    try:
+        yield events
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+class _Marker:
+    pass
+
+
+_EOF = _Marker()  # the caller closed its request stream
+_DRAIN = _Marker()  # the server started draining
+
+
+class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
+    """Translates between the contract and the engine; never blocks the event loop."""
+
+    def __init__(
+        self, settings: Settings, state: ServiceState, metrics: Metrics | None = None
+    ) -> None:
+        self._settings = settings
+        self._state = state
+        self._metrics = metrics
+
+    # --- the four RPCs ------------------------------------------------------------------
+
+    async def Generate(
+        self, request: genstruct_pb2.GenerateRequest, context: Context
+    ) -> genstruct_pb2.GenerateResponse:
+        with self._state.work() as engine:
+            work = self._validate(request)
+            completed = await self._complete(engine, work)
+            return self._respond(request.id, completed, engine)
+
+    async def GenerateStream(
+        self, request: genstruct_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[genstruct_pb2.GenerateStreamResponse]:
+        with self._state.work() as engine:
+            work = self._validate(request)
+            completed: Completed | None = None
+            async with engine_events(engine, work) as events:
+                # The first event is awaited before anything is sent, so a refusal (queue
+                # full, too long) becomes the call's status rather than a broken stream.
+                async for event in events:
+                    if isinstance(event, TokenDelta):
+                        if event.text:
+                            yield genstruct_pb2.GenerateStreamResponse(
+                                id=request.id,
+                                delta=genstruct_pb2.TextDelta(index=event.index, text=event.text),
+                            )
+                    else:
+                        completed = event
+            if completed is None:
+                raise RuntimeError("the engine ended a request without a Completed event")
+            yield genstruct_pb2.GenerateStreamResponse(
+                id=request.id, result=self._respond(request.id, completed, engine)
+            )
+
+    async def GenerateBatch(
+        self, request_iterator: AsyncIterator[genstruct_pb2.GenerateRequest], context: Context
+    ) -> AsyncIterator[genstruct_pb2.GenerateResponse]:
+        with self._state.work() as engine:
+            batch = _Batch(self, engine, request_iterator)
+            with self._state.drain_listener(batch.drain):
+                async for response in batch.run():
+                    yield response
+
+    async def GetModelInfo(
+        self, request: genstruct_pb2.GetModelInfoRequest, context: Context
+    ) -> genstruct_pb2.GetModelInfoResponse:
+        engine = self._state.engine
+        if engine is None:
+            raise Unavailable("the model is still loading; retry in a moment")
+        info = engine.info
+        return genstruct_pb2.GetModelInfoResponse(
+            model_name=info.model_name,
+            model_file=info.model_path.replace("\\", "/").rsplit("/", 1)[-1],
+            quantization=info.quantization,
+            parameter_count=info.parameter_count,
+            architecture=info.architecture,
+            context_length=info.context_length,
+            train_context_length=info.train_context_length,
+            n_parallel=info.n_parallel,
+            gpu_layers_offloaded=info.gpu_layers_offloaded,
+            total_layers=info.total_layers,
+            backend=info.backend,
+            service_version=__version__,
+            default_sampling=default_sampling(self._settings),
+            limits=limits(self._settings),
+        )
+
+    # --- shared steps -------------------------------------------------------------------
+
+    def _validate(
+        self, request: genstruct_pb2.GenerateRequest, *, id_required: bool = False
+    ) -> GenerationRequest:
+        work = to_generation_request(request, self._settings, id_required=id_required)
+        if log.isEnabledFor(logging.DEBUG):  # document text only ever at DEBUG
+            log.debug(
+                "document",
+                extra={"id": request.id, "title": work.title, "content": work.content},
+            )
+        return work
+
+    async def _complete(self, engine: Engine, work: GenerationRequest) -> Completed:
+        async with engine_events(engine, work) as events:
+            async for event in events:
+                if isinstance(event, Completed):
+                    return event
+        raise RuntimeError("the engine ended a request without a Completed event")
+
+    def _respond(
+        self, request_id: str, completed: Completed, engine: Engine
+    ) -> genstruct_pb2.GenerateResponse:
+        response = to_response(request_id, completed, engine.info.model_name)
+        call = current_call()
+        if call is not None:
+            call.prompt_tokens += completed.prompt_tokens
+            call.completion_tokens += completed.completion_tokens
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.prompt_tokens.inc(completed.prompt_tokens)
+            metrics.generated_tokens.inc(completed.completion_tokens)
+            metrics.time_to_first_token.observe(completed.timings.first_token_seconds)
+            failures = sum(1 for pair in response.pairs if not pair.parsed)
+            if failures:
+                metrics.parse_failures.inc(failures)
+            if completed.truncated:
+                metrics.truncations.inc()
+        return response
+
+
+class _Batch:
+    """One GenerateBatch stream: reads documents while fewer than the limit are in flight.
+
+    A permit is taken before each read and given back when that document's response has been
+    sent, so documents read but not yet answered never exceed `max_batch_in_flight`; a sender
+    that outpaces the engine is held back by gRPC flow control.
+    """
+
+    def __init__(
+        self,
+        servicer: GenstructServicer,
+        engine: Engine,
+        requests: AsyncIterator[genstruct_pb2.GenerateRequest],
+    ) -> None:
+        self._servicer = servicer
+        self._engine = engine
+        self._requests = requests
+        self._permits = asyncio.Semaphore(servicer._settings.max_batch_in_flight)
+        self._out: asyncio.Queue[genstruct_pb2.GenerateResponse | _Marker | _Failure] = (
+            asyncio.Queue()
+        )
+        self._in_flight: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._owed = 0  # documents read whose response has not been sent yet
+
+    def drain(self) -> None:
+        self._out.put_nowait(_DRAIN)
+
+    async def run(self) -> AsyncIterator[genstruct_pb2.GenerateResponse]:
+        reader = asyncio.create_task(self._read())
+        reading = True
+        cut_short = False  # draining stopped the reading before the caller closed its side
+        try:
+            while reading or self._owed:
+                item = await self._out.get()
+                if item is _EOF:
+                    reading = False
+                elif item is _DRAIN:
+                    if reading:
+                        reader.cancel()
+                        reading, cut_short = False, True
+                elif isinstance(item, _Failure):
+                    raise item.error
+                elif isinstance(item, genstruct_pb2.GenerateResponse):
+                    self._owed -= 1
+                    yield item
+                    self._permits.release()
+            if cut_short:
+                raise Unavailable(
+                    "the server is shutting down: the documents above were finished, later "
+                    "ones were not read; send them to another replica"
+                )
+        finally:
+            reader.cancel()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(reader, *self._tasks, return_exceptions=True)
+
+    async def _read(self) -> None:
+        try:
+            iterator = aiter(self._requests)
+            while True:
+                await self._permits.acquire()
+                try:
+                    request = await anext(iterator)
+                except StopAsyncIteration:
+                    self._permits.release()
+                    break
+                self._accept(request)
+            self._out.put_nowait(_EOF)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # e.g. the request stream broke: fail the whole call
+            self._out.put_nowait(_Failure(exc))
+
+    def _accept(self, request: genstruct_pb2.GenerateRequest) -> None:
+        call = current_call()
+        if call is not None:
+            call.documents += 1
+        self._owed += 1
+        try:
+            work = self._servicer._validate(request, id_required=True)
+            if request.id in self._in_flight:
+                raise InvalidRequest(
+                    "id",
+                    f"{request.id!r} is already in flight on this stream; ids must be unique "
+                    "among the documents in flight",
+                )
+        except InvalidRequest as exc:
+            self._put_error(request.id, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return
+        self._in_flight.add(request.id)
+        task = asyncio.create_task(self._generate(request.id, work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _generate(self, request_id: str, work: GenerationRequest) -> None:
+        try:
+            completed = await self._servicer._complete(self._engine, work)
+            response = self._servicer._respond(request_id, completed, self._engine)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            mapped = domain_status(exc)
+            if mapped is None:
+                log.error("bug in a GenerateBatch document", exc_info=exc)
+                mapped = (grpc.StatusCode.INTERNAL, "internal error; please report it")
+            self._in_flight.discard(request_id)
+            self._put_error(request_id, *mapped)
+            return
+        self._in_flight.discard(request_id)
+        self._count(grpc.StatusCode.OK)
+        self._out.put_nowait(response)
+
+    def _put_error(self, request_id: str, code: grpc.StatusCode, message: str) -> None:
+        self._count(code)
+        status_code: int = code.value[0]
+        self._out.put_nowait(error_response(request_id, status_code, message))
+
+    def _count(self, code: grpc.StatusCode) -> None:
+        metrics = self._servicer._metrics
+        if metrics is not None:
+            metrics.batch_items.labels(code.name).inc()

@@ -1,0 +1,185 @@
+"""Pure checks of a GenerateRequest against the server's limits, giving the engine's request."""
+
+from __future__ import annotations
+
+import math
+
+from genstruct.v1 import genstruct_pb2
+
+from .config import Settings
+from .engine.types import GenerationRequest, Sampling, Truncation
+from .errors import InvalidRequest
+
+_MAX_SEED = 2**32 - 1
+
+_TRUNCATION = {
+    genstruct_pb2.TRUNCATION_UNSPECIFIED: Truncation.REFUSE,
+    genstruct_pb2.TRUNCATION_REFUSE: Truncation.REFUSE,
+    genstruct_pb2.TRUNCATION_TRUNCATE: Truncation.TRUNCATE,
+}
+
+
+def check_id(request_id: str, settings: Settings, *, required: bool) -> None:
+    """The caller's id: at most max_id_chars, and present when `required` (GenerateBatch)."""
+    if required and not request_id:
+        raise InvalidRequest(
+            "id", "is required in GenerateBatch, to match each result to its document"
+        )
+    if len(request_id) > settings.max_id_chars:
+        raise InvalidRequest(
+            "id", f"has {len(request_id)} characters; the limit is {settings.max_id_chars}"
+        )
+
+
+def _check_float(field: str, value: float, low: float, high: float, *, low_open: bool = False,
+                 high_open: bool = False) -> float:
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if not math.isfinite(value) or too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        raise InvalidRequest(field, f"is {value}; it must be in {left}{low:g}, {high:g}{right}")
+    return value
+
+
+def _sampling(params: genstruct_pb2.SamplingParams, settings: Settings) -> Sampling:
+    def given(name: str) -> bool:
+        return params.HasField(name)  # type: ignore[arg-type]
+
+    temperature = settings.temperature
+    if given("temperature"):
+        temperature = _check_float("sampling.temperature", params.temperature, 0.0, 5.0)
+    top_p = settings.top_p
+    if given("top_p"):
+        top_p = _check_float("sampling.top_p", params.top_p, 0.0, 1.0, low_open=True)
+    top_k = settings.top_k
+    if given("top_k"):
+        if not 0 <= params.top_k <= 1000:
+            raise InvalidRequest("sampling.top_k", f"is {params.top_k}; it must be 0 to 1000")
+        top_k = params.top_k
+    min_p = settings.min_p
+    if given("min_p"):
+        min_p = _check_float("sampling.min_p", params.min_p, 0.0, 1.0, high_open=True)
+    repeat_penalty = settings.repeat_penalty
+    if given("repeat_penalty"):
+        repeat_penalty = _check_float(
+            "sampling.repeat_penalty", params.repeat_penalty, 0.0, 5.0, low_open=True
+        )
+    presence_penalty = settings.presence_penalty
+    if given("presence_penalty"):
+        presence_penalty = _check_float(
+            "sampling.presence_penalty", params.presence_penalty, -2.0, 2.0
+        )
+    frequency_penalty = settings.frequency_penalty
+    if given("frequency_penalty"):
+        frequency_penalty = _check_float(
+            "sampling.frequency_penalty", params.frequency_penalty, -2.0, 2.0
+        )
+    seed: int | None = None
+    if given("seed"):
+        if params.seed > _MAX_SEED:
+            raise InvalidRequest("sampling.seed", f"is {params.seed}; it must be 0 to 2^32 - 1")
+        seed = params.seed
+    max_tokens = settings.default_max_tokens
+    if given("max_tokens"):
+        if not 1 <= params.max_tokens <= settings.max_tokens_limit:
+            raise InvalidRequest(
+                "sampling.max_tokens",
+                f"is {params.max_tokens}; it must be 1 to {settings.max_tokens_limit} "
+                "(the server's max_tokens_limit)",
+            )
+        max_tokens = params.max_tokens
+    if len(params.stop) > settings.max_stop_strings:
+        raise InvalidRequest(
+            "sampling.stop",
+            f"has {len(params.stop)} strings; the limit is {settings.max_stop_strings}",
+        )
+    for i, stop in enumerate(params.stop):
+        if not stop:
+            raise InvalidRequest(f"sampling.stop[{i}]", "is empty; stop strings must not be")
+        if len(stop) > settings.max_stop_chars:
+            raise InvalidRequest(
+                f"sampling.stop[{i}]",
+                f"has {len(stop)} characters; the limit is {settings.max_stop_chars}",
+            )
+    return Sampling(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repeat_penalty=repeat_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        seed=seed,
+        max_tokens=max_tokens,
+        stop=tuple(params.stop),
+    )
+
+
+def to_generation_request(
+    request: genstruct_pb2.GenerateRequest, settings: Settings, *, id_required: bool = False
+) -> GenerationRequest:
+    """Check every field against the server's limits and fill unset ones from its defaults.
+
+    Raises InvalidRequest naming the first field that is wrong and the limit it broke.
+    """
+    check_id(request.id, settings, required=id_required)
+    title, content = request.document.title, request.document.content
+    if len(title) > settings.max_title_chars:
+        raise InvalidRequest(
+            "document.title",
+            f"has {len(title)} characters; the limit is {settings.max_title_chars}",
+        )
+    if not content.strip():
+        raise InvalidRequest("document.content", "is empty; send the document's text")
+    if len(content) > settings.max_content_chars:
+        raise InvalidRequest(
+            "document.content",
+            f"has {len(content)} characters; the limit is {settings.max_content_chars} "
+            "(split the document)",
+        )
+    num_generations = request.num_generations or 1
+    if num_generations > settings.max_num_generations:
+        raise InvalidRequest(
+            "num_generations",
+            f"is {num_generations}; the limit is {settings.max_num_generations}",
+        )
+    truncation = _TRUNCATION.get(request.truncation)
+    if truncation is None:
+        raise InvalidRequest("truncation", f"{request.truncation} is not a Truncation value")
+    return GenerationRequest(
+        title=title,
+        content=content,
+        sampling=_sampling(request.sampling, settings),
+        num_generations=num_generations,
+        constrained=request.constrained,
+        truncation=truncation,
+    )
+
+
+def default_sampling(settings: Settings) -> genstruct_pb2.SamplingParams:
+    """The sampling a request gets for fields it leaves unset (seed: fresh per request)."""
+    return genstruct_pb2.SamplingParams(
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        min_p=settings.min_p,
+        repeat_penalty=settings.repeat_penalty,
+        presence_penalty=settings.presence_penalty,
+        frequency_penalty=settings.frequency_penalty,
+        max_tokens=settings.default_max_tokens,
+    )
+
+
+def limits(settings: Settings) -> genstruct_pb2.Limits:
+    """The limits of this server, as GetModelInfo reports them."""
+    return genstruct_pb2.Limits(
+        max_title_chars=settings.max_title_chars,
+        max_content_chars=settings.max_content_chars,
+        max_num_generations=settings.max_num_generations,
+        max_tokens=settings.max_tokens_limit,
+        max_stop_strings=settings.max_stop_strings,
+        max_stop_chars=settings.max_stop_chars,
+        max_message_bytes=settings.max_message_bytes,
+        max_batch_in_flight=settings.max_batch_in_flight,
+    )

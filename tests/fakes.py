@@ -1,0 +1,258 @@
+"""A fake Engine for tests of the gRPC layer: fixed tokens, controllable pace, observable slots.
+
+    engine = FakeEngine()                      # instant, every completion parses
+    engine = FakeEngine(token_delay=0.01)      # paced tokens
+    engine = FakeEngine(hold=True)             # each generation stops after its first token
+    engine.release()                           # ... until released
+    engine.fail_next(QueueFull("queue full"))  # the next request is refused before any event
+    await engine.wait_started(1)               # a request holds a slot
+    engine.cancelled, engine.stats().busy_slots
+
+`make_engine(settings)` builds one for `genstruct-server` run as a subprocess; pick it with
+GENSTRUCT_ENGINE_FACTORY=tests.fakes:make_engine (and FAKE_ENGINE_TOKEN_DELAY=<seconds>).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from genstruct_service.engine.types import (
+    Completed,
+    EngineEvent,
+    EngineInfo,
+    EngineStats,
+    FinishReason,
+    Generation,
+    GenerationRequest,
+    Timings,
+    TokenDelta,
+    Truncation,
+)
+from genstruct_service.errors import ContextOverflow, QueueFull
+
+# A completion that parses: "What is the document about?" / "It is about testing."
+DEFAULT_TOKENS: tuple[str, ...] = (
+    "What",
+    " is",
+    " the",
+    " document",
+    " about",
+    "?",
+    " [[[Assistant]]]",
+    " It",
+    " is",
+    " about",
+    " testing",
+    ".",
+)
+
+FAKE_INFO = EngineInfo(
+    model_name="fake-model:Q4_K_M",
+    model_path="/models/fake-model.Q4_K_M.gguf",
+    quantization="Q4_K_M",
+    parameter_count=7_241_732_096,
+    architecture="llama",
+    context_length=8192,
+    train_context_length=32768,
+    n_parallel=4,
+    gpu_layers_offloaded=0,
+    total_layers=32,
+    backend="CPU",
+)
+
+
+class FakeEngine:
+    """Implements the Engine Protocol with fixed tokens; every knob is a plain attribute."""
+
+    def __init__(
+        self,
+        *,
+        tokens: Sequence[str] = DEFAULT_TOKENS,
+        n_parallel: int = 4,
+        max_queue: int = 256,
+        token_delay: float = 0.0,
+        hold: bool = False,
+        context_chars: int = 1_000_000,
+        info: EngineInfo | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
+        self.tokens = tuple(tokens)
+        self.n_parallel = n_parallel
+        self.max_queue = max_queue
+        self.token_delay = token_delay
+        # The content that fits the "context"; longer content is refused or truncated.
+        self.context_chars = context_chars
+        self.on_step = on_step
+        self._info = info or FAKE_INFO
+        self._hold = hold
+        self._released: asyncio.Event | None = None
+        self._changed: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._fail: list[BaseException] = []
+        self.busy = 0
+        self.queued = 0
+        self.requests: list[GenerationRequest] = []  # every request submitted
+        self.started = 0  # requests that took a slot
+        self.finished: list[GenerationRequest] = []  # requests that completed
+        self.cancelled: list[GenerationRequest] = []  # requests closed or cancelled midway
+        self.closed = False
+
+    # --- controls for tests ---------------------------------------------------------------
+
+    def hold(self) -> None:
+        """From now on, generations pause after their first token until `release()`."""
+        self._hold = True
+        if self._released is not None:
+            self._released.clear()
+
+    def release(self) -> None:
+        """Let held generations (and later ones) run to the end."""
+        self._hold = False
+        self._event("_released").set()
+
+    def fail_next(self, error: BaseException) -> None:
+        """The next request raises `error` before its first event (e.g. QueueFull)."""
+        self._fail.append(error)
+
+    async def wait_for(self, predicate: Callable[[FakeEngine], bool], timeout: float = 5) -> None:
+        """Wait until `predicate(self)` holds (checked on every state change), bounded."""
+
+        async def wait() -> None:
+            while not predicate(self):
+                changed = self._event("_changed")
+                changed.clear()
+                await changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+
+    async def wait_started(self, count: int = 1, timeout: float = 5) -> None:
+        await self.wait_for(lambda e: e.started >= count, timeout)
+
+    async def wait_idle(self, timeout: float = 5) -> None:
+        """Wait until no slot is busy and nothing is queued."""
+        await self.wait_for(lambda e: e.busy == 0 and e.queued == 0, timeout)
+
+    # --- the Engine Protocol --------------------------------------------------------------
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def stats(self) -> EngineStats:
+        return EngineStats(busy_slots=self.busy, queued=self.queued, n_parallel=self.n_parallel)
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+        return self._generate(request)
+
+    async def close(self) -> None:
+        self.closed = True
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _event(self, name: str) -> asyncio.Event:
+        event: asyncio.Event | None = getattr(self, name)
+        if event is None:
+            event = asyncio.Event()
+            if name == "_released" and not self._hold:
+                event.set()
+            setattr(self, name, event)
+        return event
+
+    def _notify(self) -> None:
+        self._event("_changed").set()
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+        submitted = time.perf_counter()
+        self.requests.append(request)
+        if self._fail:
+            raise self._fail.pop(0)
+        truncated = False
+        if len(request.content) > self.context_chars:
+            if request.truncation is Truncation.REFUSE:
+                raise ContextOverflow(
+                    "document.content",
+                    f"needs more than the {self.context_chars} characters of context; "
+                    "shorten it or ask for truncation",
+                )
+            truncated = True
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.n_parallel)
+        if self._slots.locked() and self.queued >= self.max_queue:
+            raise QueueFull(f"the queue is full ({self.max_queue} documents waiting)")
+        self.queued += 1
+        self._notify()
+        try:
+            await self._slots.acquire()
+        finally:
+            self.queued -= 1
+        self.busy += 1
+        self.started += 1
+        self._notify()
+        done = False
+        try:
+            queue_s = time.perf_counter() - submitted
+            first_token_s = 0.0
+            max_tokens = request.sampling.max_tokens
+            n = request.num_generations
+            texts = [""] * n
+            counts = [0] * n
+            for position, token in enumerate(self.tokens[:max_tokens]):
+                if position == 1 and self._hold:
+                    await self._event("_released").wait()
+                if self.token_delay:
+                    await asyncio.sleep(self.token_delay)
+                else:
+                    await asyncio.sleep(0)  # a step boundary, where cancellation lands
+                if self.on_step is not None:
+                    self.on_step(n)
+                for index in range(n):
+                    texts[index] += token
+                    counts[index] += 1
+                    yield TokenDelta(index=index, text=token)
+                if position == 0:
+                    first_token_s = time.perf_counter() - submitted
+            reason = (
+                FinishReason.LENGTH if len(self.tokens) > max_tokens else FinishReason.EOS
+            )
+            generations = tuple(
+                Generation(
+                    index=i, text=texts[i], finish_reason=reason, completion_tokens=counts[i]
+                )
+                for i in range(n)
+            )
+            done = True
+            self.finished.append(request)
+            yield Completed(
+                generations=generations,
+                prompt_tokens=_prompt_tokens(request),
+                truncated=truncated,
+                timings=Timings(
+                    queue_seconds=queue_s,
+                    first_token_seconds=first_token_s,
+                    total_seconds=time.perf_counter() - submitted,
+                ),
+            )
+        finally:
+            if not done:
+                self.cancelled.append(request)
+            self.busy -= 1
+            self._slots.release()
+            self._notify()
+
+
+def _prompt_tokens(request: GenerationRequest) -> int:
+    return 32 + len(request.title.split()) + len(request.content.split())
+
+
+def make_engine(settings: Any, *, on_step: Callable[[int], None] | None = None) -> FakeEngine:
+    """The engine factory for `genstruct-server` in subprocess tests (see the module doc)."""
+    return FakeEngine(
+        n_parallel=settings.n_parallel,
+        max_queue=settings.max_queue,
+        token_delay=float(os.environ.get("FAKE_ENGINE_TOKEN_DELAY", "0")),
+        on_step=on_step,
+    )
