@@ -19,7 +19,6 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -75,7 +74,7 @@ class Recorded:
     server: str  # "hub" or "cdn"
     method: str
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # names lower-cased
 
 
 @dataclass
@@ -127,7 +126,11 @@ def hub_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
 
         def _resolve(self) -> None:
-            hub.record(Recorded("hub", self.command, self.path, dict(self.headers.items())))
+            hub.record(
+                Recorded(
+                    "hub", self.command, self.path, {k.lower(): v for k, v in self.headers.items()}
+                )
+            )
             parts = self.path.split("/")
             # /owner/name/resolve/revision/file
             if len(parts) < 6 or parts[3] != "resolve":
@@ -169,7 +172,9 @@ def cdn_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             pass
 
         def do_GET(self) -> None:
-            hub.record(Recorded("cdn", "GET", self.path, dict(self.headers.items())))
+            hub.record(
+                Recorded("cdn", "GET", self.path, {k.lower(): v for k, v in self.headers.items()})
+            )
             content = hub.blob(self.path.rsplit("/", 1)[-1])
             if content is None:
                 self.send_response(404)
@@ -189,7 +194,9 @@ def cdn_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     self.end_headers()
                     return
                 self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
+                self.send_header(
+                    "Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}"
+                )
             else:
                 self.send_response(200)
             body = content[start:]

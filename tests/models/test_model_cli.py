@@ -6,9 +6,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from model_files_helpers import FakeHub, make_gguf
-
 from genstruct_service.model_files.cli import main
+from model_files_helpers import FakeHub, make_gguf
 
 REPO = "TestOrg/Genstruct-7B-GGUF"
 FILE = "Genstruct-7B.Q4_K_M.gguf"

@@ -6,11 +6,10 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from model_files_helpers import FakeHub, make_gguf
-
 from genstruct_service.errors import ModelError
 from genstruct_service.model_files import download, integrity
 from genstruct_service.model_files.download import download_file, partial_path
+from model_files_helpers import FakeHub, make_gguf
 
 REPO = "TestOrg/Genstruct-7B-GGUF"
 FILE = "Genstruct-7B.Q4_K_M.gguf"
@@ -39,7 +38,7 @@ def test_download_succeeds_and_is_verified(
     head = fake_hub.requests[0]
     assert (head.server, head.method, head.path) == ("hub", "HEAD", f"/{REPO}/resolve/main/{FILE}")
     assert [r.path for r in fake_hub.gets()] == [f"/blobs/{sha}"]
-    assert "Range" not in fake_hub.gets()[0].headers
+    assert "range" not in fake_hub.gets()[0].headers
     # Verified once: a restart needn't hash it again.
     assert integrity.recorded_sha256(result.path, tmp_path) == sha
     assert not list((tmp_path / ".cache" / "downloads").glob("*.part"))
@@ -52,8 +51,8 @@ def test_token_goes_to_the_hub_but_not_to_the_cdn(
     fake_hub.gated[REPO] = "hf_secret"
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     _download(tmp_path)
-    assert fake_hub.requests[0].headers.get("Authorization") == "Bearer hf_secret"
-    assert "Authorization" not in fake_hub.gets()[0].headers
+    assert fake_hub.requests[0].headers.get("authorization") == "Bearer hf_secret"
+    assert "authorization" not in fake_hub.gets()[0].headers
 
 
 def test_cut_connection_is_resumed_with_a_range_request(
@@ -63,8 +62,8 @@ def test_cut_connection_is_resumed_with_a_range_request(
     fake_hub.cut_next_gets = 1
     result = _download(tmp_path)
     first, second = fake_hub.gets()
-    assert "Range" not in first.headers
-    assert second.headers["Range"] == f"bytes={len(content) // 2}-"
+    assert "range" not in first.headers
+    assert second.headers["range"] == f"bytes={len(content) // 2}-"
     assert result.path.read_bytes() == content
 
 
@@ -80,7 +79,7 @@ def test_interrupted_download_is_kept_and_resumed_by_the_next_call(
     assert part.stat().st_size == len(content) // 2
 
     result = _download(tmp_path)
-    assert fake_hub.gets()[-1].headers["Range"] == f"bytes={len(content) // 2}-"
+    assert fake_hub.gets()[-1].headers["range"] == f"bytes={len(content) // 2}-"
     assert result.path.read_bytes() == content
     assert not part.exists()
 
@@ -92,7 +91,7 @@ def test_server_ignoring_range_restarts_cleanly(
     fake_hub.cut_next_gets = 1
     fake_hub.ignore_range = True
     result = _download(tmp_path)
-    assert "Range" in fake_hub.gets()[1].headers
+    assert "range" in fake_hub.gets()[1].headers
     assert result.path.read_bytes() == content
 
 
@@ -137,7 +136,9 @@ def test_missing_file_is_a_404_error(fake_hub: FakeHub, tmp_path: Path, content:
 def test_missing_repository_says_check_the_name_or_set_hf_token(
     fake_hub: FakeHub, tmp_path: Path
 ) -> None:
-    with pytest.raises(ModelError, match=r"repository TestOrg/Genstruct-7B-GGUF not found.*HF_TOKEN"):
+    with pytest.raises(
+        ModelError, match=r"repository TestOrg/Genstruct-7B-GGUF not found.*HF_TOKEN"
+    ):
         _download(tmp_path)
 
 
@@ -146,7 +147,7 @@ def test_gated_repository_says_set_hf_token(
 ) -> None:
     fake_hub.add(REPO, FILE, content)
     fake_hub.gated[REPO] = "hf_secret"
-    with pytest.raises(ModelError, match="gated repository.*set HF_TOKEN"):
+    with pytest.raises(ModelError, match=r"gated repository.*set HF_TOKEN"):
         _download(tmp_path)
     assert fake_hub.gets() == []
 
@@ -174,7 +175,7 @@ def test_disk_full_is_refused_before_downloading(
 ) -> None:
     fake_hub.add(REPO, FILE, content)
     monkeypatch.setattr(download, "free_bytes", lambda folder: 1000)
-    with pytest.raises(ModelError, match="not enough free disk space.*GENSTRUCT_MODELS_DIR"):
+    with pytest.raises(ModelError, match=r"not enough free disk space.*GENSTRUCT_MODELS_DIR"):
         _download(tmp_path)
     assert fake_hub.gets() == []
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-
+import tomllib
 from genstruct_service.errors import ModelError
 from genstruct_service.model_files import registry as registry_module
 from genstruct_service.model_files.registry import find_registry_file, load_registry, parse_registry

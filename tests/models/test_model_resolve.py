@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from model_files_helpers import FakeHub, make_gguf
-
 from genstruct_service.errors import ModelError
 from genstruct_service.model_files.registry import Registry, load_registry
 from genstruct_service.model_files.resolve import (
@@ -18,6 +17,7 @@ from genstruct_service.model_files.resolve import (
     resolve_model,
     resolve_quickstart,
 )
+from model_files_helpers import FakeHub, make_gguf
 
 REPO = "TestOrg/Genstruct-7B-GGUF"
 FILE = "Genstruct-7B.Q4_K_M.gguf"
@@ -161,7 +161,7 @@ def test_hf_uri_parsing() -> None:
     assert (ref.repo, ref.file, ref.revision) == (REPO, FILE, "v1.0")
     assert parse_hf_uri(f"hf://{REPO}/a/{FILE}").file == f"a/{FILE}"
     for bad in ("hf://only-owner/x.gguf", f"hf://{REPO}/weights.bin", "hf://"):
-        with pytest.raises(ModelError, match="expected hf://OWNER/REPO/FILE.gguf"):
+        with pytest.raises(ModelError, match=re.escape("expected hf://OWNER/REPO/FILE.gguf")):
             parse_hf_uri(bad)
 
 

@@ -64,7 +64,9 @@ def main(argv: list[str]) -> int:
             )
             print(f"{model.display_name}: {model.path} (verified, sha256 {model.sha256})")
             return 0
-        model = resolve_model(args.name_or_path, models_dir, registry=registry, allow_download=False)
+        model = resolve_model(
+            args.name_or_path, models_dir, registry=registry, allow_download=False
+        )
         checked = f"sha256 {model.sha256}" if model.sha256 else "no known checksum"
         print(
             f"{model.display_name}: {model.path} ok: GGUF v{model.gguf.version}, "
@@ -97,6 +99,8 @@ def _list(registry: Registry, models_dir: Path, *, verify: bool) -> int:
         rows.append((entry.name + marks, entry.quant, size, status, entry.origin))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
     print(f"\nmodels folder: {models_dir.resolve()}  (registry: {registry.path})")
     return 1 if failed else 0

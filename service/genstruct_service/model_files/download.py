@@ -22,7 +22,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx2
-from huggingface_hub import HfFileMetadata, constants, get_hf_file_metadata, hf_hub_url
+from huggingface_hub import (
+    HfFileMetadata,
+    constants,
+    get_hf_file_metadata,
+    get_session,
+    get_token,
+    hf_hub_url,
+    hf_raise_for_status,
+)
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -31,8 +39,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-from huggingface_hub.utils import tqdm as hf_tqdm
+from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
 
 from genstruct_service.errors import ModelError
 from genstruct_service.model_files import integrity
@@ -42,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHA1 = re.compile(r"[0-9a-f]{40}")
-CHUNK = 1024 * 1024
 # Free space kept beyond the file itself, so a download never fills the disk to the last byte.
 DISK_MARGIN = 64 * 1024 * 1024
 
@@ -158,10 +164,10 @@ def download_file(
         check_disk_space(dest.parent, max(size - have, 0), what=what)
 
     # The Hub redirects LFS files to a CDN; the token must not leave the Hub's own hosts.
-    headers = build_hf_headers(token=token)
-    headers["Accept-Encoding"] = "identity"
-    if _origin(meta.location) != _origin(url):
-        headers.pop("authorization", None)
+    headers = {"Accept-Encoding": "identity"}
+    secret = _token(token)
+    if secret and _origin(meta.location) == _origin(url):
+        headers["Authorization"] = f"Bearer {secret}"
     _transfer(
         meta.location,
         part,
@@ -204,6 +210,15 @@ def download_file(
     integrity.record_verified(dest, sha256, dest.parent)
     logger.info("downloaded %s to %s (%s, sha256 %s)", what, dest, _gb(got), sha256)
     return DownloadResult(path=dest, sha256=sha256, size=got, commit=meta.commit_hash)
+
+
+def _token(token: str | bool | None) -> str | None:
+    """The token to send: the one given, else HF_TOKEN or the saved login (as huggingface_hub)."""
+    if isinstance(token, str):
+        return token
+    if token is False or (token is None and constants.HF_HUB_DISABLE_IMPLICIT_TOKEN):
+        return None
+    return get_token()
 
 
 def _head(
@@ -273,7 +288,8 @@ def _transfer(
     have = part.stat().st_size if part.exists() else 0
     last_error: Exception | None = None
     bar_options = {"unit": "B", "unit_scale": True, "unit_divisor": 1024}
-    with hf_tqdm(
+    # tqdm ships no type hints.
+    with hf_tqdm(  # type: ignore[no-untyped-call]
         total=size, initial=have, desc=Path(what).name, disable=not progress, **bar_options
     ) as bar:
         for attempt in range(1, max_attempts + 1):
@@ -343,6 +359,6 @@ def _get_once(url: str, part: Path, *, have: int, headers: dict[str, str], bar: 
         with part.open("r+b" if have else "wb") as fh:
             fh.seek(have)
             fh.truncate()
-            for chunk in response.iter_bytes(chunk_size=CHUNK):
+            for chunk in response.iter_bytes():
                 fh.write(chunk)
                 bar.update(len(chunk))

@@ -209,9 +209,7 @@ def read_gguf(path: Path) -> GGUFInfo:
                     "Delete it and download it again."
                 )
             if head[:4] != GGUF_MAGIC:
-                raise ModelError(
-                    f"{path} is not a GGUF model file: {_describe_wrong_magic(head)}."
-                )
+                raise ModelError(f"{path} is not a GGUF model file: {_describe_wrong_magic(head)}.")
             if size < 24:
                 raise ModelError(
                     f"{path} is truncated ({size} bytes): too short for a GGUF header. Delete "

@@ -107,7 +107,7 @@ def _checkout_registry() -> Path:
 
 
 def find_registry_file() -> Path:
-    """Locate registry.toml: $GENSTRUCT_MODEL_REGISTRY, the installed package's copy, the checkout's."""
+    """Locate registry.toml: $GENSTRUCT_MODEL_REGISTRY, the checkout's, else the package's copy."""
     explicit = os.environ.get(REGISTRY_ENV)
     if explicit:
         return Path(explicit)
@@ -195,9 +195,10 @@ def _parse_entry(name: str, table: object, where: str) -> ModelEntry:
             raise bad(f"{key} must be a non-empty string")
         return value
 
-    source = text("source", required=True)
-    if source not in ("hf", "pypi"):
-        raise bad(f"source must be 'hf' or 'pypi', not {source!r}")
+    source_text = text("source", required=True)
+    if source_text not in ("hf", "pypi"):
+        raise bad(f"source must be 'hf' or 'pypi', not {source_text!r}")
+    source: Source = "hf" if source_text == "hf" else "pypi"
     quant = text("quant", required=True)
     assert quant is not None
     size = table.get("size")

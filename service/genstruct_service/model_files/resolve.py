@@ -95,9 +95,7 @@ def resolve_quickstart(
     registry = registry if registry is not None else load_registry()
     default = registry.entries[registry.default]
     try:
-        return resolve_entry(
-            default, models_dir, allow_download=allow_download, progress=progress
-        )
+        return resolve_entry(default, models_dir, allow_download=allow_download, progress=progress)
     except ModelError as exc:
         reason = exc
     fallback = registry.entries[registry.quickstart_fallback]
@@ -112,9 +110,7 @@ def resolve_quickstart(
         default.name,
     )
     try:
-        return resolve_entry(
-            fallback, models_dir, allow_download=allow_download, progress=progress
-        )
+        return resolve_entry(fallback, models_dir, allow_download=allow_download, progress=progress)
     except ModelError as exc:
         raise ModelError(
             f"no model available: {default.name}: {reason}; and the fallback {fallback.name}: {exc}"
@@ -181,13 +177,17 @@ def _verify_local(local: Path, entry: ModelEntry, models_dir: Path) -> str | Non
     return recorded
 
 
-def _resolve_hf(ref: HfFile, models_dir: Path, allow_download: bool, progress: bool) -> ResolvedModel:
+def _resolve_hf(
+    ref: HfFile, models_dir: Path, allow_download: bool, progress: bool
+) -> ResolvedModel:
     name = f"{ref.repo}/{ref.file}"
     local = Path(models_dir) / Path(ref.file).name
     if local.is_file():
         recorded = integrity.recorded_sha256(local, models_dir)
         if recorded is None:
-            logger.warning("%s: using %s, which was not downloaded here (not verified)", name, local)
+            logger.warning(
+                "%s: using %s, which was not downloaded here (not verified)", name, local
+            )
         return _resolved(local, name, "hf", recorded, None)
     if not allow_download:
         raise ModelError(
