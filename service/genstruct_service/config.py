@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         256,
         ge=1,
-        description="Documents waiting for a slot before new ones are refused (RESOURCE_EXHAUSTED).",
+        description="Documents waiting for a slot before new ones are refused "
+        "(RESOURCE_EXHAUSTED).",
     )
 
     # Defaults for sampling fields a request leaves unset
@@ -82,12 +83,8 @@ class Settings(BaseSettings):
     repeat_penalty: float = Field(
         1.0, gt=0.0, le=5.0, description="Default repeat penalty (1 = off)."
     )
-    presence_penalty: float = Field(
-        0.0, ge=-2.0, le=2.0, description="Default presence penalty."
-    )
-    frequency_penalty: float = Field(
-        0.0, ge=-2.0, le=2.0, description="Default frequency penalty."
-    )
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Default presence penalty.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Default frequency penalty.")
     default_max_tokens: int = Field(
         512, ge=1, description="Tokens to generate per pair when a request does not say."
     )

@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from pydantic import ValidationError
-
 from genstruct_service.config import Settings, settings_from_args
+from pydantic import ValidationError
 
 
 def test_every_field_is_described() -> None:
@@ -52,7 +51,11 @@ def test_bad_settings_are_refused_with_the_reason(args: list[str], words: str) -
 
 def test_help_lists_every_flag() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", "from genstruct_service.config import settings_from_args as s; s(['--help'])"],
+        [
+            sys.executable,
+            "-c",
+            "from genstruct_service.config import settings_from_args as s; s(['--help'])",
+        ],
         capture_output=True,
         text=True,
     )

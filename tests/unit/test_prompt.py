@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import re
 
+from genstruct_service.prompt import ASSISTANT_MARK, USER_MARK, parse_completion, render_prompt
 from hypothesis import example, given
 from hypothesis import strategies as st
-
-from genstruct_service.prompt import ASSISTANT_MARK, USER_MARK, parse_completion, render_prompt
 
 # distilabel's own unit-test vector for Genstruct.format_input.
 DISTILABEL_PROMPT = (
@@ -33,7 +32,9 @@ def test_prompt_is_distilabels() -> None:
 
 def test_prompt_trims_and_keeps_inner_text() -> None:
     prompt = render_prompt("  Über Käse \t", "\n\nLine one.\n\nLine two — 日本語 🧀\n ")
-    assert prompt.startswith("[[[Title]]] Über Käse\n[[[Content]]] Line one.\n\nLine two — 日本語 🧀\n")
+    assert prompt.startswith(
+        "[[[Title]]] Über Käse\n[[[Content]]] Line one.\n\nLine two — 日本語 🧀\n"
+    )
     assert prompt.endswith("\n\n[[[User]]] ")
 
 

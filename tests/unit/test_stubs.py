@@ -27,8 +27,12 @@ def test_regenerating_the_stubs_changes_nothing(tmp_path: Path) -> None:
         env={"PATH": env_path},
     )
     fresh = tmp_path / "genstruct" / "v1"
-    stale = [name for name in GENERATED if not filecmp.cmp(fresh / name, STUBS / name, shallow=False)]
-    assert stale == [], f"run `make protos`: {stale} differ from protos/genstruct/v1/genstruct.proto"
+    stale = [
+        name for name in GENERATED if not filecmp.cmp(fresh / name, STUBS / name, shallow=False)
+    ]
+    assert stale == [], (
+        f"run `make protos`: {stale} differ from protos/genstruct/v1/genstruct.proto"
+    )
 
 
 def test_mypy_sees_every_field(tmp_path: Path) -> None:
@@ -50,7 +54,15 @@ def test_mypy_sees_every_field(tmp_path: Path) -> None:
         "r.sampling.temprature = 0.5\n"
         "r.sampling.HasField('stop')\n"
     )
-    mypy = [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--config-file", "/dev/null"]
+    mypy = [
+        sys.executable,
+        "-m",
+        "mypy",
+        "--strict",
+        "--no-incremental",
+        "--config-file",
+        "/dev/null",
+    ]
     env = {"MYPYPATH": str(ROOT / "client"), "PATH": str(Path(sys.executable).parent)}
     ok = subprocess.run([*mypy, str(good)], capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stdout

@@ -1,0 +1,130 @@
+"""The compose file and Kubernetes manifests are valid and agree with the service's settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from genstruct_service.config import Settings
+from genstruct_service.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+DEFAULTS = Settings()
+GRPC_PORT, METRICS_PORT = DEFAULTS.port, DEFAULTS.metrics_port
+KUBERNETES_VERSION = "1.31.0"
+
+
+def documents() -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for path in K8S:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                found.append((f"{path.name}:{doc['kind']}/{doc['metadata']['name']}", doc))
+    return found
+
+
+def pod_specs() -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (name, doc["spec"]["template"]["spec"])
+        for name, doc in documents()
+        if doc["kind"] in {"Deployment", "Job"}
+    ]
+
+
+def genstruct_containers() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    return [
+        (name, spec, container)
+        for name, spec in pod_specs()
+        for container in spec["containers"]
+        if container["name"] == "genstruct"
+    ]
+
+
+def flag(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
+
+
+@pytest.mark.parametrize("name, doc", documents(), ids=[n for n, _ in documents()])
+def test_manifest_validates_against_the_kubernetes_schema(name: str, doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_every_kind_of_deployment_is_there() -> None:
+    kinds = {doc["kind"] for _, doc in documents()}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler"} <= kinds
+    assert len(genstruct_containers()) == 2  # the sidecar Pod and the replicas
+
+
+def test_pods_run_as_non_root() -> None:
+    for name, spec in pod_specs():
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["runAsUser"] != 0, name
+
+
+def test_ports_agree_with_the_settings_and_probes_hit_grpc() -> None:
+    for name, _, container in genstruct_containers():
+        args = container["args"]
+        assert flag(args, "--port") == str(GRPC_PORT), name
+        assert flag(args, "--metrics-port") == str(METRICS_PORT), name
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            check = container[probe]
+            if "grpc" in check:
+                assert check["grpc"]["port"] == GRPC_PORT, (name, probe)
+            else:
+                command = check["exec"]["command"]
+                assert command[:2] == ["genstruct", "health"], (name, probe)
+                assert flag(command, "--target") == f"127.0.0.1:{GRPC_PORT}", (name, probe)
+
+
+def test_grace_period_outlasts_the_drain() -> None:
+    for name, spec, container in genstruct_containers():
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        drain = float(env.get("GENSTRUCT_DRAIN_SECONDS", DEFAULTS.drain_seconds))
+        assert spec["terminationGracePeriodSeconds"] > drain, name
+
+
+def test_sidecar_stays_on_loopback_and_replicas_bind_all() -> None:
+    binds = {name.split(":")[0]: flag(c["args"], "--host") for name, _, c in genstruct_containers()}
+    assert binds == {"sidecar.yaml": "127.0.0.1", "replicas.yaml": "0.0.0.0"}
+
+
+def test_replicas_are_behind_a_headless_service_with_round_robin_clients() -> None:
+    docs = dict(documents())
+    service = docs["replicas.yaml:Service/genstruct"]
+    assert service["spec"]["clusterIP"] == "None"
+    grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
+    assert grpc_port["port"] == GRPC_PORT
+    job = docs["replicas.yaml:Job/genstruct-bulk"]
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert flag(args, "--target").startswith("dns:///")  # type: ignore[union-attr]
+
+
+def test_replicas_request_a_gpu() -> None:
+    for name, _, container in genstruct_containers():
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1, name
+
+
+def test_autoscaler_targets_the_replicas_on_a_served_metric() -> None:
+    docs = dict(documents())
+    hpa = docs["hpa.yaml:HorizontalPodAutoscaler/genstruct"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "genstruct"
+    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    exposed = {family.name for family in Metrics().registry.collect()}
+    assert metric in exposed
+
+
+def test_compose_runs_the_app_as_a_sidecar() -> None:
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    service, app = compose["services"]["genstruct"], compose["services"]["app"]
+    assert app["network_mode"] == "service:genstruct"
+    assert flag(service["command"], "--host") == "127.0.0.1"
+    assert flag(service["command"], "--port") == str(GRPC_PORT)
+    assert flag(app["command"], "--target") == f"127.0.0.1:{GRPC_PORT}"
+    assert service["healthcheck"]["test"][1:3] == ["genstruct", "health"]
+    assert (ROOT / "deploy" / service["build"]["context"] / "Dockerfile").is_file()
+    for volume in app["volumes"]:
+        assert (ROOT / "deploy" / volume.split(":")[0]).is_dir(), volume
