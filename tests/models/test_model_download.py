@@ -187,3 +187,12 @@ def test_a_downloaded_non_gguf_never_takes_the_final_name(
     with pytest.raises(ModelError, match="not a GGUF model file"):
         _download(tmp_path)
     assert not (tmp_path / FILE).exists()
+
+
+def test_disk_full_is_known_from_the_registry_size_before_any_request(
+    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(download, "free_bytes", lambda folder: 10**9)
+    with pytest.raises(ModelError, match=r"needs 4\.37 GB and .* has 1\.00 GB free"):
+        _download(tmp_path, expected_size=4_370_000_000)
+    assert fake_hub.requests == []

@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx2
+from filelock import FileLock
 from huggingface_hub import (
     HfFileMetadata,
     constants,
@@ -136,6 +137,14 @@ def download_file(
             f"cannot download {what}: offline mode is on (HF_HUB_OFFLINE=1) and {dest} is not "
             f"there. {fix_offline}, or unset HF_HUB_OFFLINE."
         )
+    if expected_size is not None:
+        # Fail fast on the registry's size, before any request; checked again below with the
+        # Hub's exact size and whatever a previous attempt already downloaded.
+        have = 0
+        if expected_sha256:
+            known_part = partial_path(dest, expected_sha256)
+            have = known_part.stat().st_size if known_part.exists() else 0
+        check_disk_space(dest.parent, max(expected_size - have, 0), what=what)
     endpoint = hub_endpoint()
     url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
     meta = _head(
@@ -159,9 +168,48 @@ def download_file(
     size = meta.size or expected_size
     part = partial_path(dest, want_sha256 or etag)
     part.parent.mkdir(parents=True, exist_ok=True)
-    have = part.stat().st_size if part.exists() else 0
-    if size is not None:
-        check_disk_space(dest.parent, max(size - have, 0), what=what)
+    # Two processes appending to one partial file would corrupt it: one downloads, the other
+    # waits for it and then finds the file in place.
+    with FileLock(part.with_name(part.name + ".lock")):
+        done = dest.is_file() and integrity.recorded_sha256(dest, dest.parent) == want_sha256
+        if want_sha256 is not None and done:
+            logger.info("%s was downloaded meanwhile by another process", what)
+            return DownloadResult(dest, want_sha256, dest.stat().st_size, meta.commit_hash)
+        have = part.stat().st_size if part.exists() else 0
+        if size is not None:
+            check_disk_space(dest.parent, max(size - have, 0), what=what)
+        return _fetch_and_install(
+            meta,
+            url,
+            part,
+            dest,
+            size=size,
+            token=token,
+            want_sha256=want_sha256,
+            want_sha1=want_sha1,
+            what=what,
+            max_attempts=max_attempts,
+            retry_wait=retry_wait,
+            progress=progress,
+        )
+
+
+def _fetch_and_install(
+    meta: HfFileMetadata,
+    url: str,
+    part: Path,
+    dest: Path,
+    *,
+    size: int | None,
+    token: str | bool | None,
+    want_sha256: str | None,
+    want_sha1: str | None,
+    what: str,
+    max_attempts: int,
+    retry_wait: float,
+    progress: bool,
+) -> DownloadResult:
+    """Transfer into `part`, verify it, and only then move it to `dest`."""
 
     # The Hub redirects LFS files to a CDN; the token must not leave the Hub's own hosts.
     headers = {"Accept-Encoding": "identity"}
@@ -204,7 +252,11 @@ def download_file(
             "registry's."
         )
     if dest.suffix == ".gguf":
-        read_gguf(part)
+        try:
+            read_gguf(part)
+        except ModelError:
+            part.unlink(missing_ok=True)
+            raise
     os.replace(part, dest)
     sha256 = want_sha256 if want_sha256 is not None else integrity.sha256_file(dest)
     integrity.record_verified(dest, sha256, dest.parent)
@@ -317,8 +369,11 @@ def _transfer(
                     bar.reset(total=size)
                     last_error = exc
                 else:
+                    kept = part.stat().st_size if part.exists() else 0
                     raise ModelError(
-                        f"download of {what} failed: HTTP {exc.response.status_code}."
+                        f"download of {what} failed: HTTP {exc.response.status_code} (a signed "
+                        f"download link may have expired). {kept} bytes are kept in {part}; run "
+                        "the same command again to resume where it stopped."
                     ) from exc
             logger.warning(
                 "download of %s interrupted at %s of %s bytes (attempt %d of %d): %s",
