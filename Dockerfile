@@ -36,8 +36,11 @@ RUN apt-get update \
  && useradd --uid 10001 --create-home --shell /usr/sbin/nologin genstruct
 WORKDIR /app
 COPY --from=build --chown=10001:10001 /app /app
+# The models folder is a volume, which hides the registry beside it: keep a copy outside.
+COPY --from=build /app/models/registry.toml /app/etc/registry.toml
 ENV PATH=/app/.venv/bin:$PATH \
     GENSTRUCT_MODELS_DIR=/app/models \
+    GENSTRUCT_MODEL_REGISTRY=/app/etc/registry.toml \
     GENSTRUCT_LOG_FORMAT=json \
     HF_HOME=/app/models/.cache
 # Weights are mounted here (or downloaded here on first start).
