@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -30,6 +30,13 @@ REQUEST_ID_KEY = "x-request-id"
 SERVICE_PREFIX = "/genstruct.v1.GenstructService/"
 # A caller's request id is echoed only when it is short and printable; otherwise a new one.
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+if TYPE_CHECKING:  # generic only in grpc-stubs
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+    _Interceptor = grpc.aio.ServerInterceptor
 
 
 @dataclass
@@ -72,7 +79,7 @@ def _code_name(code: Any) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else "OK"
 
 
-class ServiceInterceptor(grpc.aio.ServerInterceptor):
+class ServiceInterceptor(_Interceptor):
     """Wraps every GenstructService handler; health and reflection pass through untouched."""
 
     def __init__(self, metrics: Metrics | None = None, auth_token: str | None = None) -> None:
@@ -81,9 +88,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
         if handler is None or not method.startswith(SERVICE_PREFIX):
@@ -118,7 +125,7 @@ class _Call:
         self.code: grpc.StatusCode = grpc.StatusCode.OK
         self.started = 0.0
 
-    def wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: Handler) -> Handler:
         kwargs = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
@@ -133,6 +140,7 @@ class _Call:
             return grpc.unary_stream_rpc_method_handler(
                 self._streaming(handler.unary_stream), **kwargs
             )
+        assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
             self._streaming(handler.stream_stream), **kwargs
         )

@@ -107,10 +107,12 @@ class Metrics:
         return int(self._http.server_port)
 
     def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        """Stop serving /metrics; the HTTP thread finishes on its own within half a second."""
+        http, self._http, self._thread = self._http, None, None
+        if http is not None:
+
+            def shut() -> None:
+                http.shutdown()  # waits for serve_forever's next poll (0.5 s)
+                http.server_close()
+
+            threading.Thread(target=shut, name="metrics-shutdown", daemon=True).start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
@@ -22,6 +23,17 @@ log = logging.getLogger("genstruct_service.server")
 SERVICE_NAME: str = genstruct_pb2.DESCRIPTOR.services_by_name["GenstructService"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# grpc-stubs describes only the sync health servicer; the asyncio one is `health.aio`.
+_AsyncHealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
+
+
+class HealthServicer(Protocol):
+    """What the server uses of grpc_health's asyncio HealthServicer."""
+
+    async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus
+                  ) -> None: ...
+
+    async def enter_graceful_shutdown(self) -> None: ...
 
 
 def host_port(host: str, port: int) -> str:
@@ -41,7 +53,7 @@ class RunningServer:
     port: int  # the bound gRPC port (the real one when settings.port was 0)
     metrics_port: int | None  # the bound metrics port, None when metrics are off
     state: ServiceState
-    health: health.aio.HealthServicer
+    health: HealthServicer
     metrics: Metrics
 
     @property
@@ -131,7 +143,7 @@ async def start_server(
     genstruct_pb2_grpc.add_GenstructServiceServicer_to_server(
         GenstructServicer(settings, state, metrics), server
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer: HealthServicer = _AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, _NOT_SERVING)

@@ -1,0 +1,182 @@
+"""`genstruct-server`: serve the model over gRPC (or `genstruct-server models ...`)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+from .config import Settings, settings_from_args
+from .engine.types import Engine
+from .errors import ModelError
+from .logs import setup_logging
+from .metrics import Metrics
+from .server import RunningServer, start_server
+
+log = logging.getLogger("genstruct_service.cli")
+
+# Testing hook: `module:function` building the engine instead of llama.cpp, called as
+# function(settings, on_step=callable); e.g. tests.fakes:make_engine.
+ENGINE_FACTORY_ENV = "GENSTRUCT_ENGINE_FACTORY"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script; returns the exit code (0 also after a drain on SIGTERM/SIGINT)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["models"]:
+        from .model_files.cli import main as models_main
+
+        return models_main(args[1:])
+    settings = settings_from_args(args)
+    setup_logging(settings.log_level, settings.log_format)
+    try:
+        return asyncio.run(serve(settings))
+    except ModelError as exc:
+        log.error("cannot serve: %s", exc)
+        return 1
+    except OSError as exc:
+        log.error("cannot serve: %s", exc)
+        return 1
+
+
+def load_engine(settings: Settings, on_step: Callable[[int], None]) -> Engine:
+    """Resolve the model (downloading if needed) and load it; blocking, run off the loop."""
+    factory_spec = os.environ.get(ENGINE_FACTORY_ENV)
+    if factory_spec:
+        module_name, _, attribute = factory_spec.partition(":")
+        factory: Callable[..., Engine] = getattr(importlib.import_module(module_name), attribute)
+        log.warning("engine from %s=%s (testing hook)", ENGINE_FACTORY_ENV, factory_spec)
+        return factory(settings, on_step=on_step)
+
+    from .engine.llama import LlamaEngine
+    from .model_files import load_registry, resolve_model
+
+    try:
+        model = resolve_model(settings.model, settings.models_dir)
+    except ModelError as exc:
+        if not settings.fallback_to_demo:
+            raise
+        fallback = load_registry().quickstart_fallback
+        log.warning(
+            "model %s is not available (%s); serving the stand-in %r instead "
+            "(--fallback-to-demo): NOT Genstruct-7B, fit for trying the service only, and "
+            "every response's model_name says so",
+            settings.model,
+            exc,
+            fallback,
+        )
+        model = resolve_model(fallback, settings.models_dir)
+    log.info("loading %s from %s", model.display_name, model.path)
+    return LlamaEngine(
+        model.path,
+        model_name=model.display_name,
+        n_parallel=settings.n_parallel,
+        n_ctx=settings.n_ctx,
+        n_batch=settings.n_batch,
+        n_gpu_layers=settings.n_gpu_layers,
+        n_threads=settings.threads,
+        flash_attn=settings.flash_attn,
+        max_queue=settings.max_queue,
+        on_step=on_step,
+    )
+
+
+def _in_thread(function: Callable[[], Engine]) -> asyncio.Future[Engine]:
+    """Run `function` on a daemon thread, so a signal during a long load can still exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Engine] = loop.create_future()
+
+    def settle(result: Engine | None, error: BaseException | None) -> None:
+        if future.cancelled():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            assert result is not None
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result = function()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="model-loader", daemon=True).start()
+    return future
+
+
+def how_to_call(running: RunningServer) -> str:
+    """A ready-to-paste way to call the running server."""
+    settings = running.settings
+    target = running.target
+    if settings.tls_enabled or settings.auth_token is not None:
+        flags = " --tls --ca-file <ca.pem>" if settings.tls_enabled else ""
+        flags += " --token <token>" if settings.auth_token is not None else ""
+        return f"genstruct info --target {target}{flags}"
+    return (
+        f"genstruct info --target {target}   or, with only the stubs: "
+        f"{sys.executable} -c \"import grpc; from genstruct.v1 import genstruct_pb2 as pb, "
+        f"genstruct_pb2_grpc as rpc; print(rpc.GenstructServiceStub(grpc.insecure_channel("
+        f"'{target}')).Generate(pb.GenerateRequest(document=pb.Document(title='Tides', "
+        f"content='Tides are the rise and fall of sea levels caused by the Moon.'))))\""
+    )
+
+
+async def serve(settings: Settings) -> int:
+    """Listen at once (health NOT_SERVING), load the model, serve, and drain on a signal."""
+    metrics = Metrics()
+    running = await start_server(settings, None, metrics=metrics)
+    log.info(
+        "listening on %s (loading the model; health NOT_SERVING until it is ready)",
+        running.target,
+        extra={
+            "target": running.target,
+            "tls": settings.tls_enabled,
+            "mutual_tls": settings.tls_client_ca_file is not None,
+            "auth_token": settings.auth_token is not None,
+            "metrics": f"http://{running.target.rsplit(':', 1)[0]}:{running.metrics_port}/metrics"
+            if running.metrics_port
+            else None,
+        },
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    loading = _in_thread(lambda: load_engine(settings, metrics.on_step))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((loading, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():
+        log.info("stopping before the model finished loading")
+        loading.cancel()
+        await running.stop(None)
+        return 0
+    try:
+        engine = loading.result()
+    except BaseException:
+        stopping.cancel()
+        await running.stop(None)
+        raise
+    await running.set_engine(engine)
+    info = engine.info
+    log.info(
+        "ready: %s on %s; call it with: %s",
+        info.model_name,
+        running.target,
+        how_to_call(running),
+        extra={"model": info.model_name, "backend": info.backend, "n_parallel": info.n_parallel},
+    )
+    await stopping
+    log.info("signal received: draining for up to %.0f s", settings.drain_seconds)
+    finished = await running.drain()
+    await engine.close()
+    log.info("stopped", extra={"drained": finished})
+    return 0
