@@ -37,6 +37,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import llama_cpp as ll
 
@@ -95,7 +96,7 @@ class _Seq:
 
     index: int
     seq_id: int
-    chain: int
+    chain: Any  # the llama_sampler pointer, None once freed
     assembler: TextAssembler
     max_tokens: int
     pos: int = 0
@@ -315,6 +316,10 @@ class LlamaEngine:
         if not Path(self._model_path).is_file():
             raise ModelError(f"model file not found: {self._model_path}")
         ll.llama_backend_init()
+        # llama-cpp-python prints every llama.cpp log line unless its logger has a level
+        quiet = logging.getLogger("llama-cpp-python")
+        if quiet.level == logging.NOTSET:
+            quiet.setLevel(logging.WARNING)
         mparams = ll.llama_model_default_params()
         mparams.n_gpu_layers = _ALL_LAYERS if self._n_gpu_layers < 0 else self._n_gpu_layers
         model = ll.llama_model_load_from_file(self._model_path.encode(), mparams)
@@ -379,7 +384,7 @@ class LlamaEngine:
             for seq in active.seqs:
                 if seq.chain:
                     ll.llama_sampler_free(seq.chain)
-                    seq.chain = 0
+                    seq.chain = None
         self._active.clear()
         if getattr(self, "_batch", None) is not None:
             ll.llama_batch_free(self._batch)
@@ -727,7 +732,7 @@ class LlamaEngine:
                 self._busy -= 1
         if seq.chain:
             ll.llama_sampler_free(seq.chain)
-            seq.chain = 0
+            seq.chain = None
         seq.feed.clear()
         seq.out_row = -1
 

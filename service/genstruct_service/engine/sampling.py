@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import llama_cpp as ll
 
@@ -12,14 +13,14 @@ PENALTY_LAST_N = 64
 
 
 def build_chain(
-    vocab: int,
+    vocab: Any,
     n_vocab: int,
     sampling: Sampling,
     seed: int,
     *,
     grammar: str | None,
     banned: Sequence[int],
-) -> int:
+) -> Any:
     """A sampler chain: [eog ban] [grammar] penalties top_k top_p min_p temp dist (or greedy).
 
     `banned` tokens get a -inf logit bias (the end-of-generation tokens when ignore_eos).
@@ -32,7 +33,7 @@ def build_chain(
     if not chain:
         raise RuntimeError("llama_sampler_chain_init failed")
 
-    def add(sampler: int | None, what: str) -> None:
+    def add(sampler: Any, what: str) -> None:
         if not sampler:
             ll.llama_sampler_free(chain)
             raise RuntimeError(f"could not create the {what} sampler")
@@ -63,7 +64,7 @@ def build_chain(
         )
     if sampling.temperature <= 0.0:
         add(ll.llama_sampler_init_greedy(), "greedy")
-        return int(chain)
+        return chain
     if sampling.top_k > 0:
         add(ll.llama_sampler_init_top_k(sampling.top_k), "top-k")
     if sampling.top_p < 1.0:
@@ -72,4 +73,4 @@ def build_chain(
         add(ll.llama_sampler_init_min_p(sampling.min_p, 1), "min-p")
     add(ll.llama_sampler_init_temp(sampling.temperature), "temperature")
     add(ll.llama_sampler_init_dist(seed & 0xFFFFFFFF), "dist")
-    return int(chain)
+    return chain

