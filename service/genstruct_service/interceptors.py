@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
 from .errors import GenstructError, InvalidRequest, ModelError, QueueFull, Unavailable
 from .metrics import Metrics
@@ -75,6 +76,52 @@ def domain_status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Malformed:
+    """A request message that did not parse; the handler reports it as INVALID_ARGUMENT."""
+
+    reason: str
+
+    def error(self) -> InvalidRequest:
+        return InvalidRequest("request", f"is not a valid protobuf message: {self.reason}")
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The handler's deserializer, returning _Malformed where it would raise.
+
+    gRPC answers a deserializer's exception with UNKNOWN before any handler runs (and, on a
+    request stream, with an exception in the middle of the handler), so bytes that are not a
+    valid message (e.g. a string field that is not UTF-8) are turned into a value the
+    handler can refuse with INVALID_ARGUMENT instead.
+    """
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Malformed(str(exc))
+
+    return parse
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Malformed):
+            raise request.error()
+        yield request
+
+
+def _check_request(request: Any, streamed: bool) -> Any:
+    """The request, refusing a malformed one (or, for a request stream, each malformed one)."""
+    if streamed:
+        return _checked(request)
+    if isinstance(request, _Malformed):
+        raise request.error()
+    return request
+
+
 def _code_name(code: Any) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else "OK"
 
@@ -127,14 +174,14 @@ class _Call:
 
     def wrap(self, handler: Handler) -> Handler:
         kwargs = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary), **kwargs)
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary), **kwargs
+                self._unary(handler.stream_unary, streamed=True), **kwargs
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
@@ -142,7 +189,7 @@ class _Call:
             )
         assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
-            self._streaming(handler.stream_stream), **kwargs
+            self._streaming(handler.stream_stream, streamed=True), **kwargs
         )
 
     async def _begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -157,10 +204,11 @@ class _Call:
                 "`authorization: Bearer <token>`"
             )
 
-    def _unary(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _unary(self, behavior: Callable[..., Any], *, streamed: bool = False) -> Callable[..., Any]:
         async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
                 await self._begin(context)
+                request = _check_request(request, streamed)
                 response = await behavior(request, context)
                 self.code = context.code() or grpc.StatusCode.OK
                 return response
@@ -172,12 +220,15 @@ class _Call:
 
         return run
 
-    def _streaming(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _streaming(
+        self, behavior: Callable[..., Any], *, streamed: bool = False
+    ) -> Callable[..., Any]:
         async def run(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             try:
                 await self._begin(context)
+                request = _check_request(request, streamed)
                 async with aclosing(behavior(request, context)) as responses:
                     async for response in responses:
                         yield response
