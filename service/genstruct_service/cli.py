@@ -112,21 +112,26 @@ def _in_thread(function: Callable[[], Engine]) -> asyncio.Future[Engine]:
     return future
 
 
-def how_to_call(running: RunningServer) -> str:
-    """A ready-to-paste way to call the running server."""
+def how_to_call(running: RunningServer) -> list[str]:
+    """Ready-to-paste ways to call the running server (the `genstruct` CLI, then bare stubs)."""
     settings = running.settings
     target = running.target
-    if settings.tls_enabled or settings.auth_token is not None:
-        flags = " --tls --ca-file <ca.pem>" if settings.tls_enabled else ""
-        flags += " --token <token>" if settings.auth_token is not None else ""
-        return f"genstruct info --target {target}{flags}"
-    return (
-        f"genstruct info --target {target}   or, with only the stubs: "
-        f"{sys.executable} -c \"import grpc; from genstruct.v1 import genstruct_pb2 as pb, "
-        f"genstruct_pb2_grpc as rpc; print(rpc.GenstructServiceStub(grpc.insecure_channel("
-        f"'{target}')).Generate(pb.GenerateRequest(document=pb.Document(title='Tides', "
-        f"content='Tides are the rise and fall of sea levels caused by the Moon.'))))\""
-    )
+    flags = ""
+    if settings.tls_enabled:
+        flags += " --ca-cert <server CA .pem>"
+        if settings.tls_client_ca_file is not None:
+            flags += " --cert <client .pem> --key <client key .pem>"
+    if settings.auth_token is not None:
+        flags += " --token-file <file holding the token>"
+    ways = [f"genstruct info --target {target}{flags}"]
+    if not flags:
+        ways.append(
+            f"{sys.executable} -c \"import grpc; from genstruct.v1 import genstruct_pb2 as pb, "
+            f"genstruct_pb2_grpc as rpc; print(rpc.GenstructServiceStub(grpc.insecure_channel("
+            f"'{target}')).Generate(pb.GenerateRequest(document=pb.Document(title='Tides', "
+            f"content='Tides are the rise and fall of sea levels caused by the Moon.'))))\""
+        )
+    return ways
 
 
 async def serve(settings: Settings) -> int:
@@ -168,12 +173,13 @@ async def serve(settings: Settings) -> int:
     await running.set_engine(engine)
     info = engine.info
     log.info(
-        "ready: %s on %s; call it with: %s",
+        "ready: serving %s on %s (health SERVING)",
         info.model_name,
         running.target,
-        how_to_call(running),
         extra={"model": info.model_name, "backend": info.backend, "n_parallel": info.n_parallel},
     )
+    for way in how_to_call(running):
+        log.info("try: %s", way)
     await stopping
     log.info("signal received: draining for up to %.0f s", settings.drain_seconds)
     finished = await running.drain()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import urllib.request
 from typing import Any
 
@@ -64,3 +65,17 @@ async def read_rest(call: Any) -> list[Any]:
     while (message := await call.read()) is not grpc.aio.EOF:
         messages.append(message)
     return messages
+
+
+async def read_log_until(stream: asyncio.StreamReader, until: str) -> dict[str, object]:
+    """Read a JSON-logging server's stderr up to the entry whose message starts with `until`."""
+    while True:
+        line = await asyncio.wait_for(stream.readline(), 60)
+        if not line:
+            raise AssertionError(f"the server exited before logging {until!r}")
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("msg", "").startswith(until):
+            return dict(entry)

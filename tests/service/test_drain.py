@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -19,7 +18,7 @@ from genstruct_service.server import start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.fakes import FakeEngine
-from tests.service.helpers import doc, make_settings, read_rest
+from tests.service.helpers import doc, make_settings, read_log_until, read_rest
 
 Stub = genstruct_pb2_grpc.GenstructServiceStub
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,19 +74,6 @@ async def test_drain_finishes_in_flight_work_and_refuses_new_work() -> None:
     assert engine.cancelled == []
 
 
-async def _read_json_lines(stream: asyncio.StreamReader, until: str) -> dict[str, object]:
-    while True:
-        line = await asyncio.wait_for(stream.readline(), 60)
-        if not line:
-            raise AssertionError(f"the server exited before logging {until!r}")
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if entry.get("msg", "").startswith(until):
-            return dict(entry)
-
-
 async def test_sigterm_drains_then_exits_zero() -> None:
     assert SERVER.exists(), "genstruct-server is not installed in this environment"
     env = dict(
@@ -103,8 +89,8 @@ async def test_sigterm_drains_then_exits_zero() -> None:
     )
     assert process.stderr is not None
     try:
-        listening = await _read_json_lines(process.stderr, "listening")
-        await _read_json_lines(process.stderr, "ready")
+        listening = await read_log_until(process.stderr, "listening")
+        await read_log_until(process.stderr, "ready")
         async with grpc.aio.insecure_channel(str(listening["target"])) as channel:
             stub = Stub(channel)
             stream = stub.GenerateStream(doc(id="in-flight"), timeout=30)
@@ -118,7 +104,7 @@ async def test_sigterm_drains_then_exits_zero() -> None:
             rest = await read_rest(stream)
             assert rest[-1].result.id == "in-flight" and rest[-1].result.pairs[0].parsed
             assert await stream.code() == grpc.StatusCode.OK
-        stopped = await _read_json_lines(process.stderr, "stopped")
+        stopped = await read_log_until(process.stderr, "stopped")
         assert stopped["drained"] is True
         assert await asyncio.wait_for(process.wait(), 30) == 0
     finally:
