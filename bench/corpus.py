@@ -1,3 +1,4 @@
+# ruff: noqa: RUF001  (text in other scripts is the point of this file)
 """Documents for the benchmarks and the engine tests, written for this project.
 
 Several scripts and languages, so tokenisation, UTF-8 assembly and the prompt are

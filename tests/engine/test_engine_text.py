@@ -1,9 +1,9 @@
+# ruff: noqa: RUF001  (text in other scripts is the point of this file)
 """Text assembly without a model: UTF-8 completed across pieces, stop strings never leaked."""
 
 from __future__ import annotations
 
 import pytest
-
 from genstruct_service.engine.text import StopScanner, TextAssembler, assemble
 
 DOCUMENTS = [

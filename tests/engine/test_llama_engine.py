@@ -6,8 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-
-from bench.corpus import DOCUMENTS
+from engine_helpers import StepRecorder, collect, joined
 from genstruct_service.engine import (
     Completed,
     FinishReason,
@@ -18,7 +17,8 @@ from genstruct_service.engine import (
 )
 from genstruct_service.errors import ContextOverflow, InvalidRequest, QueueFull
 from genstruct_service.prompt import parse_completion
-from engine_helpers import StepRecorder, collect, joined
+
+from bench.corpus import DOCUMENTS
 
 pytestmark = pytest.mark.model
 

@@ -42,8 +42,7 @@ def build_chain(
     if banned:
         biases = (ll.llama_logit_bias * len(banned))()
         for i, token in enumerate(banned):
-            biases[i].token = token
-            biases[i].bias = float("-inf")
+            biases[i] = ll.llama_logit_bias(token, float("-inf"))
         add(ll.llama_sampler_init_logit_bias(n_vocab, len(banned), biases), "logit bias")
     if grammar is not None:
         add(ll.llama_sampler_init_grammar(vocab, grammar.encode(), b"root"), "grammar")
