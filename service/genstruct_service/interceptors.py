@@ -106,17 +106,33 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return parse
 
 
-async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    async for request in requests:
+class _Checked:
+    """A request stream that raises InvalidRequest at a malformed message.
+
+    A plain iterator, not an async generator, so nothing is left suspended (and finalized
+    later by the garbage collector) when the call ends mid-stream.
+    """
+
+    def __init__(self, requests: AsyncIterator[Any]) -> None:
+        self._requests = requests
+        self._iterator: AsyncIterator[Any] | None = None
+
+    def __aiter__(self) -> _Checked:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._iterator is None:
+            self._iterator = aiter(self._requests)
+        request = await anext(self._iterator)
         if isinstance(request, _Malformed):
             raise request.error()
-        yield request
+        return request
 
 
 def _check_request(request: Any, streamed: bool) -> Any:
     """The request, refusing a malformed one (or, for a request stream, each malformed one)."""
     if streamed:
-        return _checked(request)
+        return _Checked(request)
     if isinstance(request, _Malformed):
         raise request.error()
     return request
@@ -171,6 +187,7 @@ class _Call:
         self.authorized = authorized
         self.code: grpc.StatusCode = grpc.StatusCode.OK
         self.started = 0.0
+        self.peer = ""
 
     def wrap(self, handler: Handler) -> Handler:
         kwargs = {
@@ -194,6 +211,9 @@ class _Call:
 
     async def _begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.started = time.perf_counter()
+        # Read while the call is surely alive: context.peer() once the call has ended
+        # (a deadline, a cancellation) can read freed memory in grpc core and crash.
+        self.peer = context.peer()
         _current.set(self.record)
         pair = ((REQUEST_ID_KEY, self.record.request_id),)
         context.set_trailing_metadata(pair)
@@ -255,6 +275,16 @@ class _Call:
             )
             return
         mapped = domain_status(exc)
+        remaining = context.time_remaining()
+        if mapped is None and (context.cancelled() or (remaining is not None and remaining <= 0)):
+            # The call ended under the handler (its deadline passed, or the caller cancelled
+            # it), so gRPC refuses what the handler does next: not a bug of ours.
+            self.code = (
+                grpc.StatusCode.CANCELLED
+                if remaining is None or remaining > 0
+                else grpc.StatusCode.DEADLINE_EXCEEDED
+            )
+            return
         if mapped is None:
             log.error(
                 "bug while serving %s",
@@ -291,6 +321,6 @@ class _Call:
                 "completion_tokens": record.completion_tokens,
                 "documents": record.documents,
                 "duration_ms": round(duration * 1000.0, 2),
-                "peer": context.peer(),
+                "peer": self.peer,
             },
         )
