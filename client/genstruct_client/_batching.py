@@ -71,8 +71,6 @@ class Item:
     request: pb.GenerateRequest
     attempts: int = 0  # tries used up
     sent_at: float = 0.0
-    last_code: int = 0
-    last_message: str = ""
 
 
 def error_response(item: Item, code: int, message: str) -> pb.GenerateResponse:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
+from typing import TypeVar
 
 import grpc
 import grpc.aio
@@ -27,8 +28,10 @@ from genstruct_client.channel import ChannelConfig, create_aio_channel, resolve_
 from genstruct_client.types import GenerationOptions, RequestLike, to_request
 
 log = logging.getLogger("genstruct_client")
+_T = TypeVar("_T")
 
 _Outcome = pb.GenerateResponse | BaseException | None
+_Failure = tuple[grpc.StatusCode, str]
 
 
 class AsyncGenstructClient:
@@ -50,7 +53,7 @@ class AsyncGenstructClient:
             raise TypeError("give either a target or a config, not both")
         self.config = config
         self._channel = create_aio_channel(config)
-        self._stub = pb_grpc.GenstructServiceAsyncStub(self._channel)
+        self._stub = pb_grpc.GenstructServiceStub(self._channel)  # typed as the async stub
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = config.metadata()
 
@@ -81,7 +84,7 @@ class AsyncGenstructClient:
     ) -> pb.GenerateResponse:
         """Pairs for one document (a Document with `options`, or a ready GenerateRequest)."""
         request = to_request(document, options)
-        return await self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
+        return await self._unary(self._stub.Generate, request, timeout)
 
     async def generate_stream(
         self,
@@ -95,12 +98,29 @@ class AsyncGenstructClient:
         Leaving the loop early cancels the call and frees the server's slot.
         """
         request = to_request(document, options)
-        call = self._stub.GenerateStream(request, timeout=timeout, metadata=self._metadata)
-        try:
-            async for message in call:
-                yield message
-        finally:
-            call.cancel()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            call = self._stub.GenerateStream(
+                request, timeout=_remaining(deadline), metadata=self._metadata
+            )
+            received = False
+            try:
+                async for message in call:
+                    received = True
+                    yield message
+                return
+            except grpc.aio.AioRpcError as exc:
+                retry = self.config.retry
+                delay = None if received or retry is None else retry.delay(
+                    exc.code(), attempt, deadline
+                )
+                if delay is None:
+                    raise
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
 
     async def generate_batch(
         self,
@@ -121,9 +141,26 @@ class AsyncGenstructClient:
 
     async def model_info(self, *, timeout: float | None = None) -> pb.GetModelInfoResponse:
         """The loaded model and the server's limits and defaults."""
-        return await self._stub.GetModelInfo(
-            pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata
-        )
+        return await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+
+    async def _unary(
+        self, method: Callable[..., Awaitable[_T]], request: object, timeout: float | None
+    ) -> _T:
+        """Calls `method`, retrying transient refusals (see RetryPolicy) within the deadline."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await method(
+                    request, timeout=_remaining(deadline), metadata=self._metadata
+                )
+            except grpc.aio.AioRpcError as exc:
+                retry = self.config.retry
+                delay = None if retry is None else retry.delay(exc.code(), attempt, deadline)
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The health status name ("SERVING", "NOT_SERVING", ...) of `service` ("" = server)."""
@@ -143,29 +180,33 @@ class AsyncGenstructClient:
         streams: int = 1,
         deadline: float | None = None,
         policy: ResubmitPolicy | None = None,
+        documents_per_stream: int | None = None,
     ) -> AsyncIterator[pb.GenerateResponse]:
         """Results for many documents, as they finish, each document's exactly once.
 
-        Drives GenerateBatch with at most `window` documents in flight per stream, over
-        `streams` streams (open one per server to use several behind round_robin, which
-        balances calls, not messages). Documents need unique ids. `documents` is read lazily.
-        A stream that breaks is reopened (backoff with jitter) and the documents that had no
-        result yet are sent again; a document refused for good, or out of tries, comes back
-        with `error` set. `deadline` bounds each document's time from when it is sent: past
-        it, its stream is cancelled and reopened and the document uses up one try.
+        Drives GenerateBatch with at most `window` documents in flight per lane, over
+        `streams` lanes (use one per server behind round_robin, which balances calls, not
+        messages). A lane sends at most `documents_per_stream` documents (default 8 * window)
+        on one stream, then opens the next stream while the old one finishes, so round_robin
+        keeps spreading the work, also onto servers that come back. Documents need unique ids;
+        `documents` is read lazily. A stream that breaks is reopened (backoff with jitter) and
+        the documents that had no result yet are sent again; a document refused for good, or
+        out of tries, comes back with `error` set. `deadline` bounds each document's time from
+        when it is sent: past it, its stream is cancelled and the document uses up one try.
         Raises BatchAborted when no result has come back for `policy.budget_seconds`.
         """
         if window < 1 or streams < 1:
             raise ValueError("window and streams must be at least 1")
         policy = policy or ResubmitPolicy()
+        quota = documents_per_stream or 8 * window
         requests = (to_request(document, options) for document in documents)
         scheduler = Scheduler(requests)
         out: asyncio.Queue[_Outcome] = asyncio.Queue(maxsize=window * streams)
-        workers = [
-            asyncio.create_task(self._batch_worker(scheduler, out, window, deadline, policy))
+        lanes = [
+            asyncio.create_task(self._lane(scheduler, out, window, quota, deadline, policy))
             for _ in range(streams)
         ]
-        running = len(workers)
+        running = len(lanes)
         try:
             while running:
                 outcome = await out.get()
@@ -176,131 +217,157 @@ class AsyncGenstructClient:
                 else:
                     yield outcome
         finally:
-            for worker in workers:
-                worker.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            for lane in lanes:
+                lane.cancel()
+            await asyncio.gather(*lanes, return_exceptions=True)
 
-    async def _batch_worker(
+    async def _lane(
         self,
         scheduler: Scheduler,
         out: asyncio.Queue[_Outcome],
         window: int,
+        quota: int,
         deadline: float | None,
         policy: ResubmitPolicy,
     ) -> None:
+        """One lane: successive streams sharing a window of `window` documents in flight."""
+        room = asyncio.Semaphore(window)
+        draining: set[asyncio.Task[_Failure | None]] = set()
+        failures = 0  # failed streams in a row
         try:
-            await self._run_streams(scheduler, out, window, deadline, policy)
+            while True:
+                full = asyncio.Event()
+                stream = asyncio.create_task(
+                    self._stream(scheduler, out, room, quota, full, deadline, policy)
+                )
+                full_wait = asyncio.create_task(full.wait())
+                await asyncio.wait({stream, full_wait}, return_when=asyncio.FIRST_COMPLETED)
+                full_wait.cancel()
+                for task in [t for t in draining if t.done()]:
+                    draining.discard(task)
+                    task.result()  # a stream-wide error that is not transient is raised here
+                if not stream.done():  # sent its quota: the next stream starts at once
+                    draining.add(stream)
+                    failures = 0
+                    continue
+                failure = stream.result()
+                if failure is None:
+                    if scheduler.finished:
+                        break
+                    failures = 0
+                    continue
+                code, details = failure
+                failures += 1
+                await asyncio.sleep(policy.backoff(failures))
+                remaining = policy.budget_seconds - scheduler.stalled_for()
+                try:
+                    if remaining <= 0:
+                        raise TimeoutError
+                    # The next stream goes to a live connection (round_robin: a ready server).
+                    await asyncio.wait_for(self._channel.channel_ready(), remaining)
+                except TimeoutError:
+                    raise BatchAborted(
+                        code, f"no result for {policy.budget_seconds:g}s; last error: {details}"
+                    ) from None
+            for result in await asyncio.gather(*draining):
+                del result  # failures of draining streams were handled by the streams
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # handed to the consumer, which re-raises it
             await out.put(exc)
         else:
             await out.put(None)
+        finally:
+            for task in draining:
+                task.cancel()
+            await asyncio.gather(*draining, return_exceptions=True)
 
-    async def _run_streams(
+    async def _stream(
         self,
         scheduler: Scheduler,
         out: asyncio.Queue[_Outcome],
-        window: int,
+        room: asyncio.Semaphore,
+        quota: int,
+        full: asyncio.Event,
         deadline: float | None,
         policy: ResubmitPolicy,
-    ) -> None:
-        failures = 0  # stream failures in a row without a result in between
-        while not scheduler.finished:
-            call = self._stub.GenerateBatch(metadata=self._metadata)
-            in_flight: dict[str, Item] = {}
-            room = asyncio.Semaphore(window)
-            writer = asyncio.create_task(self._feed(call, scheduler, in_flight, room))
-            failure: tuple[grpc.StatusCode, str] | None = None
-            expired: Item | None = None
-            try:
-                while True:
-                    timeout = None
-                    oldest: Item | None = None
-                    if deadline is not None and in_flight:
-                        oldest = min(in_flight.values(), key=lambda item: item.sent_at)
-                        timeout = max(0.0, oldest.sent_at + deadline - time.monotonic())
-                    try:
-                        response = await asyncio.wait_for(call.read(), timeout)
-                    except TimeoutError:
+    ) -> _Failure | None:
+        """One GenerateBatch stream, until it ends; returns why it failed, None if it did not.
+
+        On a transient failure the documents that had no result are handed back to the
+        scheduler (or reported, when out of tries); other failures raise BatchAborted.
+        """
+        call = self._stub.GenerateBatch(metadata=self._metadata)
+        in_flight: dict[str, Item] = {}
+        inbox: asyncio.Queue[_Inbox] = asyncio.Queue()
+        pump = asyncio.create_task(_pump(call, inbox))
+        writer = asyncio.create_task(_feed(call, scheduler, in_flight, room, quota, full, inbox))
+        failure: _Failure | None = None
+        expired: Item | None = None
+        answered = False  # the server answered on this stream: it was working on it
+        try:
+            while True:
+                oldest: Item | None = None
+                timeout = deadline
+                if deadline is not None and in_flight:
+                    oldest = min(in_flight.values(), key=lambda item: item.sent_at)
+                    timeout = max(0.0, oldest.sent_at + deadline - time.monotonic())
+                try:
+                    message = await asyncio.wait_for(inbox.get(), timeout)
+                except TimeoutError:
+                    now = time.monotonic()
+                    if oldest is not None and oldest.sent_at + (deadline or 0.0) <= now:
                         expired = oldest
                         failure = (grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
                         break
-                    if response is grpc.aio.EOF:
-                        break
-                    assert isinstance(response, pb.GenerateResponse)
-                    item = in_flight.pop(response.id, None)
-                    if item is None:
-                        log.warning("result for an id not in flight: %r", response.id)
-                        continue
-                    room.release()
-                    failures = 0
-                    await self._settle(scheduler, out, item, response, policy)
-            except grpc.aio.AioRpcError as exc:
-                failure = (exc.code(), exc.details() or "")
-            finally:
-                call.cancel()
-                writer.cancel()
-                await asyncio.gather(writer, return_exceptions=True)
-            if writer.done() and not writer.cancelled() and writer.exception() is not None:
-                raise writer.exception()  # type: ignore[misc]  # the source failed, not gRPC
-            if failure is None:
-                if not in_flight:
-                    continue  # the stream ended cleanly; loop ends when the scheduler is done
-                failure = (grpc.StatusCode.UNAVAILABLE, "stream ended before every result")
-            code, message = failure
-            if code not in STREAM_RETRY_CODES and code != grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise BatchAborted(code, message)
-            failures += 1
-            log.warning(
-                "GenerateBatch stream failed (%s: %s); resubmitting %d documents",
-                code.name,
-                message,
-                len(in_flight),
-            )
-            for item in in_flight.values():
-                if expired is None or item is expired:
-                    item.attempts += 1
-                item.last_code, item.last_message = code.value[0], message
-                if item.attempts >= policy.max_attempts:
-                    scheduler.done(item)
-                    await out.put(
-                        error_response(item, code.value[0], f"{message} ({item.attempts} tries)")
-                    )
-                else:
-                    scheduler.retry(item, 0.0)
-            if scheduler.stalled_for() > policy.budget_seconds:
-                raise BatchAborted(
-                    code, f"no result for {policy.budget_seconds:g}s; last error: {message}"
-                )
-            await asyncio.sleep(policy.backoff(failures))
-
-    async def _feed(
-        self,
-        call: grpc.aio.StreamStreamCall[pb.GenerateRequest, pb.GenerateResponse],
-        scheduler: Scheduler,
-        in_flight: dict[str, Item],
-        room: asyncio.Semaphore,
-    ) -> None:
-        try:
-            while True:
-                await room.acquire()
-                item = await scheduler.take()
-                if item is None:
+                    continue
+                if isinstance(message, _SourceFailed):
+                    raise message.error
+                if isinstance(message, grpc.aio.AioRpcError):
+                    failure = (message.code(), message.details() or "")
                     break
-                if not item.request.id or item.request.id in in_flight:
-                    raise ValueError(
-                        f"generate_many needs a unique id per document, got {item.request.id!r}"
-                    )
-                item.sent_at = time.monotonic()
-                in_flight[item.request.id] = item
-                await call.write(item.request)
-            await call.done_writing()
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
-            return  # the stream broke; the reading side reports why
-        except Exception:
-            call.cancel()  # wakes the reading side
-            raise
+                if message is None:  # the server closed the stream
+                    if in_flight:
+                        failure = (grpc.StatusCode.UNAVAILABLE, "stream ended early")
+                    break
+                item = in_flight.pop(message.id, None)
+                if item is None:
+                    log.warning("result for an id not in flight: %r", message.id)
+                    continue
+                room.release()
+                answered = True
+                await self._settle(scheduler, out, item, message, policy)
+        finally:
+            call.cancel()
+            for task in (pump, writer):
+                task.cancel()
+            await asyncio.gather(pump, writer, return_exceptions=True)
+        if failure is None:
+            return None
+        code, details = failure
+        if code not in STREAM_RETRY_CODES and code != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise BatchAborted(code, details)
+        log.warning(
+            "GenerateBatch stream failed (%s: %s); resubmitting %d documents",
+            code.name,
+            details,
+            len(in_flight),
+        )
+        # A try is used up by the document whose deadline passed, or by every document in
+        # flight on a stream the server was answering when it broke. A stream that never got
+        # an answer (server down, loading, refusing) costs no tries: the time budget bounds it.
+        for item in in_flight.values():
+            room.release()
+            if item is expired or (expired is None and answered):
+                item.attempts += 1
+            if item.attempts >= policy.max_attempts:
+                scheduler.done(item)
+                await out.put(
+                    error_response(item, code.value[0], f"{details} ({item.attempts} tries)")
+                )
+            else:
+                scheduler.retry(item, 0.0)
+        return failure
 
     async def _settle(
         self,
@@ -328,3 +395,76 @@ class AsyncGenstructClient:
                 )
         scheduler.done(item)
         await out.put(response)
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class _SourceFailed:
+    """The documents' iterator raised: the error goes to the caller, not to a retry."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+# What the reading side of a stream gets: a result, the stream's error, None at its end, or
+# word that the documents' iterator failed.
+_Inbox = pb.GenerateResponse | grpc.aio.AioRpcError | _SourceFailed | None
+
+
+async def _pump(
+    call: grpc.aio.StreamStreamCall[pb.GenerateRequest, pb.GenerateResponse],
+    inbox: asyncio.Queue[_Inbox],
+) -> None:
+    try:
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                break
+            assert isinstance(message, pb.GenerateResponse)
+            inbox.put_nowait(message)
+    except grpc.aio.AioRpcError as exc:
+        inbox.put_nowait(exc)
+        return
+    inbox.put_nowait(None)
+
+
+async def _feed(
+    call: grpc.aio.StreamStreamCall[pb.GenerateRequest, pb.GenerateResponse],
+    scheduler: Scheduler,
+    in_flight: dict[str, Item],
+    room: asyncio.Semaphore,
+    quota: int,
+    full: asyncio.Event,
+    inbox: asyncio.Queue[_Inbox],
+) -> None:
+    """Sends documents while the lane's window has room, up to the stream's quota."""
+    sent = 0
+    try:
+        while sent < quota:
+            await room.acquire()
+            try:
+                item = await scheduler.take()
+            except BaseException:
+                room.release()  # cancelled while waiting: the permit goes back
+                raise
+            if item is None:
+                room.release()
+                break
+            if not item.request.id or item.request.id in in_flight:
+                scheduler.done(item)
+                raise ValueError(
+                    f"generate_many needs a unique id per document, got {item.request.id!r}"
+                )
+            item.sent_at = time.monotonic()
+            in_flight[item.request.id] = item
+            sent += 1
+            await call.write(item.request)
+        else:
+            full.set()
+        await call.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+        return  # the stream broke; the reading side reports why
+    except Exception as exc:
+        inbox.put_nowait(_SourceFailed(exc))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +23,16 @@ _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """gRPC's own retry of calls that failed before any response came back.
+    """Retries of calls refused with a transient code, with exponential backoff and jitter.
 
-    gRPC waits a random time between 0 and the current backoff (full jitter) before each
-    retry; it caps `max_attempts` at 5. It does not retry a streaming call once a response
-    was received: `generate_many` resubmits what has no result yet itself.
+    It goes to gRPC as the service config's retryPolicy (gRPC waits a random time between 0
+    and the current backoff, and caps `max_attempts` at 5), which covers calls that failed
+    before the server sent anything, e.g. while connecting. gRPC commits a call once the
+    server has sent response headers, and the Genstruct server sends them (x-request-id)
+    before it refuses a call, so the clients also retry Generate, GetModelInfo and Health,
+    and GenerateStream until its first message, themselves with the same policy (`delay`).
+    Neither retries a stream that has delivered messages: `generate_many` resubmits what
+    has no result yet itself.
     """
 
     max_attempts: int = 5
@@ -36,6 +43,20 @@ class RetryPolicy:
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     )
+
+    def delay(
+        self, code: grpc.StatusCode, attempt: int, deadline: float | None = None
+    ) -> float | None:
+        """Seconds to wait before trying again after attempt number `attempt` (1-based) failed
+        with `code`; None when not to try again (a code not retried, attempts or the
+        deadline, a time.monotonic() value, used up)."""
+        if code not in self.retryable_codes or attempt >= self.max_attempts:
+            return None
+        ceiling = min(self.max_backoff, self.initial_backoff * self.backoff_multiplier ** (attempt - 1))
+        delay = ceiling * random.random()
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            return None
+        return delay
 
     def to_json(self) -> dict[str, object]:
         """The `retryPolicy` object of a gRPC service config."""
@@ -173,6 +194,9 @@ class ChannelConfig:
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.primary_user_agent", "genstruct-client"),
+            # Find a restarted server within seconds, not gRPC's default of up to 2 minutes.
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 5_000),
         ]
         if self.keepalive_seconds is not None:
             options += [

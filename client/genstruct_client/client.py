@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,6 +22,11 @@ from genstruct_client.channel import ChannelConfig, create_channel, resolve_targ
 from genstruct_client.types import GenerationOptions, RequestLike, to_request
 
 _Outcome = pb.GenerateResponse | BaseException | None
+_T = TypeVar("_T")
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class GenstructClient:
@@ -73,7 +80,7 @@ class GenstructClient:
     ) -> pb.GenerateResponse:
         """Pairs for one document (a Document with `options`, or a ready GenerateRequest)."""
         request = to_request(document, options)
-        return self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
+        return self._unary(self._stub.Generate, request, timeout)
 
     def generate_stream(
         self,
@@ -87,11 +94,28 @@ class GenstructClient:
         Closing the iterator early cancels the call and frees the server's slot.
         """
         request = to_request(document, options)
-        call = self._stub.GenerateStream(request, timeout=timeout, metadata=self._metadata)
-        try:
-            yield from call
-        finally:
-            call.cancel()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            call = self._stub.GenerateStream(
+                request, timeout=_remaining(deadline), metadata=self._metadata
+            )
+            received = False
+            try:
+                for message in call:
+                    received = True
+                    yield message
+                return
+            except grpc.RpcError as exc:
+                retry = self.config.retry
+                code = exc.code()  # type: ignore[attr-defined]  # a call's error is a grpc.Call
+                delay = None if received or retry is None else retry.delay(code, attempt, deadline)
+                if delay is None:
+                    raise
+            finally:
+                call.cancel()
+            time.sleep(delay)
 
     def generate_batch(
         self, requests: Iterable[pb.GenerateRequest], *, timeout: float | None = None
@@ -108,9 +132,23 @@ class GenstructClient:
 
     def model_info(self, *, timeout: float | None = None) -> pb.GetModelInfoResponse:
         """The loaded model and the server's limits and defaults."""
-        return self._stub.GetModelInfo(
-            pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata
-        )
+        return self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+
+    def _unary(self, method: Callable[..., _T], request: object, timeout: float | None) -> _T:
+        """Calls `method`, retrying transient refusals (see RetryPolicy) within the deadline."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return method(request, timeout=_remaining(deadline), metadata=self._metadata)
+            except grpc.RpcError as exc:
+                retry = self.config.retry
+                code = exc.code()  # type: ignore[attr-defined]  # a call's error is a grpc.Call
+                delay = None if retry is None else retry.delay(code, attempt, deadline)
+                if delay is None:
+                    raise
+            time.sleep(delay)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The health status name ("SERVING", "NOT_SERVING", ...) of `service` ("" = server)."""

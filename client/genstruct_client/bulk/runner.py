@@ -63,6 +63,7 @@ class RunSummary:
     duplicates: int = 0  # records whose id was already seen in this input: processed once
     succeeded: int = 0  # documents whose pairs were written in this run
     failed: int = 0  # documents written to the errors file in this run
+    failed_before: int = 0  # documents skipped because an earlier run failed them for good
     pairs_written: int = 0
     parsed: int = 0  # of pairs_written
     prompt_tokens: int = 0
@@ -76,8 +77,8 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 when every document is done, else 1."""
-        return 0 if self.finished and self.failed == 0 else 1
+        """0 when every document is done, else 1 (also for failures of an earlier run)."""
+        return 0 if self.finished and self.failed == 0 and self.failed_before == 0 else 1
 
     def report(self) -> str:
         """A few lines for people."""
@@ -94,6 +95,11 @@ class RunSummary:
             lines.append(
                 f"{self.duplicates} records repeat an id seen before (same id, or same title and "
                 "content): each id is processed once"
+            )
+        if self.failed_before:
+            lines.append(
+                f"{self.failed_before} documents failed for good in an earlier run "
+                f"(see {self.errors}); fix them or remove them from the input"
             )
         if self.failed:
             codes = ", ".join(f"{name} {count}" for name, count in sorted(self.failed_codes.items()))
@@ -277,6 +283,7 @@ async def _generate(
             ledger.failed.add(doc_id)
         summary.failed += 1
         summary.failed_codes[record["code"]] = summary.failed_codes.get(record["code"], 0) + 1
+        errors.flush()
         bar.update(failed=True)
 
     def documents() -> Iterator[pb.GenerateRequest]:
@@ -286,6 +293,7 @@ async def _generate(
                 row_id = f"row:{row.number}"
                 if row_id in ledger.failed:
                     summary.already_done += 1
+                    summary.failed_before += 1
                     bar.skip()
                 else:
                     fail(row_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], row.error, row.number)
@@ -298,12 +306,14 @@ async def _generate(
             seen.add(document.id)
             if ledger.is_done(document.id, n):
                 summary.already_done += 1
+                summary.failed_before += document.id in ledger.failed
                 bar.skip()
                 continue
             waiting[document.id] = (document.title, document.content)
             yield options.request(document)
 
     last_commit = time.monotonic()
+    written = 0  # results since the last fsync
     async with AsyncGenstructClient(config=config) as client:
         try:
             results = client.generate_many(
@@ -320,6 +330,7 @@ async def _generate(
                         for record in records:
                             output.journal.append(record)
                             ledger.record(response.id, record["generation_index"])
+                        output.journal.flush()
                         parsed = sum(1 for record in records if record["parsed"])
                         summary.succeeded += 1
                         summary.pairs_written += len(records)
@@ -331,12 +342,12 @@ async def _generate(
                             pairs=len(records),
                             parsed=parsed,
                         )
+                    written += 1
                     now = time.monotonic()
-                    pending = output.journal.pending + errors.pending
-                    if pending >= commit_every or now - last_commit >= commit_seconds:
+                    if written >= commit_every or now - last_commit >= commit_seconds:
                         output.journal.commit()
                         errors.commit()
-                        last_commit = now
+                        last_commit, written = now, 0
             summary.finished = True
         except BatchAborted as exc:
             summary.aborted = str(exc)

@@ -1,7 +1,8 @@
 """Crash-safe output: an append-only JSONL journal, and Parquet converted from one at the end.
 
-Lines are appended in batches, each batch written, flushed and fsynced, so after a crash
-only the last line can be incomplete; opening the file again cuts that torn line off.
+Lines are appended only: each document's lines are written (flushed to the OS) as its result
+arrives, and fsynced in batches, so after a crash of the process or the machine only the last
+line can be incomplete; opening the file again cuts that torn line off.
 Parquet cannot be appended to, so Parquet output is journalled to `<output>.journal.jsonl`
 beside it and converted (to a temporary file, then renamed into place) when the run has
 finished; the journal is then removed. A run that stops early leaves the journal, which the
@@ -112,6 +113,7 @@ class JsonlJournal:
         self.repaired_bytes = repair_torn_tail(path)
         self._file = self._open()
         self._pending: list[bytes] = []
+        self._unsynced = False
 
     def _open(self) -> BinaryIO:
         file = self.path.open("ab")
@@ -132,21 +134,28 @@ class JsonlJournal:
         return read_jsonl_records(self.path)
 
     def append(self, record: dict[str, Any]) -> None:
-        """Queues one line; it reaches the file at the next commit."""
+        """Queues one line; it reaches the file at the next flush or commit."""
         self._pending.append(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
-    def commit(self) -> None:
-        """Writes the queued lines, flushes and fsyncs."""
+    def flush(self) -> None:
+        """Writes the queued lines to the OS: they survive the process being killed."""
         if not self._pending:
             return
         self._file.write(b"".join(self._pending))
         self._file.flush()
-        os.fsync(self._file.fileno())
         self._pending.clear()
+        self._unsynced = True
+
+    def commit(self) -> None:
+        """Writes the queued lines and fsyncs: they survive the machine going down."""
+        self.flush()
+        if self._unsynced:
+            os.fsync(self._file.fileno())
+            self._unsynced = False
 
     def rewrite(self, records: list[dict[str, Any]]) -> None:
         """Replaces the whole content (atomically: a temporary file renamed over it)."""

@@ -1,0 +1,323 @@
+"""The sync client, the bulk runner and the `genstruct` command against server subprocesses."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+
+from genstruct_client import ChannelConfig, Document, GenerationOptions, GenstructClient
+from genstruct_client.bulk import ColumnMapping, derive_id, run
+from genstruct_client.bulk.writers import COLUMNS
+from tests.client.helpers import (
+    ENV,
+    ServerProcess,
+    assert_exactly_once,
+    finish,
+    genstruct,
+    output_records,
+    start_genstruct,
+    wait_progress,
+    write_documents,
+)
+from tests.client.test_client_bulk_files import RECORDS, write_input
+
+
+def test_sync_client(server_process: ServerProcess) -> None:
+    with GenstructClient(server_process.target) as client:
+        client.wait_ready(30)
+        assert client.health(timeout=10) == "SERVING"
+        assert client.model_info(timeout=10).model_name == "fake-model:Q4_K_M"
+        response = client.generate(Document("t", "c", "x"), GenerationOptions(num_generations=2))
+        assert [p.index for p in response.pairs] == [0, 1]
+        messages = list(client.generate_stream(Document("t", "c", "y"), timeout=10))
+        assert messages[-1].result.id == "y"
+        batch = list(client.generate_batch(
+            [GenerationOptions().request(Document("t", f"c{i}", f"b{i}")) for i in range(3)]
+        ))
+        assert sorted(r.id for r in batch) == ["b0", "b1", "b2"]
+        docs = [Document("t", f"content {i}", f"m{i}") for i in range(40)]
+        results = list(client.generate_many(docs, window=8))
+        assert sorted(r.id for r in results) == sorted(d.id for d in docs)
+        # Leaving early stops the work without hanging.
+        for _ in client.generate_many(docs, window=4):
+            break
+
+
+@pytest.mark.parametrize("output_name", ["out.jsonl", "out.parquet"])
+@pytest.mark.parametrize(
+    ("fmt", "input_name"),
+    [("jsonl", "in.jsonl"), ("csv", "in.csv"), ("parquet", "in.parquet"), ("hf", "ds"),
+     ("hf-dict", "dsd")],
+)
+def test_every_input_and_output_format(
+    server_process: ServerProcess, tmp_path: Path, fmt: str, input_name: str, output_name: str
+) -> None:
+    source = write_input(tmp_path / input_name, fmt, RECORDS)
+    output = tmp_path / output_name
+    summary = run(
+        source, output, config=ChannelConfig(server_process.target),
+        options=GenerationOptions(num_generations=2), progress=False,
+    )
+    assert summary.exit_code == 0 and summary.succeeded == 3 and summary.pairs_written == 6
+    records = output_records(output)
+    assert all(list(r) == list(COLUMNS) for r in records)
+    ids = {derive_id(r["title"], r["content"]) for r in RECORDS}
+    assert_exactly_once(records, ids, generations=2)
+    by_id = {r["id"]: r for r in records}
+    unicode = by_id[derive_id("Ünïcode", "Ça marche, 日本語も。")]
+    assert unicode["content"] == "Ça marche, 日本語も。"
+    assert unicode["user"] == "What is the document about?" and unicode["parsed"] is True
+    assert unicode["assistant"] == "It is about testing."
+    assert unicode["model_name"] == "fake-model:Q4_K_M" and unicode["finish_reason"] == "eos"
+    assert unicode["prompt_tokens"] > 0 and unicode["completion_tokens"] == 12
+    assert not (tmp_path / (output_name + ".journal.jsonl")).exists()
+    # Run again: nothing to do, nothing written twice.
+    again = run(source, output, config=ChannelConfig(server_process.target),
+                options=GenerationOptions(num_generations=2), progress=False)
+    assert again.already_done == 3 and again.succeeded == 0 and again.exit_code == 0
+    assert_exactly_once(output_records(output), ids, generations=2)
+
+
+def test_column_mapping_id_column_and_duplicates_on_the_command_line(
+    server_process: ServerProcess, tmp_path: Path
+) -> None:
+    source = tmp_path / "in.csv"
+    with source.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["key", "headline", "body"])
+        writer.writerow(["k1", "Tides", "The moon pulls the sea."])
+        writer.writerow(["k2", "Bees", "Bees dance."])
+        writer.writerow(["k1", "Tides again", "Same key: processed once."])
+    output = tmp_path / "out.jsonl"
+    result = genstruct(
+        "generate", str(source), "-o", str(output), "--target", server_process.target,
+        "--title-column", "headline", "--content-column", "body", "--id-column", "key",
+        "--temperature", "0.2", "--max-tokens", "64", "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "1 records repeat an id" in result.stderr
+    records = output_records(output)
+    assert_exactly_once(records, {"k1", "k2"})
+    assert {r["id"]: r["title"] for r in records} == {"k1": "Tides", "k2": "Bees"}
+    # Derived ids: the same title and content twice is one document.
+    source = tmp_path / "dup.jsonl"
+    source.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps(RECORDS[0]) + "\n")
+    summary = run(source, tmp_path / "dup-out.jsonl",
+                  config=ChannelConfig(server_process.target), progress=False)
+    assert summary.duplicates == 1 and summary.succeeded == 1
+
+
+def test_usage_errors_exit_2(server_process: ServerProcess, tmp_path: Path) -> None:
+    source = write_input(tmp_path / "in.jsonl", "jsonl", RECORDS)
+    result = genstruct("generate", str(source), "-o", str(tmp_path / "o.jsonl"),
+                       "--target", server_process.target, "--content-column", "body")
+    assert result.returncode == 2 and "no column 'body'" in result.stderr
+    result = genstruct("generate", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o.jsonl"),
+                       "--target", server_process.target)
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    result = genstruct("generate", str(source), "--target", server_process.target)
+    assert result.returncode == 2  # argparse: -o is required
+
+
+def test_per_document_errors_go_to_the_errors_file(
+    server_process: ServerProcess, tmp_path: Path
+) -> None:
+    source = tmp_path / "in.jsonl"
+    lines = [json.dumps({"title": "ok", "content": f"fine {i}"}) for i in range(5)]
+    lines.insert(2, "this is not json")
+    lines.append(json.dumps({"title": "long", "content": "x" * 5000}))  # over the server limit
+    lines.append(json.dumps({"title": "blank", "content": "   "}))
+    source.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "out.jsonl"
+    args = ("generate", str(source), "-o", str(output), "--target", server_process.target,
+            "--no-progress")
+    result = genstruct(*args)
+    assert result.returncode == 1, result.stderr
+    assert "3 documents failed (INVALID_ARGUMENT 3)" in result.stderr
+    errors = output_records(tmp_path / "out.errors.jsonl")
+    assert sorted(e["id"] for e in errors) == sorted(
+        ["row:3", derive_id("long", "x" * 5000), derive_id("blank", "   ")]
+    )
+    assert all(e["code"] == "INVALID_ARGUMENT" and e["message"] and not e["retryable"]
+               for e in errors)
+    assert len(output_records(output)) == 5
+    # A rerun does not try them again and does not repeat them, and still says they failed.
+    result = genstruct(*args)
+    assert result.returncode == 1 and "3 documents failed for good in an earlier run" in result.stderr
+    assert len((tmp_path / "out.errors.jsonl").read_text().splitlines()) == 3
+    assert len(output_records(output)) == 5
+
+
+def test_missing_generations_of_a_document_are_completed(
+    server_process: ServerProcess, tmp_path: Path
+) -> None:
+    source = write_input(tmp_path / "in.jsonl", "jsonl", RECORDS)
+    output = tmp_path / "out.jsonl"
+    first_id = derive_id(RECORDS[0]["title"], RECORDS[0]["content"])
+    # As if a crash had left generation 1 of the first document only.
+    output.write_text(json.dumps({"id": first_id, "generation_index": 1, "user": "kept"}) + "\n")
+    summary = run(source, output, config=ChannelConfig(server_process.target),
+                  options=GenerationOptions(num_generations=3), progress=False)
+    assert summary.exit_code == 0 and summary.pairs_written == 8
+    records = output_records(output)
+    ids = {derive_id(r["title"], r["content"]) for r in RECORDS}
+    assert_exactly_once(records, ids, generations=3)
+    assert records[0]["user"] == "kept"
+
+
+def test_torn_last_line_is_repaired_on_resume(server_process: ServerProcess, tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    write_documents(source, 20)
+    output = tmp_path / "out.jsonl"
+    args = ("generate", str(source), "-o", str(output), "--target", server_process.target,
+            "--no-progress")
+    assert genstruct(*args).returncode == 0
+    data = output.read_bytes()
+    output.write_bytes(data[: len(data) - 25])  # a crash in the middle of the last line
+    result = genstruct(*args)
+    assert result.returncode == 0, result.stderr
+    assert "torn last line" in result.stderr
+    records = output_records(output)
+    assert_exactly_once(records, {r["id"] for r in records} | {
+        derive_id(f"doc {i}", f"Paragraph number {i} about doc things.") for i in range(20)
+    })
+    assert len(records) == 20
+
+
+@pytest.fixture
+def slow_server() -> ServerProcess:
+    process = ServerProcess("--token-delay", "0.01", "--n-parallel", "8")
+    yield process  # type: ignore[misc]
+    process.close()
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("output_name", ["out.jsonl", "out.parquet"])
+def test_resume_after_the_client_is_killed(
+    slow_server: ServerProcess, tmp_path: Path, how: signal.Signals, output_name: str
+) -> None:
+    source = tmp_path / "in.jsonl"
+    records = write_documents(source, 200)
+    output = tmp_path / output_name
+    args = ("generate", str(source), "-o", str(output), "--target", slow_server.target,
+            "--concurrency", "16")
+    process = start_genstruct(*args)
+    wait_progress(process, 40)
+    process.send_signal(how)
+    code, err = finish(process)
+    if how == signal.SIGINT:
+        assert code == 1 and "interrupted" in err
+    else:
+        assert code == -signal.SIGKILL
+    result = genstruct(*args, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "already done by an earlier run" in result.stderr
+    ids = {derive_id(r["title"], r["content"]) for r in records}
+    assert_exactly_once(output_records(output), ids)
+
+
+def test_resume_after_the_server_is_killed(slow_server: ServerProcess, tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    records = write_documents(source, 200)
+    output = tmp_path / "out.jsonl"
+    process = start_genstruct("generate", str(source), "-o", str(output),
+                              "--target", slow_server.target, "--concurrency", "16")
+    wait_progress(process, 50)
+    slow_server.kill()
+    slow_server.restart()
+    code, err = finish(process)
+    assert code == 0, err
+    ids = {derive_id(r["title"], r["content"]) for r in records}
+    assert_exactly_once(output_records(output), ids)
+
+
+def test_thousand_documents_with_the_server_killed_twice(tmp_path: Path) -> None:
+    """The issue's "done when": 1,000 documents, two server kills, each id exactly once."""
+    server = ServerProcess("--token-delay", "0.004", "--n-parallel", "16",
+                           "--max-batch-in-flight", "32")
+    try:
+        source = tmp_path / "documents.jsonl"
+        records = write_documents(source, 1000)
+        output = tmp_path / "pairs.jsonl"
+        process = start_genstruct("generate", str(source), "-o", str(output),
+                                  "--target", server.target, "--concurrency", "32")
+        wait_progress(process, 300)
+        server.kill()
+        server.restart()
+        wait_progress(process, 650)
+        server.kill()
+        server.restart()
+        code, err = finish(process)
+        assert code == 0, err
+        ids = {derive_id(r["title"], r["content"]) for r in records}
+        assert len(ids) == 1000
+        assert_exactly_once(output_records(output), ids)
+    finally:
+        server.close()
+
+
+def test_round_robin_over_three_servers_one_stopped_mid_run(tmp_path: Path) -> None:
+    servers = [ServerProcess("--token-delay", "0.01", "--model-name", f"replica-{i}")
+               for i in range(3)]
+    try:
+        source = tmp_path / "in.jsonl"
+        records = write_documents(source, 400)
+        output = tmp_path / "out.jsonl"
+        process = start_genstruct(
+            "generate", str(source), "-o", str(output), "--concurrency", "8",
+            *[arg for s in servers for arg in ("--target", s.target)],
+        )
+        wait_progress(process, 100)
+        # Stop a replica that is doing work (one whose pairs are in the output already).
+        busy = {r["model_name"] for r in output_records(output)}
+        victim = next(s for i, s in enumerate(servers) if f"replica-{i}" in busy)
+        victim.kill()
+        code, err = finish(process)
+        assert code == 0, err
+        written = output_records(output)
+        ids = {derive_id(r["title"], r["content"]) for r in records}
+        assert_exactly_once(written, ids)
+        # Streams are spread over the replicas (round_robin, a new stream every 64 documents).
+        assert len({r["model_name"] for r in written}) == 3
+    finally:
+        for server in servers:
+            server.close()
+
+
+def test_health_and_info_commands(server_process: ServerProcess) -> None:
+    result = genstruct("health", "--target", server_process.target)
+    assert result.returncode == 0 and result.stdout.strip() == "SERVING"
+    result = genstruct("info", "--target", server_process.target)
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["modelName"] == "fake-model:Q4_K_M"
+    loading = ServerProcess("--loading")
+    try:
+        result = genstruct("health", "--target", loading.target)
+        assert result.returncode == 1 and result.stdout.strip() == "NOT_SERVING"
+        result = genstruct("info", "--target", loading.target, "--timeout", "3")
+        assert result.returncode == 1 and "UNAVAILABLE" in result.stderr
+    finally:
+        loading.close()
+    result = genstruct("health", "--target", "127.0.0.1:1", "--timeout", "2")
+    assert result.returncode == 1
+
+
+def test_health_with_token_and_env_target(server_process: ServerProcess) -> None:
+    env = dict(ENV, GENSTRUCT_TARGET=server_process.target, GENSTRUCT_TOKEN="t")
+    result = genstruct("health", env=env)
+    assert result.returncode == 0, result.stderr
+
+
+def test_sync_generate_errors_surface(server_process: ServerProcess) -> None:
+    with GenstructClient(server_process.target) as client, pytest.raises(grpc.RpcError) as info:
+        client.generate(Document("t", "x" * 5000), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+
+
+def test_columns_default_to_title_and_content() -> None:
+    assert ColumnMapping() == ColumnMapping("title", "content", None)
