@@ -97,6 +97,7 @@ class FakeEngine:
         self.queued = 0
         self.requests: list[GenerationRequest] = []  # every request submitted
         self.started = 0  # requests that took a slot
+        self.deltas = 0  # TokenDeltas yielded, all requests together
         self.finished: list[GenerationRequest] = []  # requests that completed
         self.cancelled: list[GenerationRequest] = []  # requests closed or cancelled midway
         self.closed = False
@@ -212,6 +213,8 @@ class FakeEngine:
                 for index in range(n):
                     texts[index] += token
                     counts[index] += 1
+                    self.deltas += 1
+                    self._notify()
                     yield TokenDelta(index=index, text=token)
                 if position == 0:
                     first_token_s = time.perf_counter() - submitted

@@ -181,8 +181,22 @@ async def serve(settings: Settings) -> int:
     for way in how_to_call(running):
         log.info("try: %s", way)
     await stopping
-    log.info("signal received: draining for up to %.0f s", settings.drain_seconds)
-    finished = await running.drain()
+    log.info(
+        "signal received: draining for up to %.0f s (signal again to stop at once)",
+        settings.drain_seconds,
+    )
+    stop.clear()
+    draining = asyncio.ensure_future(running.drain())
+    again = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((draining, again), return_when=asyncio.FIRST_COMPLETED)
+    again.cancel()
+    finished = False
+    if draining.done():
+        finished = draining.result()
+    else:
+        log.warning("second signal: cancelling the work in flight")
+        draining.cancel()
+        await running.stop(None)
     await engine.close()
     log.info("stopped", extra={"drained": finished})
     return 0

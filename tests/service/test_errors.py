@@ -160,6 +160,23 @@ async def test_cancelling_a_stream_midway_frees_the_slot(
     assert await server.state.wait_idle(5)
 
 
+async def test_cancelling_a_stream_the_caller_does_not_read_frees_the_slot() -> None:
+    # 2,000 deltas of 16 KiB: far more than flow control lets through to a caller that reads
+    # one message, so the handler is held at a write (not in the engine) when cancelled.
+    engine = FakeEngine(tokens=["x" * 16384] * 2000)
+    server = await start_server(make_settings(max_message_bytes=1 << 20), engine)
+    try:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            call = Stub(channel).GenerateStream(doc(sampling=SP(max_tokens=2000)), timeout=30)
+            await call.read()
+            await engine.wait_for(lambda e: e.deltas >= 64)  # over a megabyte produced
+            call.cancel()
+            await engine.wait_idle()
+            assert len(engine.cancelled) == 1 and engine.finished == []
+    finally:
+        await server.stop(None)
+
+
 async def test_cancelling_a_unary_call_frees_the_slot(stub: Stub, engine: FakeEngine) -> None:
     engine.hold()
     call = stub.Generate(doc(), timeout=10)
