@@ -74,6 +74,8 @@ class GenstructServer:
         ready_timeout: float = 120.0,
     ) -> None:
         self.flags = list(flags)
+        # The harness waits on the INFO lines "listening" and "ready".
+        assert "WARNING" not in self.flags and "ERROR" not in self.flags, "log at INFO or DEBUG"
         self.fake = fake
         self.metrics = metrics
         self.port = port
