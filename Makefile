@@ -32,7 +32,7 @@ $(VENV)/.dev: pyproject.toml | $(PY)
 	touch $@ $(VENV)/.server $(VENV)/.demo
 
 $(NODE_DIR)/node_modules/.stamp: $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
-	npm ci --prefix $(NODE_DIR) --no-audit --no-fund
+	npm install --prefix $(NODE_DIR) --no-audit --no-fund
 	touch $@
 
 # --- the service ----------------------------------------------------------------------------
