@@ -513,7 +513,7 @@ def real_requests() -> st.SearchStrategy[pb.GenerateRequest]:
         if draw(st.booleans()):  # mostly valid sampling, so most requests reach the model
             params = pb.SamplingParams(
                 temperature=draw(st.floats(0, 2, width=32)), top_k=draw(st.integers(0, 50)),
-                top_p=draw(st.floats(0.1, 1, width=32)), seed=draw(st.integers(0, 2**32 - 1)),
+                top_p=draw(st.floats(0.25, 1, width=32)), seed=draw(st.integers(0, 2**32 - 1)),
                 max_tokens=draw(st.integers(1, limits.max_tokens)),
                 stop=draw(st.lists(st.text(min_size=1, max_size=5), max_size=3)),
             )
