@@ -70,7 +70,8 @@ async def test_a_second_signal_stops_at_once() -> None:
         listening = await read_log_until(process.stderr, "listening")
         await read_log_until(process.stderr, "ready")
         async with grpc.aio.insecure_channel(str(listening["target"])) as channel:
-            call = genstruct_pb2_grpc.GenstructServiceStub(channel).Generate(doc(), timeout=60)
+            stub = genstruct_pb2_grpc.GenstructServiceStub(channel)
+            call = stub.GenerateStream(doc(), timeout=60)
             await call.initial_metadata()  # the server has taken the call
             process.send_signal(signal.SIGTERM)
             await read_log_until(process.stderr, "draining")
@@ -79,7 +80,7 @@ async def test_a_second_signal_stops_at_once() -> None:
             assert stopped["drained"] is False
             assert await asyncio.wait_for(process.wait(), 30) == 0
             try:
-                await call
+                await call.read()
             except grpc.aio.AioRpcError as exc:
                 assert exc.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
             else:
