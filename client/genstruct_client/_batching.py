@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import random
@@ -12,9 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
-from google.rpc import status_pb2
-
 from genstruct.v1 import genstruct_pb2 as pb
+from google.rpc import status_pb2
 
 # Stream-wide failures after which the documents without a result are sent again: the server
 # went away (killed, restarted, draining, connection lost) or pushed back.
@@ -51,7 +51,8 @@ class ResubmitPolicy:
 
     def backoff(self, failures: int, rng: Callable[[], float] = random.random) -> float:
         """Seconds to wait after `failures` failures in a row (full jitter)."""
-        ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier ** max(0, failures - 1))
+        growth = self.multiplier ** max(0, failures - 1)
+        ceiling = min(self.max_backoff, self.initial_backoff * growth)
         return ceiling * rng()
 
 
@@ -101,7 +102,7 @@ class Scheduler:
     def finished(self) -> bool:
         return self.exhausted and not self._ready and not self._delayed and self.in_flight == 0
 
-    def poll(self) -> Item | None | float:
+    def poll(self) -> Item | float | None:
         """An item to send; None when everything is finished; else seconds to wait at most
         (math.inf when only a result from a stream can change anything)."""
         now = self.clock()
@@ -130,10 +131,8 @@ class Scheduler:
                 return polled
             changed = self._changed
             timeout = None if polled == float("inf") else max(0.0, polled)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout)
-            except TimeoutError:
-                pass
 
     def _notify(self) -> None:
         self._changed.set()

@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from genstruct.v1 import genstruct_pb2 as pb
 from genstruct.v1 import genstruct_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from genstruct_client._batching import (
     ITEM_RETRY_CODES,
     STREAM_RETRY_CODES,
@@ -69,7 +69,7 @@ class AsyncGenstructClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(grace=None)
 
     async def wait_ready(self, timeout: float) -> None:
         """Waits until the channel has connected (raises TimeoutError otherwise)."""
@@ -92,7 +92,7 @@ class AsyncGenstructClient:
         options: GenerationOptions | None = None,
         *,
         timeout: float | None = None,
-    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+    ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
         """Text deltas as they are generated, then one message with the result.
 
         Leaving the loop early cancels the call and frees the server's slot.
@@ -127,12 +127,13 @@ class AsyncGenstructClient:
         requests: AsyncIterator[pb.GenerateRequest] | Iterable[pb.GenerateRequest],
         *,
         timeout: float | None = None,
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """The raw GenerateBatch stream: results in the order they finish, matched by id.
 
         No resubmission on failure; `generate_many` does that.
         """
-        call = self._stub.GenerateBatch(requests, timeout=timeout, metadata=self._metadata)
+        source = requests if isinstance(requests, AsyncIterator) else iter(requests)
+        call = self._stub.GenerateBatch(source, timeout=timeout, metadata=self._metadata)
         try:
             async for message in call:
                 yield message
@@ -149,6 +150,7 @@ class AsyncGenstructClient:
         """Calls `method`, retrying transient refusals (see RetryPolicy) within the deadline."""
         deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 0
+        refused: grpc.aio.AioRpcError | None = None  # the last transient refusal
         while True:
             attempt += 1
             try:
@@ -156,10 +158,13 @@ class AsyncGenstructClient:
                     request, timeout=_remaining(deadline), metadata=self._metadata
                 )
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and refused is not None:
+                    raise refused from None  # out of time while retrying: say why it failed
                 retry = self.config.retry
                 delay = None if retry is None else retry.delay(exc.code(), attempt, deadline)
                 if delay is None:
                     raise
+                refused = exc
             await asyncio.sleep(delay)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
@@ -181,7 +186,7 @@ class AsyncGenstructClient:
         deadline: float | None = None,
         policy: ResubmitPolicy | None = None,
         documents_per_stream: int | None = None,
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """Results for many documents, as they finish, each document's exactly once.
 
         Drives GenerateBatch with at most `window` documents in flight per lane, over
@@ -233,6 +238,7 @@ class AsyncGenstructClient:
         """One lane: successive streams sharing a window of `window` documents in flight."""
         room = asyncio.Semaphore(window)
         draining: set[asyncio.Task[_Failure | None]] = set()
+        live: set[asyncio.Task[Any]] = set()  # every task this lane started and not reaped
         failures = 0  # failed streams in a row
         try:
             while True:
@@ -241,15 +247,19 @@ class AsyncGenstructClient:
                     self._stream(scheduler, out, room, quota, full, deadline, policy)
                 )
                 full_wait = asyncio.create_task(full.wait())
+                live |= {stream, full_wait}
                 await asyncio.wait({stream, full_wait}, return_when=asyncio.FIRST_COMPLETED)
                 full_wait.cancel()
+                live.discard(full_wait)
                 for task in [t for t in draining if t.done()]:
                     draining.discard(task)
+                    live.discard(task)
                     task.result()  # a stream-wide error that is not transient is raised here
                 if not stream.done():  # sent its quota: the next stream starts at once
                     draining.add(stream)
                     failures = 0
                     continue
+                live.discard(stream)
                 failure = stream.result()
                 if failure is None:
                     if scheduler.finished:
@@ -278,9 +288,9 @@ class AsyncGenstructClient:
         else:
             await out.put(None)
         finally:
-            for task in draining:
+            for task in live:
                 task.cancel()
-            await asyncio.gather(*draining, return_exceptions=True)
+            await asyncio.gather(*live, return_exceptions=True)
 
     async def _stream(
         self,
@@ -297,7 +307,7 @@ class AsyncGenstructClient:
         On a transient failure the documents that had no result are handed back to the
         scheduler (or reported, when out of tries); other failures raise BatchAborted.
         """
-        call = self._stub.GenerateBatch(metadata=self._metadata)
+        call = self._stub.GenerateBatch(None, metadata=self._metadata)
         in_flight: dict[str, Item] = {}
         inbox: asyncio.Queue[_Inbox] = asyncio.Queue()
         pump = asyncio.create_task(_pump(call, inbox))
@@ -418,11 +428,7 @@ async def _pump(
     inbox: asyncio.Queue[_Inbox],
 ) -> None:
     try:
-        while True:
-            message = await call.read()
-            if message is grpc.aio.EOF:
-                break
-            assert isinstance(message, pb.GenerateResponse)
+        async for message in call:
             inbox.put_nowait(message)
     except grpc.aio.AioRpcError as exc:
         inbox.put_nowait(exc)

@@ -52,7 +52,8 @@ class RetryPolicy:
         deadline, a time.monotonic() value, used up)."""
         if code not in self.retryable_codes or attempt >= self.max_attempts:
             return None
-        ceiling = min(self.max_backoff, self.initial_backoff * self.backoff_multiplier ** (attempt - 1))
+        growth = self.backoff_multiplier ** (attempt - 1)
+        ceiling = min(self.max_backoff, self.initial_backoff * growth)
         delay = ceiling * random.random()
         if deadline is not None and time.monotonic() + delay >= deadline:
             return None

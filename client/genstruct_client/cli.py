@@ -97,7 +97,9 @@ def _parser() -> argparse.ArgumentParser:
         "so repeated documents are processed once",
     )
     gen.add_argument(
-        "--errors", type=Path, help="JSONL of failed documents (default: OUTPUT's stem + .errors.jsonl)"
+        "--errors",
+        type=Path,
+        help="JSONL of failed documents (default: OUTPUT's stem + .errors.jsonl)",
     )
     sampling = gen.add_argument_group("generation (unset: the server's defaults)")
     sampling.add_argument("--temperature", type=float)
@@ -213,7 +215,7 @@ def _health(args: argparse.Namespace) -> int:
         try:
             status = client.health(args.service, timeout=args.timeout)
         except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
             return EXIT_FAILED
     print(status)
     return EXIT_OK if status == "SERVING" else EXIT_FAILED
@@ -224,7 +226,7 @@ def _info(args: argparse.Namespace) -> int:
         try:
             info = client.model_info(timeout=args.timeout)
         except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
             return EXIT_FAILED
     print(json.dumps(json_format.MessageToDict(info), indent=2))
     return EXIT_OK

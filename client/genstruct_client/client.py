@@ -12,10 +12,10 @@ from types import TracebackType
 from typing import TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from genstruct.v1 import genstruct_pb2 as pb
 from genstruct.v1 import genstruct_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from genstruct_client._batching import ResubmitPolicy
 from genstruct_client.aio import AsyncGenstructClient
 from genstruct_client.channel import ChannelConfig, create_channel, resolve_target
@@ -109,12 +109,12 @@ class GenstructClient:
                 return
             except grpc.RpcError as exc:
                 retry = self.config.retry
-                code = exc.code()  # type: ignore[attr-defined]  # a call's error is a grpc.Call
+                code = exc.code()
                 delay = None if received or retry is None else retry.delay(code, attempt, deadline)
                 if delay is None:
                     raise
             finally:
-                call.cancel()
+                call.cancel()  # type: ignore[no-untyped-call]
             time.sleep(delay)
 
     def generate_batch(
@@ -128,7 +128,7 @@ class GenstructClient:
         try:
             yield from call
         finally:
-            call.cancel()
+            call.cancel()  # type: ignore[no-untyped-call]
 
     def model_info(self, *, timeout: float | None = None) -> pb.GetModelInfoResponse:
         """The loaded model and the server's limits and defaults."""
@@ -138,16 +138,20 @@ class GenstructClient:
         """Calls `method`, retrying transient refusals (see RetryPolicy) within the deadline."""
         deadline = None if timeout is None else time.monotonic() + timeout
         attempt = 0
+        refused: grpc.RpcError | None = None  # the last transient refusal
         while True:
             attempt += 1
             try:
                 return method(request, timeout=_remaining(deadline), metadata=self._metadata)
             except grpc.RpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and refused is not None:
+                    raise refused from None  # out of time while retrying: say why it failed
                 retry = self.config.retry
-                code = exc.code()  # type: ignore[attr-defined]  # a call's error is a grpc.Call
                 delay = None if retry is None else retry.delay(code, attempt, deadline)
                 if delay is None:
                     raise
+                refused = exc
             time.sleep(delay)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:

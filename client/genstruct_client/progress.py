@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from tqdm import tqdm
 
@@ -41,7 +41,7 @@ class Progress:
         self.pairs = 0
         self.parsed = 0
         use_bar = self.stream.isatty() if bar is None else bar
-        self._bar: tqdm[None] | None = (
+        self._bar: tqdm[NoReturn] | None = (
             tqdm(total=total, unit="doc", file=self.stream, dynamic_ncols=True, smoothing=0.1)
             if use_bar
             else None
@@ -54,7 +54,9 @@ class Progress:
         if self._bar is not None:
             self._bar.update(count)
 
-    def update(self, *, tokens: int = 0, pairs: int = 0, parsed: int = 0, failed: bool = False) -> None:
+    def update(
+        self, *, tokens: int = 0, pairs: int = 0, parsed: int = 0, failed: bool = False
+    ) -> None:
         """One document finished."""
         self.done += 1
         self.failed += int(failed)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-
 from genstruct_service.config import Settings
 from genstruct_service.server import RunningServer, start_server
+
 from tests.client.helpers import ServerProcess
 from tests.fakes import FakeEngine
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from genstruct_service.config import Settings
 from genstruct_service.server import start_server
+
 from tests.fakes import FAKE_INFO, FakeEngine
 
 

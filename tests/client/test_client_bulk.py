@@ -5,14 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-
 from genstruct_client import ChannelConfig, Document, GenerationOptions, GenstructClient
 from genstruct_client.bulk import ColumnMapping, derive_id, run
 from genstruct_client.bulk.writers import COLUMNS
+
 from tests.client.helpers import (
     ENV,
     ServerProcess,
@@ -148,7 +149,8 @@ def test_per_document_errors_go_to_the_errors_file(
     assert len(output_records(output)) == 5
     # A rerun does not try them again and does not repeat them, and still says they failed.
     result = genstruct(*args)
-    assert result.returncode == 1 and "3 documents failed for good in an earlier run" in result.stderr
+    assert result.returncode == 1
+    assert "3 documents failed for good in an earlier run" in result.stderr
     assert len((tmp_path / "out.errors.jsonl").read_text().splitlines()) == 3
     assert len(output_records(output)) == 5
 
@@ -170,7 +172,9 @@ def test_missing_generations_of_a_document_are_completed(
     assert records[0]["user"] == "kept"
 
 
-def test_torn_last_line_is_repaired_on_resume(server_process: ServerProcess, tmp_path: Path) -> None:
+def test_torn_last_line_is_repaired_on_resume(
+    server_process: ServerProcess, tmp_path: Path
+) -> None:
     source = tmp_path / "in.jsonl"
     write_documents(source, 20)
     output = tmp_path / "out.jsonl"
@@ -190,9 +194,9 @@ def test_torn_last_line_is_repaired_on_resume(server_process: ServerProcess, tmp
 
 
 @pytest.fixture
-def slow_server() -> ServerProcess:
+def slow_server() -> Iterator[ServerProcess]:
     process = ServerProcess("--token-delay", "0.01", "--n-parallel", "8")
-    yield process  # type: ignore[misc]
+    yield process
     process.close()
 
 
@@ -316,7 +320,7 @@ def test_health_with_token_and_env_target(server_process: ServerProcess) -> None
 def test_sync_generate_errors_surface(server_process: ServerProcess) -> None:
     with GenstructClient(server_process.target) as client, pytest.raises(grpc.RpcError) as info:
         client.generate(Document("t", "x" * 5000), timeout=10)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_columns_default_to_title_and_content() -> None:

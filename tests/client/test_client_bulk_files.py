@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from genstruct_client.bulk.documents import ColumnMapping, derive_id
 from genstruct_client.bulk.errors import UsageError
 from genstruct_client.bulk.ledger import Ledger

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from pydantic import SecretStr
-
 from genstruct.v1 import genstruct_pb2 as pb
 from genstruct_client import (
     AsyncGenstructClient,
@@ -21,6 +19,8 @@ from genstruct_client import (
 from genstruct_service.config import Settings
 from genstruct_service.errors import QueueFull, Unavailable
 from genstruct_service.server import RunningServer, start_server
+from pydantic import SecretStr
+
 from tests.fakes import FakeEngine
 
 DOC = Document(title="Tides", content="The moon pulls the sea.", id="d1")
@@ -173,7 +173,8 @@ async def test_stream_restart_resubmits_what_had_no_result(settings: Settings) -
 
 
 async def test_token_is_sent(engine: FakeEngine, settings: Settings) -> None:
-    running = await start_server(settings.model_copy(update={"auth_token": SecretStr("s3cret")}), engine)
+    secured = settings.model_copy(update={"auth_token": SecretStr("s3cret")})
+    running = await start_server(secured, engine)
     try:
         async with AsyncGenstructClient(config=ChannelConfig(running.target)) as client:
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -229,3 +230,13 @@ async def test_tls_and_mutual_tls(
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await running.stop(None)
+
+
+async def test_generate_stream_retries_until_its_first_message(
+    server: RunningServer, engine: FakeEngine
+) -> None:
+    engine.fail_next(QueueFull("queue full"))
+    async with AsyncGenstructClient(server.target) as client:
+        messages = [m async for m in client.generate_stream(DOC, timeout=20)]
+    assert messages[-1].result.pairs[0].parsed
+    assert len(engine.requests) == 2

@@ -74,7 +74,7 @@ def count_rows(path: Path, fmt: str | None = None, split: str | None = None) -> 
         return int(_pyarrow_parquet().ParquetFile(path).metadata.num_rows)
     if fmt in ("arrow", "hf"):
         files = [path] if fmt == "arrow" else datasets_folder_files(path, split)
-        return sum(batch.num_rows for file in files for batch in _arrow_batches(file))
+        return int(sum(batch.num_rows for file in files for batch in _arrow_batches(file)))
     return None
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
-
 from genstruct.v1 import genstruct_pb2 as pb
+
 from genstruct_client._batching import BatchAborted, ResubmitPolicy
 from genstruct_client.aio import AsyncGenstructClient
 from genstruct_client.bulk.documents import ColumnMapping
@@ -102,7 +102,7 @@ class RunSummary:
                 f"(see {self.errors}); fix them or remove them from the input"
             )
         if self.failed:
-            codes = ", ".join(f"{name} {count}" for name, count in sorted(self.failed_codes.items()))
+            codes = ", ".join(f"{code} {n}" for code, n in sorted(self.failed_codes.items()))
             lines.append(f"{self.failed} documents failed ({codes}): see {self.errors}")
         if self.repaired_bytes:
             lines.append(f"cut off a torn last line ({self.repaired_bytes} bytes) left by a crash")
