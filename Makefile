@@ -40,7 +40,7 @@ $(NODE_DIR)/node_modules/.stamp: $(NODE_DIR)/package.json $(NODE_DIR)/package-lo
 # Serves Genstruct-7B (Q4_K_M) when it is in models/ or can be downloaded, else the small demo
 # model with a warning. Extra flags: make run ARGS="--n-parallel 8".
 run: $(VENV)/.demo
-	$(VENV)/bin/genstruct-server --model genstruct-7b:Q4_K_M --fallback-to-demo $(ARGS)
+	$(VENV)/bin/genstruct-server --model genstruct-7b:Q4_K_M --fallback-to-demo --log-format text $(ARGS)
 
 # --- tests ----------------------------------------------------------------------------------
 
