@@ -8,6 +8,7 @@ GENSTRUCT_ENGINE_FACTORY=tests.hardening.engines:make_engine.
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -27,3 +28,12 @@ def make_engine(settings: Any, *, on_step: Callable[[int], None] | None = None) 
     engine.finished = deque(maxlen=4)  # type: ignore[assignment]
     engine.cancelled = deque(maxlen=4)  # type: ignore[assignment]
     return engine
+
+
+def make_slow_engine(
+    settings: Any, *, on_step: Callable[[int], None] | None = None
+) -> FakeEngine:
+    """`make_engine` after FAKE_ENGINE_LOAD_SECONDS, like a model that takes a while to load
+    (the server listens meanwhile: health NOT_SERVING, calls UNAVAILABLE)."""
+    time.sleep(float(os.environ.get("FAKE_ENGINE_LOAD_SECONDS", "5")))
+    return make_engine(settings, on_step=on_step)
