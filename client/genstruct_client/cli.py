@@ -43,10 +43,17 @@ def _add_connection(parser: argparse.ArgumentParser) -> None:
         f"(env GENSTRUCT_TARGET, default {DEFAULT_TARGET})",
     )
     group.add_argument("--tls", action="store_true", help="use TLS (implied by --ca-cert/--cert)")
-    group.add_argument("--ca-cert", type=Path, help="PEM roots to verify the server with")
+    group.add_argument(
+        "--ca-cert", "--ca-file", type=Path, help="PEM roots to verify the server with"
+    )
     group.add_argument("--cert", type=Path, help="PEM client certificate, for mutual TLS")
     group.add_argument("--key", type=Path, help="PEM client key, for mutual TLS")
     group.add_argument("--server-name", help="name expected in the server's certificate")
+    group.add_argument(
+        "--token",
+        help="bearer token (visible to other users in the process list: prefer --token-file "
+        "or GENSTRUCT_TOKEN)",
+    )
     group.add_argument(
         "--token-file",
         type=Path,
@@ -65,6 +72,8 @@ def _config(args: argparse.Namespace) -> ChannelConfig:
         token = os.environ.get("GENSTRUCT_TOKEN") or None
         if args.token_file:
             token = args.token_file.read_text().strip()
+        if args.token:
+            token = args.token
     except (ValueError, OSError) as exc:
         raise UsageError(str(exc)) from None
     return ChannelConfig(target=target, tls=tls, token=token)

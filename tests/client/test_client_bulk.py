@@ -325,3 +325,19 @@ def test_sync_generate_errors_surface(server_process: ServerProcess) -> None:
 
 def test_columns_default_to_title_and_content() -> None:
     assert ColumnMapping() == ColumnMapping("title", "content", None)
+
+
+def test_token_flags(tmp_path: Path) -> None:
+    server = ServerProcess("--auth-token", "s3cret")
+    try:
+        source = write_input(tmp_path / "in.jsonl", "jsonl", RECORDS)
+        base = ("generate", str(source), "-o", str(tmp_path / "o.jsonl"), "--target",
+                server.target, "--no-progress", "--retry-budget", "5")
+        refused = genstruct(*base)
+        assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+        (tmp_path / "token").write_text("s3cret\n")
+        assert genstruct(*base, "--token-file", str(tmp_path / "token")).returncode == 0
+        result = genstruct("info", "--target", server.target, "--token", "s3cret")
+        assert result.returncode == 0, result.stderr
+    finally:
+        server.close()
