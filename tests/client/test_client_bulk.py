@@ -334,7 +334,12 @@ def test_token_flags(tmp_path: Path) -> None:
         base = ("generate", str(source), "-o", str(tmp_path / "o.jsonl"), "--target",
                 server.target, "--no-progress", "--retry-budget", "5")
         refused = genstruct(*base)
-        assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+        # The stream is refused; gRPC sometimes reports that as INTERNAL when the client is
+        # still sending (see the report), so only the outcome is checked here.
+        assert refused.returncode == 1 and "stopped:" in refused.stderr
+        assert not (tmp_path / "o.jsonl").read_text()
+        result = genstruct("info", "--target", server.target)
+        assert result.returncode == 1 and "UNAUTHENTICATED" in result.stderr
         (tmp_path / "token").write_text("s3cret\n")
         assert genstruct(*base, "--token-file", str(tmp_path / "token")).returncode == 0
         result = genstruct("info", "--target", server.target, "--token", "s3cret")
