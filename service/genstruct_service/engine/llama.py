@@ -43,7 +43,7 @@ import llama_cpp as ll
 
 from genstruct_service.engine.gguf_info import engine_info
 from genstruct_service.engine.grammar import ANSWER_RESERVE, ASSISTANT_MARK, GENSTRUCT_GBNF
-from genstruct_service.engine.sampling import build_chain
+from genstruct_service.engine.sampling import ConstrainedSampler, build_chain, build_grammar
 from genstruct_service.engine.text import TextAssembler
 from genstruct_service.engine.types import (
     Completed,
@@ -99,6 +99,7 @@ class _Seq:
     chain: Any  # the llama_sampler pointer, None once freed
     assembler: TextAssembler
     max_tokens: int
+    grammar: Any = None  # constrained mode: the grammar sampler, apart from the chain
     pos: int = 0
     feed: list[int] = field(default_factory=list)  # tokens to decode next, in order
     n_generated: int = 0
@@ -373,6 +374,7 @@ class LlamaEngine:
         self._seen_cancel_epoch = 0
         self._marker_tokens = len(self._tokenize(ASSISTANT_MARK, add_special=False))
         self._min_constrained_tokens = self._marker_tokens + ANSWER_RESERVE + 4
+        self._constrained = ConstrainedSampler(ctx, self._n_vocab)
         self._info = engine_info(
             model, model_name=self._model_name, model_path=self._model_path,
             n_ctx=int(ll.llama_n_ctx(ctx)), n_parallel=self._n_parallel,
@@ -382,9 +384,7 @@ class LlamaEngine:
     def _free(self) -> None:
         for active in self._active:
             for seq in active.seqs:
-                if seq.chain:
-                    ll.llama_sampler_free(seq.chain)
-                    seq.chain = None
+                self._free_samplers(seq)
         self._active.clear()
         if getattr(self, "_batch", None) is not None:
             ll.llama_batch_free(self._batch)
@@ -536,22 +536,22 @@ class LlamaEngine:
             seed = self._default_seed if self._default_seed is not None else random.getrandbits(32)
         stops = (USER_MARK, *sampling.stop)
         banned = self._eog if sampling.ignore_eos else ()
-        grammar = GENSTRUCT_GBNF if request.constrained else None
         seqs: list[_Seq] = []
         try:
             for i in range(request.num_generations):
-                chain = build_chain(
-                    self._vocab, self._n_vocab, sampling, seed + i, grammar=grammar, banned=banned
+                seq = _Seq(
+                    index=i, seq_id=-1, chain=None, assembler=TextAssembler(stops),
+                    max_tokens=sampling.max_tokens, constrained=request.constrained,
                 )
-                seqs.append(
-                    _Seq(
-                        index=i, seq_id=-1, chain=chain, assembler=TextAssembler(stops),
-                        max_tokens=sampling.max_tokens, constrained=request.constrained,
-                    )
+                seqs.append(seq)
+                seq.chain = build_chain(
+                    self._vocab, self._n_vocab, sampling, seed + i, banned=banned
                 )
+                if request.constrained:
+                    seq.grammar = build_grammar(self._vocab, GENSTRUCT_GBNF)
         except BaseException:
             for seq in seqs:
-                ll.llama_sampler_free(seq.chain)
+                self._free_samplers(seq)
             raise
         for seq in seqs:
             seq.seq_id = self._free_ids.pop()
@@ -629,8 +629,7 @@ class LlamaEngine:
                 return
             raise RuntimeError(f"llama_decode returned {rc}")
         now = time.perf_counter()
-        ctx = self._ctx
-        sample = ll.llama_sampler_sample
+        sample = self._sample
         for active in self._active:
             if active.prefill_row >= 0:
                 row = active.prefill_row
@@ -640,12 +639,12 @@ class LlamaEngine:
                     if seq is not first:
                         ll.llama_memory_seq_cp(self._mem, first.seq_id, seq.seq_id, -1, -1)
                     seq.pos = total
-                    self._accept_token(active, seq, sample(seq.chain, ctx, row))
+                    self._accept_token(active, seq, sample(seq, row))
                 active.first_token = now
             else:
                 for seq in active.seqs:
                     if seq.out_row >= 0 and seq.finish is None:
-                        self._accept_token(active, seq, sample(seq.chain, ctx, seq.out_row))
+                        self._accept_token(active, seq, sample(seq, seq.out_row))
         finished = []
         for active in self._active:
             if active.done == len(active.seqs):
@@ -701,6 +700,7 @@ class LlamaEngine:
             return
         for token in forced:
             ll.llama_sampler_accept(seq.chain, token)
+            ll.llama_sampler_accept(seq.grammar, token)
             seq.n_generated += 1
             text = seq.assembler.push(self._piece(token))
             if text:
@@ -730,11 +730,23 @@ class LlamaEngine:
             seq.seq_id = -1
             with self._lock:
                 self._busy -= 1
+        self._free_samplers(seq)
+        seq.feed.clear()
+        seq.out_row = -1
+
+    @staticmethod
+    def _free_samplers(seq: _Seq) -> None:
         if seq.chain:
             ll.llama_sampler_free(seq.chain)
             seq.chain = None
-        seq.feed.clear()
-        seq.out_row = -1
+        if seq.grammar:
+            ll.llama_sampler_free(seq.grammar)
+            seq.grammar = None
+
+    def _sample(self, seq: _Seq, row: int) -> int:
+        if seq.grammar is None:
+            return int(ll.llama_sampler_sample(seq.chain, self._ctx, row))
+        return self._constrained.sample(seq.chain, seq.grammar, row)
 
     def _complete(self, active: _Active) -> None:
         """Send the last event of a request and give back its reservation."""

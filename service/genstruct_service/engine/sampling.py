@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 from typing import Any
 
 import llama_cpp as ll
+import numpy as np
 
 from genstruct_service.engine.types import Sampling
 
@@ -18,10 +20,9 @@ def build_chain(
     sampling: Sampling,
     seed: int,
     *,
-    grammar: str | None,
     banned: Sequence[int],
 ) -> Any:
-    """A sampler chain: [eog ban] [grammar] penalties top_k top_p min_p temp dist (or greedy).
+    """A sampler chain: [eog ban] penalties top_k top_p min_p temp dist (or greedy).
 
     `banned` tokens get a -inf logit bias (the end-of-generation tokens when ignore_eos).
     Samplers that would do nothing are left out, to keep sampling over a large vocabulary
@@ -44,8 +45,6 @@ def build_chain(
         for i, token in enumerate(banned):
             biases[i] = ll.llama_logit_bias(token, float("-inf"))
         add(ll.llama_sampler_init_logit_bias(n_vocab, len(banned), biases), "logit bias")
-    if grammar is not None:
-        add(ll.llama_sampler_init_grammar(vocab, grammar.encode(), b"root"), "grammar")
     if (
         sampling.repeat_penalty != 1.0
         or sampling.presence_penalty != 0.0
@@ -73,3 +72,70 @@ def build_chain(
     add(ll.llama_sampler_init_temp(sampling.temperature), "temperature")
     add(ll.llama_sampler_init_dist(seed & 0xFFFFFFFF), "dist")
     return chain
+
+
+def build_grammar(vocab: Any, grammar: str) -> Any:
+    """A grammar sampler kept apart from the chain: see `ConstrainedSampler`."""
+    sampler = ll.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    if not sampler:
+        raise RuntimeError("the grammar could not be parsed")
+    return sampler
+
+
+class ConstrainedSampler:
+    """Grammar-constrained sampling that applies the grammar to the whole vocabulary rarely.
+
+    Checking every one of a large vocabulary's tokens against a grammar costs far more than
+    a decode step, so, as llama.cpp's server does, the chain samples freely first and the
+    grammar only checks that one token; only when it is rejected is the grammar applied to
+    every candidate and the chain run again. One instance (its candidate buffer) serves
+    every sequence on the engine thread.
+    """
+
+    def __init__(self, ctx: Any, n_vocab: int) -> None:
+        self._ctx = ctx
+        self._n_vocab = n_vocab
+        self._cand = np.zeros(
+            n_vocab, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+        )
+        self._cand["id"] = np.arange(n_vocab, dtype=np.int32)
+        self._ids = self._cand["id"].copy()
+        data = ctypes.cast(self._cand.ctypes.data, ctypes.POINTER(ll.llama_token_data))
+        self._array = ll.llama_token_data_array(data, n_vocab, -1, False)
+        self._array_p = ctypes.pointer(self._array)
+        self._one = (ll.llama_token_data * 1)()
+        self._one_array = ll.llama_token_data_array(self._one, 1, -1, False)
+        self._one_p = ctypes.pointer(self._one_array)
+
+    def _fill(self, row: int) -> None:
+        logits = ll.llama_get_logits_ith(self._ctx, row)
+        cand = self._cand
+        cand["id"] = self._ids
+        cand["logit"] = np.ctypeslib.as_array(logits, shape=(self._n_vocab,))
+        cand["p"] = 0.0
+        self._array.size = self._n_vocab
+        self._array.selected = -1
+        self._array.sorted = False
+
+    def _selected(self) -> int:
+        return int(self._cand["id"][self._array.selected])
+
+    def allows(self, grammar: Any, token: int) -> bool:
+        self._one[0] = ll.llama_token_data(token, 0.0, 0.0)
+        self._one_array.size = 1
+        self._one_array.selected = -1
+        ll.llama_sampler_apply(grammar, self._one_p)
+        return bool(np.isfinite(self._one[0].logit))
+
+    def sample(self, chain: Any, grammar: Any, row: int) -> int:
+        self._fill(row)
+        ll.llama_sampler_apply(chain, self._array_p)
+        token = self._selected()
+        if not self.allows(grammar, token):
+            self._fill(row)
+            ll.llama_sampler_apply(grammar, self._array_p)
+            ll.llama_sampler_apply(chain, self._array_p)
+            token = self._selected()
+        ll.llama_sampler_accept(chain, token)
+        ll.llama_sampler_accept(grammar, token)
+        return token
