@@ -209,7 +209,9 @@ class _Call:
             self._streaming(handler.stream_stream, streamed=True), **kwargs
         )
 
-    async def _begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _begin(
+        self, context: grpc.aio.ServicerContext[Any, Any], *, stream_out: bool
+    ) -> None:
         self.started = time.perf_counter()
         # Read while the call is surely alive: context.peer() once the call has ended
         # (a deadline, a cancellation) can read freed memory in grpc core and crash.
@@ -217,7 +219,11 @@ class _Call:
         _current.set(self.record)
         pair = ((REQUEST_ID_KEY, self.record.request_id),)
         context.set_trailing_metadata(pair)
-        await context.send_initial_metadata(pair)
+        if stream_out:
+            # A streaming caller learns the id at once. A unary response carries it only in
+            # its trailers: headers sent early would stop gRPC's own retry of UNAVAILABLE and
+            # RESOURCE_EXHAUSTED, which only retries calls that received no headers.
+            await context.send_initial_metadata(pair)
         if not self.authorized:
             raise Unauthenticated(
                 "this server requires a bearer token: send metadata "
@@ -227,7 +233,7 @@ class _Call:
     def _unary(self, behavior: Callable[..., Any], *, streamed: bool = False) -> Callable[..., Any]:
         async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
-                await self._begin(context)
+                await self._begin(context, stream_out=False)
                 request = _check_request(request, streamed)
                 response = await behavior(request, context)
                 self.code = context.code() or grpc.StatusCode.OK
@@ -247,7 +253,7 @@ class _Call:
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             try:
-                await self._begin(context)
+                await self._begin(context, stream_out=True)
                 request = _check_request(request, streamed)
                 async with aclosing(behavior(request, context)) as responses:
                     async for response in responses:
