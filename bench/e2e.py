@@ -345,42 +345,52 @@ def worker_overhead(args: argparse.Namespace) -> dict[str, Any]:
         from genstruct_service.engine.llama import LlamaEngine
         from genstruct_service.server import start_server
 
+        from tests.fakes import FakeEngine
+
+        async def measure(engine: Any, n: int) -> dict[str, float]:
+            settings = Settings(host="127.0.0.1", port=0, metrics_port=0, log_level="ERROR")
+            server = await start_server(settings, engine)
+            title, content = "Tides", "Tides are caused by the Moon."
+            direct = GenerationRequest(title, content, Sampling(temperature=0, max_tokens=1))
+            request = pb.GenerateRequest(document=pb.Document(title=title, content=content),
+                                         sampling=pb.SamplingParams(temperature=0, max_tokens=1))
+            through: list[float] = []
+            alone: list[float] = []
+            try:
+                async with grpc.aio.insecure_channel(server.target) as channel:
+                    stub = genstruct_pb2_grpc.GenstructServiceStub(channel)
+                    for i in range(n + 3):
+                        t0 = time.perf_counter()
+                        async for event in engine.generate(direct):
+                            if isinstance(event, Completed):
+                                break
+                        t1 = time.perf_counter()
+                        await stub.Generate(request, timeout=60)
+                        t2 = time.perf_counter()
+                        if i >= 3:  # the first calls warm up both paths
+                            alone.append(t1 - t0)
+                            through.append(t2 - t1)
+            finally:
+                await server.stop(None)
+            pairs = [b - a for a, b in zip(alone, through, strict=True)]
+            return {
+                "n": len(alone),
+                "engine_p50_ms": statistics.median(alone) * 1e3,
+                "grpc_p50_ms": statistics.median(through) * 1e3,
+                "overhead_p50_ms": (statistics.median(through) - statistics.median(alone)) * 1e3,
+                "paired_difference_p50_ms": statistics.median(pairs) * 1e3,
+            }
+
+        # The gRPC layer alone: an engine that answers at once, so only gRPC is timed.
+        fake = await measure(FakeEngine(tokens=("Q?", " [[[Assistant]]]", " A.")), 500)
         engine = await LlamaEngine.open(args.model, n_parallel=max(LEVELS), n_ctx=args.n_ctx,
                                         n_batch=args.n_batch, n_threads=args.threads,
                                         n_gpu_layers=0)
-        settings = Settings(host="127.0.0.1", port=0, metrics_port=0, log_level="ERROR")
-        server = await start_server(settings, engine)
-        title, content = "Tides", "Tides are caused by the Moon."
-        direct = GenerationRequest(title, content, Sampling(temperature=0, max_tokens=1))
-        request = pb.GenerateRequest(document=pb.Document(title=title, content=content),
-                                     sampling=pb.SamplingParams(temperature=0, max_tokens=1))
-        through: list[float] = []
-        alone: list[float] = []
         try:
-            async with grpc.aio.insecure_channel(server.target) as channel:
-                stub = genstruct_pb2_grpc.GenstructServiceStub(channel)
-                for i in range(args.overhead_n + 3):
-                    t0 = time.perf_counter()
-                    async for event in engine.generate(direct):
-                        if isinstance(event, Completed):
-                            break
-                    t1 = time.perf_counter()
-                    await stub.Generate(request, timeout=60)
-                    t2 = time.perf_counter()
-                    if i >= 3:  # the first calls warm up both paths
-                        alone.append(t1 - t0)
-                        through.append(t2 - t1)
+            real = await measure(engine, args.overhead_n)
         finally:
-            await server.stop(None)
             await engine.close()
-        pairs = [b - a for a, b in zip(alone, through, strict=True)]
-        return {
-            "n": len(alone),
-            "engine_p50_ms": statistics.median(alone) * 1e3,
-            "grpc_p50_ms": statistics.median(through) * 1e3,
-            "overhead_p50_ms": (statistics.median(through) - statistics.median(alone)) * 1e3,
-            "paired_difference_p50_ms": statistics.median(pairs) * 1e3,
-        }
+        return {**real, **{f"fake_{k}": v for k, v in fake.items()}}
 
     return asyncio.run(main())
 
@@ -445,7 +455,11 @@ def table(results: Results) -> str:
         lines.append(f"gRPC overhead per tiny Generate (n={o['n']:.0f}, max_tokens 1): engine "
                      f"p50 {o['engine_p50_ms']:.2f} ms, through gRPC p50 {o['grpc_p50_ms']:.2f} "
                      f"ms, difference {o['overhead_p50_ms']:.2f} ms (p50 of paired differences "
-                     f"{o['paired_difference_p50_ms']:.2f} ms)")
+                     f"{o['paired_difference_p50_ms']:.2f} ms); the gRPC layer alone (an "
+                     f"engine that answers at once, n={o['fake_n']:.0f}): "
+                     f"{o['fake_engine_p50_ms']:.3f} ms direct, "
+                     f"{o['fake_grpc_p50_ms']:.3f} ms through gRPC, difference "
+                     f"{o['fake_overhead_p50_ms']:.3f} ms")
     lines.append(f"load average before {results.load_before}, after {results.load_after}")
     return "\n".join(lines)
 

@@ -32,16 +32,17 @@ class Scale:
     soak_docs: int  # documents per stream
     soak_rounds: int
     model_soak_streams: int  # the same against the real model
+    model_docs: int  # documents of the real-model SIGTERM batch and per real soak stream
     flood_docs: int  # documents pushed by a sender that never reads
     bulk_docs: int  # documents of the real-model bulk run that is killed
     kills: int  # kill -9 / restarts during that run
 
 
 SHORT = Scale("short", bad_input_examples=150, raw_examples=120, model_examples=12,
-              soak_streams=24, soak_docs=16, soak_rounds=2, model_soak_streams=6,
-              flood_docs=3000, bulk_docs=8, kills=1)
+              soak_streams=24, soak_docs=16, soak_rounds=2, model_soak_streams=4, model_docs=2,
+              flood_docs=3000, bulk_docs=6, kills=1)
 LONG = Scale("full", bad_input_examples=1500, raw_examples=1000, model_examples=80,
-             soak_streams=64, soak_docs=64, soak_rounds=5, model_soak_streams=16,
+             soak_streams=64, soak_docs=64, soak_rounds=5, model_soak_streams=16, model_docs=6,
              flood_docs=20000, bulk_docs=31, kills=2)
 
 

@@ -134,11 +134,14 @@ def test_a_bulk_run_waits_for_a_server_that_is_still_loading(tmp_path: Path) -> 
 
 
 @pytest.mark.model
-def test_sigterm_during_a_batch_finishes_the_work_in_flight(model: str, figures: Any) -> None:
+def test_sigterm_during_a_batch_finishes_the_work_in_flight(
+    model: str, scale: Scale, figures: Any
+) -> None:
+    lines = EXAMPLES.read_text().splitlines()[: 2 + scale.model_docs]
     docs = [
         pb.GenerateRequest(id=f"d{i}", document=pb.Document(title=r["title"], content=r["content"]),
-                           sampling=pb.SamplingParams(max_tokens=8, temperature=0))
-        for i, r in enumerate(json.loads(line) for line in EXAMPLES.read_text().splitlines()[:6])
+                           sampling=pb.SamplingParams(max_tokens=4, temperature=0))
+        for i, r in enumerate(json.loads(line) for line in lines)
     ]
     server = GenstructServer("--n-parallel", "2", "--max-batch-in-flight", "8",
                              "--drain-seconds", "120", *REAL, fake=False)

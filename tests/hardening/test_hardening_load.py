@@ -211,6 +211,7 @@ def real_server() -> Iterator[GenstructServer]:
 async def test_soak_with_cancellations_on_the_real_engine(
     real_server: GenstructServer, scale: Scale, figures: Any
 ) -> None:
-    result = await _soak(real_server, scale, 1, scale.model_soak_streams, 3, max_tokens=6,
+    result = await _soak(real_server, scale, 1, scale.model_soak_streams, scale.model_docs,
+                         max_tokens=6,
                          deadline=(0.1, 2.0), seed=11)
     figures(**result)
