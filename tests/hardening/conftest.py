@@ -74,6 +74,14 @@ def figures(request: pytest.FixtureRequest) -> Any:
     return record
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The full form's tests run longer than the suite's 300 s per-test timeout allows."""
+    if FULL:
+        for item in items:
+            if "tests/hardening/" in item.nodeid.replace("\\", "/"):
+                item.add_marker(pytest.mark.timeout(1800))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not _FIGURES.data:
         return
