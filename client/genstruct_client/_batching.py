@@ -26,6 +26,19 @@ STREAM_RETRY_CODES = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
+# What grpc's asyncio client reports, in place of the server's own status, when one of its
+# writes fails because the server had just ended the stream (a draining or stopping server;
+# grpc/grpc#36066). The server's own INTERNAL errors never carry this text.
+CORE_WRITE_RACE = "Internal error from Core"
+
+
+def stream_failure_is_transient(code: grpc.StatusCode, details: str) -> bool:
+    """Whether a GenerateBatch stream that failed this way is worth reopening."""
+    if code == grpc.StatusCode.INTERNAL:
+        return details == CORE_WRITE_RACE
+    return code in STREAM_RETRY_CODES or code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 # Per-document refusals inside GenerateBatch worth another attempt.
 ITEM_RETRY_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE.value[0], grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}

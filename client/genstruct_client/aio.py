@@ -17,12 +17,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from genstruct_client._batching import (
     ITEM_RETRY_CODES,
-    STREAM_RETRY_CODES,
     BatchAborted,
     Item,
     ResubmitPolicy,
     Scheduler,
     error_response,
+    stream_failure_is_transient,
 )
 from genstruct_client.channel import ChannelConfig, create_aio_channel, resolve_target
 from genstruct_client.types import GenerationOptions, RequestLike, to_request
@@ -191,13 +191,14 @@ class AsyncGenstructClient:
 
         Drives GenerateBatch with at most `window` documents in flight per lane, over
         `streams` lanes (use one per server behind round_robin, which balances calls, not
-        messages). A lane sends at most `documents_per_stream` documents (default 8 * window)
-        on one stream, then opens the next stream while the old one finishes, so round_robin
-        keeps spreading the work, also onto servers that come back. Documents need unique ids;
-        `documents` is read lazily. A stream that breaks is reopened (backoff with jitter) and
-        the documents that had no result yet are sent again; a document refused for good, or
-        out of tries, comes back with `error` set. `deadline` bounds each document's time from
-        when it is sent: past it, its stream is cancelled and the document uses up one try.
+        messages). A lane sends at most `documents_per_stream` documents (default 8 * window;
+        `window` on its first stream) on one stream, then opens the next stream while the old
+        one finishes, so round_robin keeps spreading the work, also onto servers that come
+        back. Documents need unique ids; `documents` is read lazily. A stream that breaks is
+        reopened (backoff with jitter) and the documents that had no result yet are sent
+        again; a document refused for good, or out of tries, comes back with `error` set.
+        `deadline` bounds each document's time from when it is sent: past it, its stream is
+        cancelled and the document uses up one try.
         Raises BatchAborted when no result has come back for `policy.budget_seconds`.
         """
         if window < 1 or streams < 1:
@@ -240,12 +241,17 @@ class AsyncGenstructClient:
         draining: set[asyncio.Task[_Failure | None]] = set()
         live: set[asyncio.Task[Any]] = set()  # every task this lane started and not reaped
         failures = 0  # failed streams in a row
+        # The first stream is short: it opens while the channel's connections are still
+        # coming up, so round_robin puts it (and every other lane's) on the first server to
+        # answer; the streams after it spread over every server that is ready by then.
+        stream_quota = min(window, quota)
         try:
             while True:
                 full = asyncio.Event()
                 stream = asyncio.create_task(
-                    self._stream(scheduler, out, room, quota, full, deadline, policy)
+                    self._stream(scheduler, out, room, stream_quota, full, deadline, policy)
                 )
+                stream_quota = quota
                 full_wait = asyncio.create_task(full.wait())
                 live |= {stream, full_wait}
                 await asyncio.wait({stream, full_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -355,7 +361,7 @@ class AsyncGenstructClient:
         if failure is None:
             return None
         code, details = failure
-        if code not in STREAM_RETRY_CODES and code != grpc.StatusCode.DEADLINE_EXCEEDED:
+        if not stream_failure_is_transient(code, details):
             raise BatchAborted(code, details)
         log.warning(
             "GenerateBatch stream failed (%s: %s); resubmitting %d documents",
