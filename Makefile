@@ -47,6 +47,11 @@ run: $(VENV)/.demo
 test: $(VENV)/.dev $(NODE_DIR)/node_modules/.stamp lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The hardening suite at full scale (bad input, soak, faults, security); figures go to
+# build/hardening-figures.json. `make test` runs its short form.
+test-full: $(VENV)/.dev $(NODE_DIR)/node_modules/.stamp
+	GENSTRUCT_HARDENING=full $(PY) -m pytest tests/hardening $(PYTEST_ARGS)
+
 lint: $(VENV)/.dev $(NODE_DIR)/node_modules/.stamp
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
@@ -56,6 +61,16 @@ lint: $(VENV)/.dev $(NODE_DIR)/node_modules/.stamp
 
 protos: $(VENV)/.dev
 	$(PY) protos/generate.py
+
+# --- benchmarks (not tests: they print ratio tables against llama.cpp's own server) -------
+
+# The engine against a sequential llama_cpp.Llama loop and `llama-server --parallel`.
+bench: $(VENV)/.dev
+	$(PY) -m bench.throughput --out bench/results/throughput.json $(ARGS)
+
+# The gRPC service end to end, from a client process, against the same peers.
+bench-e2e: $(VENV)/.dev
+	$(PY) -m bench.e2e --out bench/results/e2e.json --plot bench/results/e2e.png $(ARGS)
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
