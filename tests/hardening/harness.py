@@ -52,6 +52,7 @@ def base_env(**extra: str) -> dict[str, str]:
             del env[key]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"  # a crash leaves its Python stack in the captured log
     env.update(extra)
     return env
 
@@ -179,6 +180,10 @@ class GenstructServer:
             self.kill()
 
     # --- observation ----------------------------------------------------------------------
+
+    def tail(self, lines: int = 30) -> str:
+        """The last lines of this run's stderr, for failure messages."""
+        return "\n".join(line[:500] for line in self._run_lines()[-lines:])
 
     def log_entries(self) -> list[dict[str, Any]]:
         entries = []

@@ -268,6 +268,31 @@ def check_outcome(outcome: Outcome, request: pb.GenerateRequest, verdict: str,
         assert outcome.deltas == response.pairs[0].raw_text
 
 
+class DeathWatch:
+    """Names the request after which the server died: once it is dead, every later example
+    fails too, and hypothesis would shrink towards one of those instead."""
+
+    def __init__(self, server: GenstructServer) -> None:
+        self.server = server
+        self.killer: tuple[str, pb.GenerateRequest] | None = None
+
+    def after(self, method: str, request: pb.GenerateRequest) -> None:
+        if self.killer is None and not self.server.alive():
+            self.killer = (method, request)
+
+    def run(self, check: Any) -> None:
+        try:
+            check()
+        except BaseException:
+            if self.killer is not None:
+                method, request = self.killer
+                code = self.server.process.poll() if self.server.process else None
+                pytest.fail(
+                    f"the server died (exit {code}) after {method} {str(request)[:2000]!r}; "
+                    f"its last lines:\n{self.server.tail()}", pytrace=False)
+            raise
+
+
 def alive(server: GenstructServer, channel: Channel) -> None:
     assert server.alive(), "the server died"
     reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
@@ -332,9 +357,11 @@ def test_property_requests_end_in_a_response_or_a_clear_refusal(
         verdict = expected(request, limits, batch=method == "GenerateBatch")
         outcome = call(channel, method, request)
         codes[outcome.code.name] += 1
+        watch.after(method, request)
         check_outcome(outcome, request, verdict, method)
 
-    check()
+    watch = DeathWatch(server)
+    watch.run(check)
     alive(server, channel)
     after = server.rss()
     tried = sum(codes.values())
@@ -545,6 +572,7 @@ def test_property_requests_against_the_real_model(
             verdict = expected(request, REAL_LIMITS, batch=method == "GenerateBatch")
             outcome = call(chan, method, request, timeout=120)
             codes[outcome.code.name] += 1
+            watch.after(method, request)
             if verdict == "ok" and outcome.code == grpc.StatusCode.INVALID_ARGUMENT:
                 # Within every limit but too long for this context (n_ctx 2048): refused by
                 # the engine, naming the token counts.
@@ -564,7 +592,8 @@ def test_property_requests_against_the_real_model(
                 if len(request.document.content) > 10_000:
                     assert response.truncated
 
-        check()
+        watch = DeathWatch(real_server)
+        watch.run(check)
         alive(real_server, chan)
         samples = real_server.wait_idle(30)
         after = real_server.rss()

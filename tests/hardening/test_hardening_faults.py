@@ -90,13 +90,11 @@ def test_kill9_and_restart_with_the_real_model_loses_and_repeats_nothing(
             server.kill()
             server.restart()  # same port: the client reconnects to the reloaded model
         code, err = finish(client, timeout=600)
-        # While the restarted server loads its model, the client may stop with INTERNAL
-        # (see test_a_bulk_run_waits_for_a_server_that_is_still_loading); rerunning the same
-        # command is the client's documented resume, and must finish the rest exactly once.
-        while code != 0 and "rerun the same command" in err and reruns < 3:
-            reruns += 1
-            code, err = finish(start_genstruct(*args), timeout=600)
+        assert code == 0, err  # the run itself rode out the kills and the model's reload
+        # A rerun of the same command (the client's resume) finds nothing left to do.
+        code, err = finish(start_genstruct(*args), timeout=300)
         assert code == 0, err
+        reruns += 1
     finally:
         server.close()
     written = output_records(output)
@@ -107,10 +105,11 @@ def test_kill9_and_restart_with_the_real_model_loses_and_repeats_nothing(
             rows=len(written), reruns=reruns)
 
 
-@pytest.mark.xfail(strict=True, reason="bug (client): a GenerateBatch refused with UNAVAILABLE "
-                   "while the server loads is often seen as INTERNAL 'Internal error from Core' "
-                   "and the bulk run stops instead of retrying")
 def test_a_bulk_run_waits_for_a_server_that_is_still_loading(tmp_path: Path) -> None:
+    """A GenerateBatch refused while the model loads is often seen by gRPC's client as
+    INTERNAL "Internal error from Core" (the server ended the call while the client was still
+    writing); the bulk run must ride it out, not stop. (It stopped at once, 3 runs of 3,
+    before the client's 453f33e.)"""
     source = tmp_path / "in.jsonl"
     records = write_documents(source, 200)
     output = tmp_path / "out.jsonl"
