@@ -26,13 +26,13 @@ class RetryPolicy:
     """Retries of calls refused with a transient code, with exponential backoff and jitter.
 
     It goes to gRPC as the service config's retryPolicy (gRPC waits a random time between 0
-    and the current backoff, and caps `max_attempts` at 5), which covers calls that failed
-    before the server sent anything, e.g. while connecting. gRPC commits a call once the
-    server has sent response headers, and the Genstruct server sends them (x-request-id)
-    before it refuses a call, so the clients also retry Generate, GetModelInfo and Health,
-    and GenerateStream until its first message, themselves with the same policy (`delay`).
-    Neither retries a stream that has delivered messages: `generate_many` resubmits what
-    has no result yet itself.
+    and the current backoff, and caps `max_attempts` at 5), which retries a call that got no
+    response headers: unary calls refused by the server (it sends their x-request-id in the
+    trailers only) and calls that failed while connecting. The Genstruct server sends a
+    stream's headers at once, so the clients retry GenerateStream until its first message
+    themselves, and Generate, GetModelInfo and Health too, so that a call out of time says
+    why it was refused (`delay`). Neither retries a stream that has delivered messages:
+    `generate_many` resubmits what has no result yet itself.
     """
 
     max_attempts: int = 5

@@ -62,7 +62,7 @@ def _add_connection(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _config(args: argparse.Namespace) -> ChannelConfig:
+def _config(args: argparse.Namespace, *, retry: bool = True) -> ChannelConfig:
     targets = args.target or [os.environ.get("GENSTRUCT_TARGET", DEFAULT_TARGET)]
     try:
         target = resolve_target(",".join(targets) if len(targets) > 1 else targets[0])
@@ -76,6 +76,8 @@ def _config(args: argparse.Namespace) -> ChannelConfig:
             token = args.token
     except (ValueError, OSError) as exc:
         raise UsageError(str(exc)) from None
+    if not retry:
+        return ChannelConfig(target=target, tls=tls, token=token, retry=None)
     return ChannelConfig(target=target, tls=tls, token=token)
 
 
@@ -220,7 +222,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    with GenstructClient(config=_config(args)) as client:
+    with GenstructClient(config=_config(args, retry=False)) as client:
         try:
             status = client.health(args.service, timeout=args.timeout)
         except grpc.RpcError as exc:
@@ -231,7 +233,8 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    with GenstructClient(config=_config(args)) as client:
+    # An operator asks what the server is doing now: its answer, not a retry until it changes.
+    with GenstructClient(config=_config(args, retry=False)) as client:
         try:
             info = client.model_info(timeout=args.timeout)
         except grpc.RpcError as exc:

@@ -36,12 +36,22 @@ function generate() {
       sampling: { temperature: 0.2, max_tokens: 64 },
       num_generations: 2,
     };
-    let requestId = null;
-    const call = client.Generate(request, metadata, { deadline: deadline() }, (err, response) =>
-      err ? reject(err) : resolve({ response, requestId }),
-    );
-    call.on("metadata", (md) => {
-      requestId = md.get("x-request-id")[0] || null;
+    // A unary response carries x-request-id in its trailers, which come with the status;
+    // settle once both the callback and the status have arrived, in whichever order.
+    let outcome = null;
+    let trailers = null;
+    const settle = () => {
+      if (outcome === null || trailers === null) return;
+      if (outcome.err) reject(outcome.err);
+      else resolve({ response: outcome.response, requestId: trailers.get("x-request-id")[0] || null });
+    };
+    const call = client.Generate(request, metadata, { deadline: deadline() }, (err, response) => {
+      outcome = { err, response };
+      settle();
+    });
+    call.on("status", (status) => {
+      trailers = status.metadata;
+      settle();
     });
   });
 }
