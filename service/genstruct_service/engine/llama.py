@@ -534,7 +534,8 @@ class LlamaEngine:
         seed = sampling.seed
         if seed is None:
             seed = self._default_seed if self._default_seed is not None else random.getrandbits(32)
-        stops = (USER_MARK, *sampling.stop)
+        # ignore_eos (benchmarks) means exactly max_tokens: no end of sequence, no stop strings
+        stops = () if sampling.ignore_eos else (USER_MARK, *sampling.stop)
         banned = self._eog if sampling.ignore_eos else ()
         seqs: list[_Seq] = []
         try:
