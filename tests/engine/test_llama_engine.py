@@ -15,7 +15,7 @@ from genstruct_service.engine import (
     TokenDelta,
     Truncation,
 )
-from genstruct_service.errors import ContextOverflow, InvalidRequest, QueueFull
+from genstruct_service.errors import ContextOverflow, InvalidRequest, QueueFull, Unavailable
 from genstruct_service.prompt import parse_completion
 
 from bench.corpus import DOCUMENTS
@@ -253,3 +253,17 @@ async def test_full_queue_is_refused(tiny_engine: Any) -> None:
     await running.aclose()
     assert isinstance(await asyncio.wait_for(waiting, WAIT), TokenDelta | Completed)
     await queued.aclose()
+
+
+async def test_close_ends_requests_in_flight_and_refuses_new_ones(model_path: str) -> None:
+    from genstruct_service.engine.llama import LlamaEngine
+
+    engine = LlamaEngine(model_path, n_parallel=1, n_ctx=512, n_batch=64, n_threads=2)
+    running = engine.generate(request(0, max_tokens=300, ignore_eos=True))
+    await anext(running)
+    await engine.close()
+    events = [event async for event in running]
+    assert isinstance(events[-1], Completed)
+    assert events[-1].generations[0].finish_reason is FinishReason.CANCELLED
+    with pytest.raises(Unavailable):
+        await anext(engine.generate(request(0)))
