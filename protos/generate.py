@@ -7,6 +7,7 @@ regenerates them into a temporary folder and fails when anything differs.
 from __future__ import annotations
 
 import argparse
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -36,7 +37,11 @@ def _protoc(*options: str) -> None:
 
 def generate(out_dir: Path = DEFAULT_OUT) -> None:
     """Write genstruct/v1/genstruct_pb2{,_grpc}.py{,i} under out_dir."""
+    # mypy-protobuf's plugins are installed beside this interpreter, which need not be on PATH.
+    scripts = Path(sys.executable).parent
     _protoc(
+        f"--plugin=protoc-gen-mypy={scripts / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={scripts / 'protoc-gen-mypy_grpc'}",
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         f"--mypy_out={out_dir}",

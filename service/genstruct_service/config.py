@@ -96,7 +96,11 @@ class Settings(BaseSettings):
         100_000, ge=1, description="Most characters in a document's content."
     )
     max_num_generations: int = Field(
-        8, ge=1, le=64, description="Most generations (pairs) per document."
+        8,
+        ge=1,
+        le=64,
+        description="Most generations (pairs) per document; never more than n_parallel, "
+        "since each generation takes a slot.",
     )
     max_stop_strings: int = Field(8, ge=0, description="Most stop strings per request.")
     max_stop_chars: int = Field(64, ge=1, description="Most characters in one stop string.")
@@ -160,6 +164,11 @@ class Settings(BaseSettings):
                 f"n_parallel {self.n_parallel}"
             )
         return self
+
+    @property
+    def generations_limit(self) -> int:
+        """Most num_generations a request may ask: each generation decodes in a slot of its own."""
+        return min(self.max_num_generations, self.n_parallel)
 
     @property
     def tls_enabled(self) -> bool:

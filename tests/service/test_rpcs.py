@@ -166,7 +166,8 @@ async def test_get_model_info(stub: Stub, server: RunningServer) -> None:
     assert info.default_sampling.max_tokens == server.settings.default_max_tokens
     assert info.default_sampling.HasField("temperature")
     assert not info.default_sampling.HasField("seed")
-    assert info.limits.max_num_generations == server.settings.max_num_generations
+    # Each generation takes a slot: the limit is min(max_num_generations 8, n_parallel 4).
+    assert info.limits.max_num_generations == server.settings.n_parallel == 4
     assert info.limits.max_batch_in_flight == server.settings.max_batch_in_flight
     assert info.limits.max_message_bytes == server.settings.max_message_bytes
 

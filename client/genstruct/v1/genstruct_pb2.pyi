@@ -243,8 +243,10 @@ class GenerateRequest(_message.Message):
     in flight on one stream; optional elsewhere.
     """
     num_generations: _builtins.int
-    """How many pairs to generate from this document, 1 to the server's `max_num_generations`
-    (default 8). 0 means 1. The prompt is processed once and shared by every generation.
+    """How many pairs to generate from this document, 1 to `limits.max_num_generations` of
+    GetModelInfo (the server's max_num_generations, default 8, but never more than its
+    n_parallel, since each generation takes a slot). 0 means 1. The prompt is processed once
+    and shared by every generation.
     """
     truncation: Global___Truncation.ValueType
     """What to do with content that does not fit the context."""
@@ -621,7 +623,7 @@ class Limits(_message.Message):
     max_content_chars: _builtins.int
     """Most characters in `document.content`."""
     max_num_generations: _builtins.int
-    """Most `num_generations`."""
+    """Most `num_generations` (at most n_parallel: each generation takes a slot)."""
     max_tokens: _builtins.int
     """Most `sampling.max_tokens`."""
     max_stop_strings: _builtins.int
