@@ -267,3 +267,10 @@ async def test_close_ends_requests_in_flight_and_refuses_new_ones(model_path: st
     assert events[-1].generations[0].finish_reason is FinishReason.CANCELLED
     with pytest.raises(Unavailable):
         await anext(engine.generate(request(0)))
+
+
+async def test_generations_ending_on_their_first_token_free_their_slots(engine: Any) -> None:
+    # the first generation's sequence holds the prompt that the others are copied from
+    _, done = await collect(engine, request(0, max_tokens=1, temperature=0.0, num_generations=3))
+    assert [g.completion_tokens for g in done.generations] == [1, 1, 1]
+    assert engine.stats().busy_slots == 0

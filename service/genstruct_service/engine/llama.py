@@ -636,10 +636,13 @@ class LlamaEngine:
                 row = active.prefill_row
                 first = active.seqs[0]
                 total = len(active.tokens)
+                # copy the prompt to every sequence before any samples: a generation that
+                # ends on its first token frees its sequence, and the first is the source
                 for seq in active.seqs:
                     if seq is not first:
                         ll.llama_memory_seq_cp(self._mem, first.seq_id, seq.seq_id, -1, -1)
                     seq.pos = total
+                for seq in active.seqs:
                     self._accept_token(active, seq, sample(seq, row))
                 active.first_token = now
             else:
