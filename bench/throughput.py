@@ -281,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     systems = set(args.systems.split(","))
     print(f"model {args.model}\nthreads {args.threads}, {len(DOCUMENTS)} documents, "
-          f"{args.max_tokens} tokens per generation, load {os.getloadavg()[0]:.2f}")
+          f"{args.max_tokens} tokens per generation, load {os.getloadavg()[0]:.2f}", flush=True)
     records: list[Record] = []
     binary = None
     if "server" in systems:
@@ -294,22 +294,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = [s for s in SCENARIOS if s.name in args.scenarios.split(",")]
     for _, s in [(r, s) for r in range(args.repeat) for s in chosen]:
         if "engine" in systems:
-            records.append(_in_subprocess("engine", s, args))
-            print(records[-1])
+            _keep(records, _in_subprocess("engine", s, args), args.out)
         if "loop" in systems and s.concurrency == 1:
-            records.append(_in_subprocess("loop", s, args))
-            print(records[-1])
+            _keep(records, _in_subprocess("loop", s, args), args.out)
         if binary is not None:
-            records.append(run_server(binary, args.model, s, args, n_cmpl=False))
-            print(records[-1])
+            _keep(records, run_server(binary, args.model, s, args, n_cmpl=False), args.out)
             if s.num_generations > 1:
-                records.append(run_server(binary, args.model, s, args, n_cmpl=True))
-                print(records[-1])
+                _keep(records, run_server(binary, args.model, s, args, n_cmpl=True), args.out)
     _print_table(records)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps([asdict(r) for r in records], indent=2) + "\n")
     return 0
+
+
+def _keep(records: list[Record], record: Record, out: Path | None) -> None:
+    """Print a record as soon as it is measured, and rewrite the JSON file with it."""
+    records.append(record)
+    print(record, flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps([asdict(r) for r in records], indent=2) + "\n")
 
 
 if __name__ == "__main__":
