@@ -530,11 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "server" in systems:
         from bench import llama_server
 
-        binary = llama_server.find_binary()
+        binary = llama_server.ensure_built()
         if binary is None:
-            note = "llama-server is not built (python -m bench.llama_server build): skipped"
-            results.notes.append(note)
-            print(note, flush=True)
+            results.notes.append("llama-server could not be built: skipped")
         else:
             print("llama-server --parallel over HTTP:", flush=True)
             run_llama_server(binary, args, docs, results)

@@ -179,7 +179,7 @@ def run_server(
     in_flight = scenario.concurrency if n_cmpl else slots
     with llama_server.serve(
         binary, model, n_parallel=slots, n_ctx=args.n_ctx, n_threads=args.threads,
-        n_batch=args.n_batch, extra=["--cache-ram", "0"],
+        n_batch=args.n_batch, kv_unified=args.server_kv == "unified", extra=["--cache-ram", "0"],
     ) as server:
         generated = 0
         lock = threading.Lock()
@@ -224,7 +224,10 @@ def _print_table(records: list[Record]) -> None:
             if r.system == system
             and (r.concurrency, r.num_generations) == (s.concurrency, s.num_generations)
         ]
-        return max(runs, key=lambda r: r.tokens_per_second, default=None)
+        if not runs:
+            return None
+        # the median run (the lower middle one when even): one slow or lucky run moves nothing
+        return sorted(runs, key=lambda r: r.tokens_per_second)[(len(runs) - 1) // 2]
 
     print()
     header = (f"{'scenario':<22}{'engine tok/s':>13}{'loop tok/s':>12}{'server tok/s':>14}"
@@ -262,12 +265,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-ctx", type=int, default=4096)
     parser.add_argument("--n-batch", type=int, default=512)
+    parser.add_argument("--server-kv", choices=["unified", "split"], default="unified",
+                        help="llama-server's KV cache: unified, as the engine's (default), or "
+                        "split into one stream per slot (its own default with --parallel N)")
     parser.add_argument("--systems", default="engine,loop,server",
                         help="comma-separated subset of engine,loop,server")
     parser.add_argument("--scenarios", default=",".join(s.name for s in SCENARIOS),
                         help="comma-separated subset of " + ",".join(s.name for s in SCENARIOS))
     parser.add_argument("--repeat", type=int, default=1,
-                        help="run everything this many times; the table shows the best run")
+                        help="run everything this many times, the peers interleaved; the table "
+                        "shows each one's median run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--scenario", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -287,10 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "server" in systems:
         from bench import llama_server
 
-        binary = llama_server.find_binary()
-        if binary is None:
-            print("llama-server is not built (run `python -m bench.llama_server build`); "
-                  "skipping that peer")
+        binary = llama_server.ensure_built()
     chosen = [s for s in SCENARIOS if s.name in args.scenarios.split(",")]
     for _, s in [(r, s) for r in range(args.repeat) for s in chosen]:
         if "engine" in systems:
