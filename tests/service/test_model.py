@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -82,7 +83,17 @@ async def test_generate_stream_and_info_with_the_real_engine(
         assert samples["genstruct_decode_batch_tokens_count"] > 0
 
 
+async def _wait_for(condition: Any, what: str, seconds: float = 20.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"still not {what} after {seconds} s")
+
+
 async def test_cancel_and_deadline_free_the_real_slot(real: tuple[RunningServer, Any]) -> None:
+    from genstruct_service.engine import GenerationRequest, Sampling
+
     server, engine = real
     async with grpc.aio.insecure_channel(server.target) as channel:
         stub = Stub(channel)
@@ -92,11 +103,28 @@ async def test_cancel_and_deadline_free_the_real_slot(real: tuple[RunningServer,
         await stream.read()
         assert engine.stats().busy_slots == 1
         stream.cancel()
+        await _wait_for(lambda: engine.stats().busy_slots == 0, "free after the cancel")
+
+        # Hold the one slot with a generation that cannot end early (no end of sequence, no
+        # stops: 1,500 tokens, many seconds on a CPU), so the next call must wait in the queue.
+        async def hold() -> None:
+            sampling = Sampling(max_tokens=1500, ignore_eos=True)
+            async for _ in engine.generate(GenerationRequest("Tides", "The sea.", sampling)):
+                pass
+
+        holder = asyncio.create_task(hold())
+        await _wait_for(lambda: engine.stats().busy_slots == 1, "busy with the holder")
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.Generate(_request(sampling=SP(max_tokens=1500)), timeout=0.5)
+            await stub.Generate(_request(sampling=SP(max_tokens=8)), timeout=0.5)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        # One slot: this waits behind the cancelled stream (1,500 tokens, minutes on a CPU)
-        # unless its slot was given back within an engine step.
+        # the expired call leaves the queue, and the holder goes on
+        await _wait_for(lambda: engine.stats().queued == 0, "dequeued after the deadline")
+        assert not holder.done()
+        holder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await holder
+        # One slot: this waits behind the holder (1,500 tokens) unless its slot was given back
+        # within an engine step of the cancel.
         response = await stub.Generate(_request(sampling=SP(max_tokens=8)), timeout=60)
         assert response.pairs[0].completion_tokens <= 8
         assert engine.stats().queued == 0
