@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.corpus import DOCUMENTS
 
@@ -41,7 +42,9 @@ class Scenario:
 
 SCENARIOS = (Scenario(1, 1), Scenario(4, 1), Scenario(8, 1), Scenario(1, 4))
 
-SAMPLING = {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": 1234}
+SAMPLING: dict[str, Any] = {
+    "temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": 1234,
+}
 
 
 @dataclass
@@ -187,8 +190,8 @@ def run_server(
         def call(body: dict[str, object]) -> None:
             nonlocal generated
             result = server.post("/completion", body)
-            items = result if isinstance(result, list) else [result]
-            n = sum(int(r.get("tokens_predicted", 0)) for r in items)  # type: ignore[union-attr]
+            items: list[dict[str, Any]] = result if isinstance(result, list) else [result]
+            n = sum(int(r.get("tokens_predicted", 0)) for r in items)
             with lock:
                 generated += n
 
