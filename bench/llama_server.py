@@ -187,12 +187,8 @@ def serve(
 def _check_libraries(pid: int) -> None:
     """Refuse to measure a server that loaded other ggml/llama libraries than the bindings'."""
     lib_dir = str(bindings_lib_dir())
-    mapped = {
-        line.split()[-1]
-        for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
-        if "/" in line
-        and Path(line.split()[-1]).name.startswith(("libggml", "libllama.so"))
-    }
+    paths = {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()}
+    mapped = {p for p in paths if Path(p).name.startswith(("libggml", "libllama.so"))}
     foreign = sorted(m for m in mapped if not m.startswith(lib_dir))
     if not mapped or foreign:
         raise RuntimeError(

@@ -7,7 +7,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,7 @@ async def test_generate_stream_and_info_with_the_real_engine(
         assert samples["genstruct_decode_batch_tokens_count"] > 0
 
 
-async def _wait_for(condition: Any, what: str, seconds: float = 20.0) -> None:
+async def _wait_for(condition: Callable[[], bool], what: str, seconds: float = 20.0) -> None:
     for _ in range(int(seconds / 0.05)):
         if condition():
             return
