@@ -7,26 +7,39 @@
 #   docker build -t genstruct-grpc:cpu --build-arg BUILD_IMAGE=python:3.11-slim-bookworm \
 #     --build-arg RUNTIME_IMAGE=python:3.11-slim-bookworm --build-arg LLAMA_CMAKE_ARGS=-DGGML_CUDA=off .
 #
-# The install step is the Makefile's, the same one `make run` and CI use.
+# llama.cpp is compiled by tools/llama_build.py with its `portable` profile, as the local
+# install and the benchmark's llama-server are: CPU code for every x86-64 level from plain
+# SSE to AVX-512, the best one the host supports picked at run time (never the AMX one, which
+# faults on some hosts), and CUDA for the architectures named below, so the image runs on
+# other machines than the one that built it and no GPU is needed to build it. The install
+# step is the Makefile's, the same one `make run` and CI use.
 
 ARG BUILD_IMAGE=nvidia/cuda:12.6.3-devel-ubuntu24.04
 ARG RUNTIME_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
 
 FROM ${BUILD_IMAGE} AS build
+# CUDA architectures, e.g. "89" for an L4 only; empty: tools/llama_build.py's explicit list.
+ARG CUDA_ARCHITECTURES=
+# Appended to the profile's CMake arguments; the linker flag (as in llama.cpp's own CUDA image)
+# lets the link go through without the GPU driver, which the build machine does not have.
 ARG LLAMA_CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined"
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
-    CMAKE_ARGS=${LLAMA_CMAKE_ARGS}
+    LLAMA_PROFILE=portable \
+    LLAMA_CMAKE_ARGS=${LLAMA_CMAKE_ARGS} \
+    LLAMA_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES} \
+    LLAMA_WHEEL_CACHE=/tmp/llama-wheels
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential cmake git make \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml README.md Makefile ./
+COPY tools ./tools
 COPY protos ./protos
 COPY client ./client
 COPY service ./service
 COPY models/registry.toml ./models/registry.toml
-RUN make .venv/.server
+RUN make .venv/.server && rm -rf /tmp/llama-wheels
 
 FROM ${RUNTIME_IMAGE} AS runtime
 ENV DEBIAN_FRONTEND=noninteractive

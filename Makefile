@@ -9,7 +9,12 @@ PY := $(VENV)/bin/python
 NODE_DIR := tests/node
 PYTEST_ARGS ?=
 
-.PHONY: run test test-short test-full lint protos bench bench-e2e clean
+.PHONY: run test test-short test-full lint protos bench bench-e2e clean llama-cpp
+
+# llama.cpp is compiled by tools/llama_build.py, never taken from pip's cache (which keys a
+# wheel by version alone, whatever flags built it). LLAMA_PROFILE=native|portable,
+# LLAMA_CMAKE_ARGS, LLAMA_ALLOW_AMX: see that file and the README.
+LLAMA_BUILD = $(PY) tools/llama_build.py install
 
 # --- installs (stamp files so a second run installs nothing) -------------------------------
 
@@ -18,7 +23,8 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 # The server alone: what the Docker image installs.
-$(VENV)/.server: pyproject.toml | $(PY)
+$(VENV)/.server: pyproject.toml tools/llama_build.py | $(PY)
+	$(LLAMA_BUILD)
 	$(PY) -m pip install -e '.[server]'
 	touch $@
 
@@ -27,9 +33,14 @@ $(VENV)/.demo: pyproject.toml | $(VENV)/.server
 	$(PY) -m pip install -e '.[server,demo]'
 	touch $@
 
-$(VENV)/.dev: pyproject.toml | $(PY)
+$(VENV)/.dev: pyproject.toml tools/llama_build.py | $(PY)
+	$(LLAMA_BUILD)
 	$(PY) -m pip install -e '.[dev]'
 	touch $@ $(VENV)/.server $(VENV)/.demo
+
+# Every run checks that the installed llama.cpp is the build its flags ask for (a no-op if so).
+llama-cpp: | $(PY)
+	$(LLAMA_BUILD)
 
 $(NODE_DIR)/node_modules/.stamp: $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 	npm install --prefix $(NODE_DIR) --no-audit --no-fund
@@ -39,17 +50,17 @@ $(NODE_DIR)/node_modules/.stamp: $(NODE_DIR)/package.json $(NODE_DIR)/package-lo
 
 # Serves Genstruct-7B (Q4_K_M) when it is in models/ or can be downloaded, else the small demo
 # model with a warning. Extra flags: make run ARGS="--n-parallel 8".
-run: $(VENV)/.demo
+run: $(VENV)/.demo llama-cpp
 	$(VENV)/bin/genstruct-server --model genstruct-7b:Q4_K_M --fallback-to-demo --log-format text $(ARGS)
 
 # --- tests ----------------------------------------------------------------------------------
 
-test: $(VENV)/.dev $(NODE_DIR)/node_modules/.stamp lint
+test: $(VENV)/.dev llama-cpp $(NODE_DIR)/node_modules/.stamp lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The hardening suite at full scale (bad input, soak, faults, security); figures go to
 # build/hardening-figures.json. `make test` runs its short form.
-test-full: $(VENV)/.dev $(NODE_DIR)/node_modules/.stamp
+test-full: $(VENV)/.dev llama-cpp $(NODE_DIR)/node_modules/.stamp
 	GENSTRUCT_HARDENING=full $(PY) -m pytest tests/hardening $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev $(NODE_DIR)/node_modules/.stamp
@@ -65,11 +76,11 @@ protos: $(VENV)/.dev
 # --- benchmarks (not tests: they print ratio tables against llama.cpp's own server) -------
 
 # The engine against a sequential llama_cpp.Llama loop and `llama-server --parallel`.
-bench: $(VENV)/.dev
+bench: $(VENV)/.dev llama-cpp
 	$(PY) -m bench.throughput --out bench/results/throughput.json $(ARGS)
 
 # The gRPC service end to end, from a client process, against the same peers.
-bench-e2e: $(VENV)/.dev
+bench-e2e: $(VENV)/.dev llama-cpp
 	$(PY) -m bench.e2e --out bench/results/e2e.json --plot bench/results/e2e.png $(ARGS)
 
 clean:

@@ -1,7 +1,8 @@
 """Build and run llama.cpp's own `llama-server`, the peer the engine is measured against.
 
 The server is built from the llama.cpp source vendored in the llama-cpp-python sdist of the
-installed version, as shared libraries, and runs on the very `libllama`/`libggml*` files the
+installed version, with the flags the bindings were built with (tools/llama_build.py), as
+shared libraries, and runs on the very `libllama`/`libggml*` files the
 installed bindings load (their folder first on LD_LIBRARY_PATH): both peers execute the same
 machine code, so a difference between them is the serving loop's, not the compiler's or the
 linkage's (a static build measured about 2% faster here). Everything lives under the
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from tools import llama_build
+
 BUILD_ROOT = Path(__file__).resolve().parent / ".build"
 
 
@@ -35,12 +38,15 @@ def installed_version() -> str:
     return metadata.version("llama-cpp-python")
 
 
-def _sdist_dir(version: str) -> Path:
-    return BUILD_ROOT / f"llama_cpp_python-{version}"
+def _build() -> llama_build.Build:
+    """The flags the installed bindings were built with, so llama-server gets the same."""
+    record = llama_build.installed(sys.executable) or {}
+    profile = str(record.get("profile") or "native")
+    return llama_build.describe(profile)
 
 
-def _binary_path(version: str) -> Path:
-    return BUILD_ROOT / f"server-shared-{version}" / "bin" / "llama-server"
+def _binary_path(version: str, key: str) -> Path:
+    return BUILD_ROOT / f"server-shared-{version}-{key}" / "bin" / "llama-server"
 
 
 def bindings_lib_dir() -> Path:
@@ -50,47 +56,29 @@ def bindings_lib_dir() -> Path:
     return Path(llama_cpp.__file__).resolve().parent / "lib"
 
 
-def fetch_source(version: str) -> Path:
-    """The vendored llama.cpp folder of the sdist, downloaded through pip when missing."""
-    source = _sdist_dir(version) / "vendor" / "llama.cpp"
-    if (source / "CMakeLists.txt").exists():
-        return source
-    BUILD_ROOT.mkdir(parents=True, exist_ok=True)
-    archive = BUILD_ROOT / f"llama_cpp_python-{version}.tar.gz"
-    if not archive.exists():
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-             f"llama-cpp-python=={version}", "-d", str(BUILD_ROOT)],
-            check=True,
-        )
-    with tarfile.open(archive) as tar:
-        tar.extractall(BUILD_ROOT, filter="data")
-    if not (source / "CMakeLists.txt").exists():
-        raise RuntimeError(f"{archive} holds no vendor/llama.cpp")
-    return source
-
-
 def build(version: str | None = None, jobs: int | None = None) -> Path:
     """Build only the `llama-server` target (Release, no curl, no web UI download)."""
     version = version or installed_version()
-    binary = _binary_path(version)
+    flags = _build()
+    binary = _binary_path(version, flags.key)
     if binary.exists():
         return binary
     if shutil.which("cmake") is None:
         raise RuntimeError("cmake is not installed")
-    source = fetch_source(version)
+    source = llama_build.vendored_source(version, BUILD_ROOT)
     build_dir = binary.parent.parent
+    env = dict(os.environ, CFLAGS=flags.cflags, CXXFLAGS=flags.cxxflags)
     subprocess.run(
-        ["cmake", "-S", str(source), "-B", str(build_dir),
+        ["cmake", "-S", str(source), "-B", str(build_dir), *flags.cmake_args,
          "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
          "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF",
          "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=ON"],
-        check=True,
+        check=True, env=env,
     )
     subprocess.run(
         ["cmake", "--build", str(build_dir), "--config", "Release", "--target", "llama-server",
          "-j", str(jobs or os.cpu_count() or 1)],
-        check=True,
+        check=True, env=env,
     )
     if not binary.exists():
         raise RuntimeError(f"the build finished but {binary} is missing")
@@ -98,7 +86,7 @@ def build(version: str | None = None, jobs: int | None = None) -> Path:
 
 
 def find_binary(version: str | None = None) -> Path | None:
-    binary = _binary_path(version or installed_version())
+    binary = _binary_path(version or installed_version(), _build().key)
     return binary if binary.exists() else None
 
 

@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Callable
 
+from . import __version__
 from .config import Settings, settings_from_args
 from .engine.types import Engine
 from .errors import ModelError
@@ -28,6 +29,9 @@ ENGINE_FACTORY_ENV = "GENSTRUCT_ENGINE_FACTORY"
 def main(argv: list[str] | None = None) -> int:
     """The console script; returns the exit code (0 also after a drain on SIGTERM/SIGINT)."""
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--version"]:
+        sys.stdout.write(version_report() + "\n")
+        return 0
     if args[:1] == ["models"]:
         from .model_files.cli import main as models_main
 
@@ -42,6 +46,21 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         log.error("cannot serve: %s", exc)
         return 1
+
+
+def version_report() -> str:
+    """`genstruct-server --version`: the service's version and the llama.cpp build it runs."""
+    lines = [f"genstruct-server {__version__}"]
+    try:
+        from .engine.build_info import load_backends, read_build_info
+    except ImportError as exc:  # the server extra is not installed
+        lines.append(f"llama.cpp: not available ({exc})")
+    else:
+        load_backends()
+        build = read_build_info()
+        lines.append(f"llama.cpp: {build.summary()}")
+        lines.append(f"system info: {build.system_info}")
+    return "\n".join(lines)
 
 
 def load_engine(settings: Settings, on_step: Callable[[int], None]) -> Engine:

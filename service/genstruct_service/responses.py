@@ -5,7 +5,7 @@ from __future__ import annotations
 from genstruct.v1 import genstruct_pb2
 from google.rpc import status_pb2
 
-from .engine.types import Completed, FinishReason
+from .engine.types import BuildInfo, Completed, FinishReason
 from .prompt import parse_completion
 
 _FINISH = {
@@ -56,4 +56,20 @@ def error_response(request_id: str, code: int, message: str) -> genstruct_pb2.Ge
     """A GenerateBatch item that failed: `code` is a google.rpc.Code (grpc.StatusCode's int)."""
     return genstruct_pb2.GenerateResponse(
         id=request_id, error=status_pb2.Status(code=code, message=message)
+    )
+
+
+def build_message(build: BuildInfo | None) -> genstruct_pb2.BuildInfo | None:
+    """GetModelInfo's `build`; None (the field unset) for an engine that is not llama.cpp."""
+    if build is None:
+        return None
+    return genstruct_pb2.BuildInfo(
+        llama_cpp_python_version=build.llama_cpp_python,
+        profile=build.profile,
+        build_key=build.build_key,
+        backends=build.backends,
+        devices=build.devices,
+        cpu_variant=build.cpu_variant,
+        cpu_features=build.cpu_features,
+        system_info=build.system_info,
     )

@@ -19,7 +19,7 @@ from .engine.types import Completed, Engine, EngineEvent, GenerationRequest, Tok
 from .errors import InvalidRequest, Unavailable
 from .interceptors import current_call, domain_status
 from .metrics import Metrics
-from .responses import error_response, to_response
+from .responses import build_message, error_response, to_response
 from .validation import default_sampling, limits, to_generation_request
 
 log = logging.getLogger("genstruct_service.servicer")
@@ -189,6 +189,7 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
             service_version=__version__,
             default_sampling=default_sampling(self._settings),
             limits=limits(self._settings),
+            build=build_message(info.build),
         )
 
     # --- shared steps -------------------------------------------------------------------

@@ -41,7 +41,7 @@ def test_every_copied_path_exists() -> None:
 
 def test_install_step_is_the_makefile_target_ci_uses() -> None:
     runs = [r for r in of("RUN") if r.startswith("make ")]
-    assert runs == ["make .venv/.server"]
+    assert runs == ["make .venv/.server && rm -rf /tmp/llama-wheels"]
     # The target exists and its recipe installs the server extra (a dry run builds nothing).
     dry = subprocess.run(
         ["make", "--dry-run", "--always-make", ".venv/.server"],
@@ -51,6 +51,8 @@ def test_install_step_is_the_makefile_target_ci_uses() -> None:
     )
     assert dry.returncode == 0, dry.stderr
     assert "pip install -e '.[server]'" in dry.stdout
+    # llama.cpp comes from the project's own build first, never from pip's cache
+    assert dry.stdout.index("tools/llama_build.py install") < dry.stdout.index("pip install -e")
 
 
 def test_image_runs_as_non_root_and_binds_all_interfaces_explicitly() -> None:

@@ -149,19 +149,38 @@ async def test_ignore_eos_also_ignores_stop_strings(engine: Any) -> None:
     assert done.generations[0].completion_tokens == 12
 
 
-async def test_text_in_several_scripts_and_emoji_is_whole(engine: Any) -> None:
-    scripts = [i for i, d in enumerate(DOCUMENTS) if not d.content.isascii()]
+# Characters outside the small model's vocabulary: it can write them only as byte tokens
+# (byte fallback), each one or two bytes of a character, so assembling them is exercised.
+RARE = "\U00020000\U0001f701\U00013000 \u16a0\U00010330\U00010900"
+
+
+def utf8_forcing_grammar(text: str) -> str:
+    return "root ::= " + "".join(f"[\\U{ord(c):08X}]" if ord(c) > 127 else f'"{c}"'
+                                  for c in text)
+
+
+def test_the_rare_characters_have_no_token_of_their_own(model_path: str) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    vocab = llama_cpp.Llama(model_path, vocab_only=True, verbose=False)
+    for char in RARE.replace(" ", ""):
+        tokens = vocab.tokenize(char.encode(), add_bos=False, special=False)
+        assert len(tokens) >= 2, f"{char!r} is one token in this vocabulary; pick another"
+
+
+async def test_characters_split_across_tokens_come_out_whole(engine: Any) -> None:
+    grammar = utf8_forcing_grammar(RARE)
     results = await asyncio.gather(
-        *(collect(engine, request(i, max_tokens=24, temperature=1.0, top_k=64, seed=i))
-          for i in scripts)
+        *(collect(engine, GenerationRequest(
+            "Scripts", "Characters from several scripts.",
+            Sampling(max_tokens=48, temperature=1.0, seed=seed), grammar=grammar))
+          for seed in range(3))
     )
-    non_ascii = 0
     for deltas, done in results:
-        text = done.generations[0].text
-        assert joined(deltas, 0) == text
-        assert "\ufffd" not in text
-        non_ascii += not text.isascii()
-    assert non_ascii >= 2  # the model did write in other scripts, so assembly was exercised
+        (generation,) = done.generations
+        assert generation.finish_reason is FinishReason.EOS
+        assert generation.text == RARE == joined(deltas, 0)
+        # every character but the space and the one-byte ones took at least two tokens
+        assert generation.completion_tokens >= 2 * len(RARE.replace(" ", ""))
 
 
 @pytest.mark.parametrize("max_tokens", [20, 48])

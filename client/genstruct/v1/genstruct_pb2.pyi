@@ -546,6 +546,7 @@ class GetModelInfoResponse(_message.Message):
     SERVICE_VERSION_FIELD_NUMBER: _builtins.int
     DEFAULT_SAMPLING_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    BUILD_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Name reported in responses' `model_name`, e.g. "genstruct-7b:Q4_K_M"."""
     model_file: _builtins.str
@@ -578,6 +579,10 @@ class GetModelInfoResponse(_message.Message):
     def limits(self) -> Global___Limits:
         """Limits a request must keep to."""
 
+    @_builtins.property
+    def build(self) -> Global___BuildInfo:
+        """The llama.cpp build the model runs on; unset when the engine is not llama.cpp."""
+
     def __init__(
         self,
         *,
@@ -595,14 +600,75 @@ class GetModelInfoResponse(_message.Message):
         service_version: _builtins.str = ...,
         default_sampling: Global___SamplingParams | None = ...,
         limits: Global___Limits | None = ...,
+        build: Global___BuildInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["default_sampling", b"default_sampling", "limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "default_sampling", b"default_sampling", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "context_length", b"context_length", "default_sampling", b"default_sampling", "gpu_layers_offloaded", b"gpu_layers_offloaded", "limits", b"limits", "model_file", b"model_file", "model_name", b"model_name", "n_parallel", b"n_parallel", "parameter_count", b"parameter_count", "quantization", b"quantization", "service_version", b"service_version", "total_layers", b"total_layers", "train_context_length", b"train_context_length"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "build", b"build", "context_length", b"context_length", "default_sampling", b"default_sampling", "gpu_layers_offloaded", b"gpu_layers_offloaded", "limits", b"limits", "model_file", b"model_file", "model_name", b"model_name", "n_parallel", b"n_parallel", "parameter_count", b"parameter_count", "quantization", b"quantization", "service_version", b"service_version", "total_layers", b"total_layers", "train_context_length", b"train_context_length"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelInfoResponse: _TypeAlias = GetModelInfoResponse  # noqa: Y015
+
+@_typing.final
+class BuildInfo(_message.Message):
+    """Which llama.cpp build runs, so a caller can tell one deployment's build from another's."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LLAMA_CPP_PYTHON_VERSION_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
+    BUILD_KEY_FIELD_NUMBER: _builtins.int
+    BACKENDS_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    CPU_VARIANT_FIELD_NUMBER: _builtins.int
+    CPU_FEATURES_FIELD_NUMBER: _builtins.int
+    SYSTEM_INFO_FIELD_NUMBER: _builtins.int
+    llama_cpp_python_version: _builtins.str
+    """Version of the llama-cpp-python bindings, which pins the llama.cpp source they build,
+    e.g. "0.3.36".
+    """
+    profile: _builtins.str
+    """How it was compiled: "native" (for the CPU that built it), "portable" (CPU variants
+    chosen at run time, as in the image), or "unknown" (not built by the project's tool).
+    """
+    build_key: _builtins.str
+    """A hash of the build's flags; equal hashes mean the same flags, compiler and CPU."""
+    cpu_variant: _builtins.str
+    """The CPU library a portable build picked for this host (e.g. "icelake"), or "built in"."""
+    system_info: _builtins.str
+    """llama.cpp's own system report (llama_print_system_info), verbatim."""
+    @_builtins.property
+    def backends(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ggml backends loaded, e.g. ["CPU"] or ["CUDA", "CPU"]."""
+
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Devices llama.cpp can use, e.g. "CUDA0 (GPU): NVIDIA L4, 22.0 GiB"."""
+
+    @_builtins.property
+    def cpu_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Instruction set features the CPU code uses, e.g. ["AVX2", "AVX512", "AVX512_VNNI"]."""
+
+    def __init__(
+        self,
+        *,
+        llama_cpp_python_version: _builtins.str = ...,
+        profile: _builtins.str = ...,
+        build_key: _builtins.str = ...,
+        backends: _abc.Iterable[_builtins.str] | None = ...,
+        devices: _abc.Iterable[_builtins.str] | None = ...,
+        cpu_variant: _builtins.str = ...,
+        cpu_features: _abc.Iterable[_builtins.str] | None = ...,
+        system_info: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "build_key", b"build_key", "cpu_features", b"cpu_features", "cpu_variant", b"cpu_variant", "devices", b"devices", "llama_cpp_python_version", b"llama_cpp_python_version", "profile", b"profile", "system_info", b"system_info"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BuildInfo: _TypeAlias = BuildInfo  # noqa: Y015
 
 @_typing.final
 class Limits(_message.Message):

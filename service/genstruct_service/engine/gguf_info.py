@@ -6,7 +6,7 @@ import ctypes
 
 import llama_cpp as ll
 
-from genstruct_service.engine.types import EngineInfo
+from genstruct_service.engine.types import BuildInfo, EngineInfo
 
 # llama_ftype values -> the names quantizers use (Q4_K_M, ...), read from the bindings.
 _FTYPE_NAMES: dict[int, str] = {
@@ -53,7 +53,7 @@ def backend_name() -> str:
 
 def engine_info(
     model: int, *, model_name: str, model_path: str, n_ctx: int, n_parallel: int,
-    n_gpu_layers: int,
+    n_gpu_layers: int, build: BuildInfo,
 ) -> EngineInfo:
     n_layer = int(ll.llama_model_n_layer(model))
     backend = backend_name()
@@ -72,4 +72,5 @@ def engine_info(
         gpu_layers_offloaded=offloaded,
         total_layers=n_layer,
         backend=backend,
+        build=build,
     )

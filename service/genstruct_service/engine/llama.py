@@ -41,6 +41,7 @@ from typing import Any
 
 import llama_cpp as ll
 
+from genstruct_service.engine.build_info import load_backends, read_build_info
 from genstruct_service.engine.gguf_info import engine_info
 from genstruct_service.engine.grammar import ANSWER_RESERVE, ASSISTANT_MARK, GENSTRUCT_GBNF
 from genstruct_service.engine.sampling import ConstrainedSampler, build_chain, build_grammar
@@ -317,6 +318,7 @@ class LlamaEngine:
         if not Path(self._model_path).is_file():
             raise ModelError(f"model file not found: {self._model_path}")
         ll.llama_backend_init()
+        load_backends()
         # llama-cpp-python prints every llama.cpp log line unless its logger has a level
         quiet = logging.getLogger("llama-cpp-python")
         if quiet.level == logging.NOTSET:
@@ -375,11 +377,48 @@ class LlamaEngine:
         self._marker_tokens = len(self._tokenize(ASSISTANT_MARK, add_special=False))
         self._min_constrained_tokens = self._marker_tokens + ANSWER_RESERVE + 4
         self._constrained = ConstrainedSampler(ctx, self._n_vocab)
+        build = read_build_info()
+        log.info("llama.cpp build: %s", build.summary())
+        if build.has_amx:
+            log.warning(
+                "this llama.cpp build uses AMX kernels, which crash (SIGILL) on some hosts "
+                "that report AMX; if this process dies in the warm-up below, reinstall "
+                "without them: `make` (tools/llama_build.py) leaves them out unless "
+                "LLAMA_ALLOW_AMX=1"
+            )
+        self._warm_up()
         self._info = engine_info(
             model, model_name=self._model_name, model_path=self._model_path,
             n_ctx=int(ll.llama_n_ctx(ctx)), n_parallel=self._n_parallel,
-            n_gpu_layers=self._n_gpu_layers,
+            n_gpu_layers=self._n_gpu_layers, build=build,
         )
+
+    def _warm_up(self) -> None:
+        """Decode one batch before serving, as llama-server does.
+
+        A broken build, an instruction the CPU lacks or a device out of memory then fails
+        here, while health still says NOT_SERVING, instead of on the first request. The
+        batch is a few dozen tokens, so the kernels of prompt processing run too.
+        """
+        started = time.perf_counter()
+        bos = int(ll.llama_vocab_bos(self._vocab))
+        eos = int(ll.llama_vocab_eos(self._vocab))
+        fill = eos if eos >= 0 else 0
+        tokens = [bos if bos >= 0 else fill] + [fill] * (min(self._n_batch, 32) - 1)
+        for i, token in enumerate(tokens):
+            self._b_token[i] = token
+            self._b_pos[i] = i
+            self._b_seq[i][0] = 0
+            self._b_logits[i] = 0
+        self._b_logits[len(tokens) - 1] = 1
+        self._batch.n_tokens = len(tokens)
+        log.info("warm-up: decoding %d tokens once before serving", len(tokens))
+        rc = ll.llama_decode(self._ctx, self._batch)
+        ll.llama_synchronize(self._ctx)
+        ll.llama_memory_clear(self._mem, True)
+        if rc != 0:
+            raise ModelError(f"the warm-up decode failed (llama_decode returned {rc})")
+        log.info("warm-up done in %.2f s", time.perf_counter() - started)
 
     def _free(self) -> None:
         for active in self._active:
@@ -537,6 +576,7 @@ class LlamaEngine:
         # ignore_eos (benchmarks) means exactly max_tokens: no end of sequence, no stop strings
         stops = () if sampling.ignore_eos else (USER_MARK, *sampling.stop)
         banned = self._eog if sampling.ignore_eos else ()
+        grammar = request.grammar or (GENSTRUCT_GBNF if request.constrained else None)
         seqs: list[_Seq] = []
         try:
             for i in range(request.num_generations):
@@ -548,8 +588,8 @@ class LlamaEngine:
                 seq.chain = build_chain(
                     self._vocab, self._n_vocab, sampling, seed + i, banned=banned
                 )
-                if request.constrained:
-                    seq.grammar = build_grammar(self._vocab, GENSTRUCT_GBNF)
+                if grammar is not None:
+                    seq.grammar = build_grammar(self._vocab, grammar)
         except BaseException:
             for seq in seqs:
                 self._free_samplers(seq)

@@ -51,6 +51,7 @@ class GenerationRequest:
     num_generations: int = 1
     constrained: bool = False  # force `question [[[Assistant]]] answer` with a grammar
     truncation: Truncation = Truncation.REFUSE
+    grammar: str | None = None  # GBNF (root rule `root`) the output must match, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +99,33 @@ EngineEvent = TokenDelta | Completed
 
 
 @dataclass(frozen=True, slots=True)
+class BuildInfo:
+    """What llama.cpp build runs, for the startup log, `--version` and GetModelInfo."""
+
+    llama_cpp_python: str  # the bindings' version, which pins the llama.cpp they vendor
+    profile: str  # tools/llama_build.py's profile, or "unknown" if it did not install it
+    build_key: str  # that tool's hash of the build's flags ("" if unknown)
+    backends: tuple[str, ...]  # registered ggml backends, e.g. ("CPU",) or ("CUDA", "CPU")
+    devices: tuple[str, ...]  # e.g. "CUDA0 (GPU): NVIDIA L4, 22.1 GiB"
+    cpu_variant: str  # the CPU library a portable build picked (e.g. "icelake"), or "built in"
+    cpu_features: tuple[str, ...]  # what the CPU backend was compiled to use, e.g. AVX2
+    system_info: str  # llama_print_system_info(), verbatim
+
+    @property
+    def has_amx(self) -> bool:
+        return any(f.startswith("AMX") for f in self.cpu_features)
+
+    def summary(self) -> str:
+        devices = "; ".join(self.devices) or "none"
+        return (
+            f"llama-cpp-python {self.llama_cpp_python} ({self.profile} build"
+            f"{' ' + self.build_key if self.build_key else ''}), backends "
+            f"{', '.join(self.backends) or 'none'}, CPU variant {self.cpu_variant}, "
+            f"CPU features {' '.join(self.cpu_features) or 'none'}; devices: {devices}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class EngineInfo:
     """What the engine runs on, for GetModelInfo and the logs."""
 
@@ -112,6 +140,7 @@ class EngineInfo:
     gpu_layers_offloaded: int
     total_layers: int
     backend: str  # "CPU", "CUDA", "Metal", ...
+    build: BuildInfo | None = None  # None for an engine that is not llama.cpp
 
 
 @dataclass(frozen=True, slots=True)
