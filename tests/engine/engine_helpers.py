@@ -7,6 +7,10 @@ from collections.abc import Callable
 
 from genstruct_service.engine import Completed, EngineEvent, GenerationRequest, TokenDelta
 
+# The two small models every engine test runs on (see conftest.py).
+GEMMA = "gemma-3-270m:Q4_K_M"
+GENSTRUCT_SHAPED = "genstruct-7b-shaped-tiny"
+
 
 class StepRecorder:
     """The engine's `on_step` hook: counts decodes and lets a test wait for a condition."""

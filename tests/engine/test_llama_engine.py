@@ -1,4 +1,4 @@
-"""The continuous-batching engine with real llama.cpp and the small model (Gemma 3 270M)."""
+"""The continuous-batching engine with real llama.cpp, on each small model (see conftest)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from engine_helpers import StepRecorder, collect, joined
+from engine_helpers import GEMMA, StepRecorder, collect, joined
 from genstruct_service.engine import (
     Completed,
     FinishReason,
@@ -33,11 +33,15 @@ def request(i: int = 0, **sampling: Any) -> GenerationRequest:
     return GenerationRequest(doc.title, doc.content, Sampling(**sampling), **extra)
 
 
-def test_info_reads_the_gguf_metadata(engine: Any) -> None:
+def test_info_reads_the_gguf_metadata(engine: Any, model_name: str) -> None:
     info = engine.info
     assert info.quantization == "Q4_K_M"
-    assert info.architecture == "gemma3"
-    assert 200_000_000 < info.parameter_count < 400_000_000
+    if model_name == GEMMA:
+        assert info.architecture == "gemma3"
+        assert 200_000_000 < info.parameter_count < 400_000_000
+    else:
+        assert info.architecture == "llama" and info.total_layers == 2
+        assert info.train_context_length == 4096
     assert info.backend == "CPU" and info.gpu_layers_offloaded == 0
     assert info.context_length == 2048 and info.n_parallel == 4
     assert info.train_context_length >= 2048 and info.total_layers > 0
