@@ -11,6 +11,8 @@ import sys
 import threading
 from collections.abc import Callable
 
+from pydantic import ValidationError
+
 from . import __version__
 from .config import Settings, settings_from_args
 from .engine.types import Engine
@@ -36,7 +38,14 @@ def main(argv: list[str] | None = None) -> int:
         from .model_files.cli import main as models_main
 
         return models_main(args[1:])
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            sys.stderr.write(f"genstruct-server: {field + ': ' if field else ''}{message}\n")
+        return 2
     setup_logging(settings.log_level, settings.log_format)
     try:
         return asyncio.run(serve(settings))
@@ -97,9 +106,13 @@ def load_engine(settings: Settings, on_step: Callable[[int], None]) -> Engine:
         n_parallel=settings.n_parallel,
         n_ctx=settings.n_ctx,
         n_batch=settings.n_batch,
+        n_ubatch=settings.n_ubatch,
         n_gpu_layers=settings.n_gpu_layers,
         n_threads=settings.threads,
+        n_threads_batch=settings.threads_batch,
         flash_attn=settings.flash_attn,
+        cache_type_k=settings.cache_type_k,
+        cache_type_v=settings.cache_type_v,
         max_queue=settings.max_queue,
         on_step=on_step,
     )

@@ -59,15 +59,40 @@ class Settings(BaseSettings):
         description="Tokens of KV cache shared by all slots; each slot may use n_ctx / n_parallel.",
     )
     n_batch: int = Field(
-        512, ge=32, description="Most tokens in one decode step (prompt chunks plus generation)."
+        512,
+        ge=1,
+        description="Most tokens in one decode step (prompt chunks plus one token per "
+        "generating slot); at least n_parallel.",
+    )
+    n_ubatch: int = Field(
+        512,
+        ge=1,
+        description="Most tokens llama.cpp computes at once (at most n_batch); the attention "
+        "scratch buffer grows with n_ubatch times the KV cache in use.",
     )
     n_gpu_layers: int = Field(
         -1, ge=-1, description="Layers to offload to the GPU; -1 = all, 0 = CPU only."
     )
     threads: int | None = Field(
-        None, ge=1, description="CPU threads for llama.cpp; unset = the number of cores."
+        None,
+        ge=1,
+        description="CPU threads for generation; unset = the CPUs this process may use "
+        "(its affinity and cgroup quota).",
     )
-    flash_attn: bool = Field(False, description="Use flash attention where the backend has it.")
+    threads_batch: int | None = Field(
+        None, ge=1, description="CPU threads for prompt processing; unset = threads."
+    )
+    flash_attn: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Flash attention: auto (llama.cpp turns it on where the device has it), "
+        "on or off.",
+    )
+    cache_type_k: Literal["f16", "q8_0", "q4_0"] = Field(
+        "f16", description="Element type of the KV cache's keys (q8_0 halves its memory)."
+    )
+    cache_type_v: Literal["f16", "q8_0", "q4_0"] = Field(
+        "f16", description="Element type of the KV cache's values; quantized needs flash_attn."
+    )
     max_queue: int = Field(
         256,
         ge=1,
@@ -158,6 +183,15 @@ class Settings(BaseSettings):
                 f"default_max_tokens ({self.default_max_tokens}) is above "
                 f"max_tokens_limit ({self.max_tokens_limit})"
             )
+        if self.n_batch < self.n_parallel:
+            raise ValueError(
+                f"n_batch ({self.n_batch}) must be at least n_parallel ({self.n_parallel}): "
+                "every generating slot adds a token to each decode step"
+            )
+        if self.n_ubatch > self.n_batch:
+            raise ValueError(f"n_ubatch ({self.n_ubatch}) must be at most n_batch ({self.n_batch})")
+        if self.cache_type_v != "f16" and self.flash_attn == "off":
+            raise ValueError(f"cache_type_v {self.cache_type_v} needs flash_attn auto or on")
         if self.n_ctx < self.n_parallel * 64:
             raise ValueError(
                 f"n_ctx ({self.n_ctx}) leaves fewer than 64 tokens per slot for "

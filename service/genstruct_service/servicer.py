@@ -190,6 +190,13 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
             default_sampling=default_sampling(self._settings),
             limits=limits(self._settings),
             build=build_message(info.build),
+            n_batch=info.n_batch,
+            n_ubatch=info.n_ubatch,
+            threads=info.threads,
+            threads_batch=info.threads_batch,
+            flash_attn=info.flash_attn,
+            cache_type_k=info.cache_type_k,
+            cache_type_v=info.cache_type_v,
         )
 
     # --- shared steps -------------------------------------------------------------------

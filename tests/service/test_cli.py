@@ -47,6 +47,26 @@ async def test_a_missing_model_file_exits_1_saying_why(tmp_path: Path) -> None:
     assert "cannot serve" in err and str(missing) in err
 
 
+async def test_bad_settings_exit_2_with_one_line_each() -> None:
+    code, out, err = await _run("--n-parallel", "8", "--n-batch", "4", "--port", "0")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        "genstruct-server: n_batch (4) must be at least n_parallel (8): every generating "
+        "slot adds a token to each decode step"
+    ]
+    code, _, err = await _run("--n-ubatch", "0")
+    assert code == 2 and err.startswith("genstruct-server: n_ubatch: ") and "Traceback" not in err
+
+
+async def test_version_reports_the_llama_cpp_build() -> None:
+    code, out, err = await _run("--version")
+    assert code == 0, err
+    first, build, system = out.strip().splitlines()
+    assert first.startswith("genstruct-server ")
+    assert build.startswith("llama.cpp: llama-cpp-python ") and "backends CPU" in build
+    assert system.startswith("system info: CPU : ")
+
+
 async def test_models_subcommand_is_dispatched() -> None:
     code, out, err = await _run("models", "list")
     assert code == 0, err

@@ -64,6 +64,12 @@ async def test_generate_stream_and_info_with_the_real_engine(
         stub = Stub(channel)
         info = await stub.GetModelInfo(genstruct_pb2.GetModelInfoRequest(), timeout=30)
         assert info.model_name == "demo" and info.architecture and info.n_parallel == 1
+        # what is in force: the context's own settings and the build
+        assert (info.n_batch, info.n_ubatch, info.threads, info.threads_batch) == (256, 256, 2, 2)
+        assert info.flash_attn == "auto" and info.cache_type_k == info.cache_type_v == "f16"
+        assert info.gpu_layers_offloaded == 0 and info.backend == "CPU"
+        assert info.build.llama_cpp_python_version and "CPU" in info.build.backends
+        assert info.build.system_info.startswith("CPU : ") and info.build.cpu_features
         response = await stub.Generate(
             _request(id="r", constrained=True, sampling=SP(temperature=0, seed=1, max_tokens=24)),
             timeout=120,
@@ -141,6 +147,10 @@ async def test_genstruct_server_serves_a_model_file_and_drains(model_path: str) 
     assert process.stderr is not None
     try:
         listening = await read_log_until(process.stderr, "listening")
+        # the build report and the warm-up decode come before health says SERVING
+        build = await read_log_until(process.stderr, "llama.cpp build: llama-cpp-python")
+        assert "backends CPU" in str(build["msg"])
+        await read_log_until(process.stderr, "warm-up done")
         ready = await read_log_until(process.stderr, "ready")
         assert str(ready["model"]).startswith(Path(model_path).stem)
         async with grpc.aio.insecure_channel(str(listening["target"])) as channel:

@@ -26,10 +26,10 @@ def test_env_vars_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GENSTRUCT_N_PARALLEL", "6")
     monkeypatch.setenv("GENSTRUCT_PORT", "6000")
     monkeypatch.setenv("GENSTRUCT_AUTH_TOKEN", "s3cret")
-    settings = settings_from_args(["--port", "7000", "--n-ctx", "4096", "--flash-attn"])
+    settings = settings_from_args(["--port", "7000", "--n-ctx", "4096", "--flash-attn", "on"])
     assert settings.n_parallel == 6  # from the environment
     assert settings.port == 7000  # the flag wins over the environment
-    assert settings.n_ctx == 4096 and settings.flash_attn is True
+    assert settings.n_ctx == 4096 and settings.flash_attn == "on"
     assert settings.auth_token is not None and settings.auth_token.get_secret_value() == "s3cret"
     assert "s3cret" not in repr(settings)
 
@@ -41,6 +41,10 @@ def test_env_vars_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--tls-cert-file", "/x.pem"], "tls_key_file"),
         (["--default-max-tokens", "4096"], "max_tokens_limit"),
         (["--n-parallel", "64", "--n-ctx", "1024"], "per slot"),
+        (["--n-parallel", "8", "--n-batch", "4"], "n_batch (4) must be at least n_parallel"),
+        (["--n-ubatch", "1024"], "n_ubatch (1024) must be at most n_batch"),
+        (["--cache-type-v", "q8_0", "--flash-attn", "off"], "needs flash_attn"),
+        (["--flash-attn", "sometimes"], "flash_attn"),
     ],
 )
 def test_bad_settings_are_refused_with_the_reason(args: list[str], words: str) -> None:

@@ -547,6 +547,13 @@ class GetModelInfoResponse(_message.Message):
     DEFAULT_SAMPLING_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     BUILD_FIELD_NUMBER: _builtins.int
+    N_BATCH_FIELD_NUMBER: _builtins.int
+    N_UBATCH_FIELD_NUMBER: _builtins.int
+    THREADS_FIELD_NUMBER: _builtins.int
+    THREADS_BATCH_FIELD_NUMBER: _builtins.int
+    FLASH_ATTN_FIELD_NUMBER: _builtins.int
+    CACHE_TYPE_K_FIELD_NUMBER: _builtins.int
+    CACHE_TYPE_V_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Name reported in responses' `model_name`, e.g. "genstruct-7b:Q4_K_M"."""
     model_file: _builtins.str
@@ -564,13 +571,25 @@ class GetModelInfoResponse(_message.Message):
     n_parallel: _builtins.int
     """Documents the engine decodes together."""
     gpu_layers_offloaded: _builtins.int
-    """Layers offloaded to a GPU, of `total_layers`."""
+    """Layers offloaded to a GPU, of `total_layers` (0 on a build without a GPU backend)."""
     total_layers: _builtins.int
     """Layers in the model."""
     backend: _builtins.str
     """Where the model runs: "CPU", "CUDA", "Metal", ..."""
     service_version: _builtins.str
     """Version of the service."""
+    n_batch: _builtins.int
+    """Most tokens in one decode step (logical batch), as in force."""
+    n_ubatch: _builtins.int
+    """Most tokens llama.cpp computes at once (physical batch), as in force."""
+    threads: _builtins.int
+    """CPU threads llama.cpp uses to generate, and to process prompts."""
+    threads_batch: _builtins.int
+    flash_attn: _builtins.str
+    """Flash attention as set: "auto" (llama.cpp decides per device), "on" or "off"."""
+    cache_type_k: _builtins.str
+    """Element types of the KV cache: "f16", "q8_0" or "q4_0"."""
+    cache_type_v: _builtins.str
     @_builtins.property
     def default_sampling(self) -> Global___SamplingParams:
         """Sampling used for fields a request leaves unset."""
@@ -601,10 +620,17 @@ class GetModelInfoResponse(_message.Message):
         default_sampling: Global___SamplingParams | None = ...,
         limits: Global___Limits | None = ...,
         build: Global___BuildInfo | None = ...,
+        n_batch: _builtins.int = ...,
+        n_ubatch: _builtins.int = ...,
+        threads: _builtins.int = ...,
+        threads_batch: _builtins.int = ...,
+        flash_attn: _builtins.str = ...,
+        cache_type_k: _builtins.str = ...,
+        cache_type_v: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "default_sampling", b"default_sampling", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "build", b"build", "context_length", b"context_length", "default_sampling", b"default_sampling", "gpu_layers_offloaded", b"gpu_layers_offloaded", "limits", b"limits", "model_file", b"model_file", "model_name", b"model_name", "n_parallel", b"n_parallel", "parameter_count", b"parameter_count", "quantization", b"quantization", "service_version", b"service_version", "total_layers", b"total_layers", "train_context_length", b"train_context_length"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "build", b"build", "cache_type_k", b"cache_type_k", "cache_type_v", b"cache_type_v", "context_length", b"context_length", "default_sampling", b"default_sampling", "flash_attn", b"flash_attn", "gpu_layers_offloaded", b"gpu_layers_offloaded", "limits", b"limits", "model_file", b"model_file", "model_name", b"model_name", "n_batch", b"n_batch", "n_parallel", b"n_parallel", "n_ubatch", b"n_ubatch", "parameter_count", b"parameter_count", "quantization", b"quantization", "service_version", b"service_version", "threads", b"threads", "threads_batch", b"threads_batch", "total_layers", b"total_layers", "train_context_length", b"train_context_length"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

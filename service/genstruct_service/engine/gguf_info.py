@@ -52,25 +52,33 @@ def backend_name() -> str:
 
 
 def engine_info(
-    model: int, *, model_name: str, model_path: str, n_ctx: int, n_parallel: int,
-    n_gpu_layers: int, build: BuildInfo,
+    model: int, ctx: int, *, model_name: str, model_path: str, n_parallel: int,
+    n_gpu_layers: int, build: BuildInfo, flash_attn: str, cache_types: tuple[str, str],
 ) -> EngineInfo:
     n_layer = int(ll.llama_model_n_layer(model))
     backend = backend_name()
-    # llama.cpp counts the output layer as one more offloadable layer (n_layer + 1).
-    wanted = n_layer + 1 if n_gpu_layers < 0 else n_gpu_layers
-    offloaded = min(wanted, n_layer + 1) if backend != "CPU" else 0
+    # llama.cpp counts the output layer as one more offloadable layer: n_gpu_layers above
+    # n_layer offloads that too, but the repeating layers offloaded are at most n_layer.
+    wanted = n_layer if n_gpu_layers < 0 else n_gpu_layers
+    offloaded = min(wanted, n_layer) if backend != "CPU" else 0
     return EngineInfo(
         model_name=model_name,
         model_path=model_path,
         quantization=quantization_name(meta_str(model, "general.file_type")),
         parameter_count=int(ll.llama_model_n_params(model)),
         architecture=meta_str(model, "general.architecture") or "unknown",
-        context_length=n_ctx,
+        context_length=int(ll.llama_n_ctx(ctx)),
         train_context_length=int(ll.llama_model_n_ctx_train(model)),
         n_parallel=n_parallel,
         gpu_layers_offloaded=offloaded,
         total_layers=n_layer,
         backend=backend,
         build=build,
+        n_batch=int(ll.llama_n_batch(ctx)),
+        n_ubatch=int(ll.llama_n_ubatch(ctx)),
+        threads=int(ll.llama_n_threads(ctx)),
+        threads_batch=int(ll.llama_n_threads_batch(ctx)),
+        flash_attn=flash_attn,
+        cache_type_k=cache_types[0],
+        cache_type_v=cache_types[1],
     )

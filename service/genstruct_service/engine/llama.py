@@ -42,6 +42,7 @@ from typing import Any
 import llama_cpp as ll
 
 from genstruct_service.engine.build_info import load_backends, read_build_info
+from genstruct_service.engine.cpus import available_cpus
 from genstruct_service.engine.gguf_info import engine_info
 from genstruct_service.engine.grammar import ANSWER_RESERVE, ASSISTANT_MARK, GENSTRUCT_GBNF
 from genstruct_service.engine.sampling import ConstrainedSampler, build_chain, build_grammar
@@ -70,6 +71,13 @@ from genstruct_service.prompt import USER_MARK, render_prompt
 log = logging.getLogger(__name__)
 
 _ALL_LAYERS = 0x7FFFFFFF
+DEFAULT_UBATCH = 512  # llama-server's
+FLASH_ATTN = {
+    "auto": ll.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": ll.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": ll.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+CACHE_TYPES = {"f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0, "q4_0": ll.GGML_TYPE_Q4_0}
 _ASSISTANT_BYTES = ASSISTANT_MARK.encode()
 
 
@@ -154,9 +162,13 @@ class LlamaEngine:
         n_parallel: int = 4,
         n_ctx: int = 4096,
         n_batch: int = 512,
+        n_ubatch: int | None = None,
         n_gpu_layers: int = -1,
         n_threads: int | None = None,
-        flash_attn: bool | None = None,
+        n_threads_batch: int | None = None,
+        flash_attn: str = "auto",
+        cache_type_k: str = "f16",
+        cache_type_v: str = "f16",
         max_queue: int = 64,
         default_seed: int | None = None,
         on_step: Callable[[int], None] | None = None,
@@ -167,14 +179,22 @@ class LlamaEngine:
             raise ValueError("n_batch must be at least n_parallel (one token per slot per step)")
         if n_ctx < 16 or max_queue < 0:
             raise ValueError("n_ctx must be at least 16 and max_queue non-negative")
+        if flash_attn not in FLASH_ATTN:
+            raise ValueError(f"flash_attn must be one of {', '.join(FLASH_ATTN)}")
+        for name, kind in (("cache_type_k", cache_type_k), ("cache_type_v", cache_type_v)):
+            if kind not in CACHE_TYPES:
+                raise ValueError(f"{name} must be one of {', '.join(CACHE_TYPES)}")
         self._model_path = str(model_path)
         self._model_name = model_name or Path(model_path).stem
         self._n_parallel = n_parallel
         self._n_ctx = n_ctx
         self._n_batch = n_batch
+        self._n_ubatch = min(n_ubatch or DEFAULT_UBATCH, n_batch)
         self._n_gpu_layers = n_gpu_layers
-        self._n_threads = n_threads or os.cpu_count() or 1
+        self._n_threads = n_threads or available_cpus()
+        self._n_threads_batch = n_threads_batch or self._n_threads
         self._flash_attn = flash_attn
+        self._cache_types = (cache_type_k, cache_type_v)
         self._max_queue = max_queue
         self._default_seed = default_seed
         self._on_step = on_step
@@ -332,19 +352,15 @@ class LlamaEngine:
         cparams = ll.llama_context_default_params()
         cparams.n_ctx = self._n_ctx
         cparams.n_batch = self._n_batch
-        cparams.n_ubatch = self._n_batch
+        cparams.n_ubatch = self._n_ubatch
         cparams.n_seq_max = self._n_parallel
         cparams.n_threads = self._n_threads
-        cparams.n_threads_batch = self._n_threads
+        cparams.n_threads_batch = self._n_threads_batch
         cparams.kv_unified = True
         cparams.no_perf = True
-        cparams.flash_attn_type = (
-            ll.LLAMA_FLASH_ATTN_TYPE_AUTO
-            if self._flash_attn is None
-            else ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if self._flash_attn
-            else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
+        cparams.flash_attn_type = FLASH_ATTN[self._flash_attn]
+        cparams.type_k = CACHE_TYPES[self._cache_types[0]]
+        cparams.type_v = CACHE_TYPES[self._cache_types[1]]
         ctx = ll.llama_init_from_model(model, cparams)
         if not ctx:
             ll.llama_model_free(model)
@@ -388,9 +404,9 @@ class LlamaEngine:
             )
         self._warm_up()
         self._info = engine_info(
-            model, model_name=self._model_name, model_path=self._model_path,
-            n_ctx=int(ll.llama_n_ctx(ctx)), n_parallel=self._n_parallel,
-            n_gpu_layers=self._n_gpu_layers, build=build,
+            model, ctx, model_name=self._model_name, model_path=self._model_path,
+            n_parallel=self._n_parallel, n_gpu_layers=self._n_gpu_layers, build=build,
+            flash_attn=self._flash_attn, cache_types=self._cache_types,
         )
 
     def _warm_up(self) -> None:

@@ -141,6 +141,14 @@ class EngineInfo:
     total_layers: int
     backend: str  # "CPU", "CUDA", "Metal", ...
     build: BuildInfo | None = None  # None for an engine that is not llama.cpp
+    # llama.cpp context settings in force (0 / "" for an engine that has none)
+    n_batch: int = 0
+    n_ubatch: int = 0
+    threads: int = 0
+    threads_batch: int = 0
+    flash_attn: str = ""  # "auto", "on" or "off", as set
+    cache_type_k: str = ""
+    cache_type_v: str = ""
 
 
 @dataclass(frozen=True, slots=True)
