@@ -94,8 +94,10 @@ def cmake_args(profile: str) -> list[str]:
     if profile == "native":
         args = ["-DGGML_NATIVE=ON"]
     elif profile == "portable":
-        # The backends are libraries of their own, installed beside libllama in the wheel.
-        args = ["-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_BACKEND_DIR=llama_cpp/lib"]
+        # The backends are libraries of their own, installed beside libllama in the wheel
+        # (typed STRING: CMake would make a relative PATH absolute, in the build's temp dir).
+        args = ["-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON",
+                "-DGGML_BACKEND_DIR:STRING=llama_cpp/lib"]
         if _is_x86():
             args.append("-DGGML_CPU_ALL_VARIANTS=ON")
     else:

@@ -139,7 +139,8 @@ def test_portable_configure_installs_every_cpu_variant_beside_the_bindings(
     for variant in ("x64", "haswell", "skylakex", "icelake", "zen4", *llama_build.AMX_VARIANTS):
         lines = [line for line in installs if f"libggml-cpu-{variant}." in line]
         assert lines, f"no CPU variant {variant} in the portable build"
-        assert all("llama_cpp/lib" in line for line in lines), lines
+        destination = 'DESTINATION "${CMAKE_INSTALL_PREFIX}/llama_cpp/lib"'
+        assert all(destination in line for line in lines), lines
 
 
 def dockerfile_build_stage_env() -> dict[str, str]:
