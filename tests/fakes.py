@@ -215,7 +215,8 @@ class FakeEngine:
                     counts[index] += 1
                     self.deltas += 1
                     self._notify()
-                    yield TokenDelta(index=index, text=token)
+                    if request.stream:  # as the real engine: text only to a streaming caller
+                        yield TokenDelta(index=index, text=token)
                 if position == 0:
                     first_token_s = time.perf_counter() - submitted
             reason = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -213,7 +214,8 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
         return work
 
     async def _complete(self, engine: Engine, work: GenerationRequest) -> Completed:
-        async with engine_events(engine, work) as events:
+        # only the final result is read: the engine sends no text as it goes
+        async with engine_events(engine, dataclasses.replace(work, stream=False)) as events:
             async for event in events:
                 if isinstance(event, Completed):
                     return event

@@ -27,7 +27,7 @@ WAIT = 60.0  # seconds; a bound on waits, never a sleep
 
 def request(i: int = 0, **sampling: Any) -> GenerationRequest:
     doc = DOCUMENTS[i % len(DOCUMENTS)]
-    extra = {k: sampling.pop(k) for k in ("num_generations", "constrained", "truncation")
+    extra = {k: sampling.pop(k) for k in ("num_generations", "constrained", "truncation", "stream")
              if k in sampling}
     sampling.setdefault("max_tokens", 12)
     return GenerationRequest(doc.title, doc.content, Sampling(**sampling), **extra)
@@ -60,6 +60,27 @@ async def test_many_concurrent_requests_each_well_formed(engine: Any) -> None:
         t = done.timings
         assert 0 <= t.queue_seconds <= t.first_token_seconds <= t.total_seconds
     assert engine.stats().busy_slots == 0 and engine.stats().queued == 0
+
+
+async def test_a_caller_that_does_not_stream_gets_one_event(engine: Any) -> None:
+    events = [e async for e in engine.generate(
+        request(1, max_tokens=16, ignore_eos=True, seed=3, num_generations=2, stream=False))]
+    assert len(events) == 1 and isinstance(events[0], Completed)
+    assert [g.completion_tokens for g in events[0].generations] == [16, 16]
+    assert all(g.text for g in events[0].generations)
+
+
+async def test_a_streaming_caller_gets_at_most_one_delta_per_generation_per_step(
+    engine: Any, recorder: StepRecorder
+) -> None:
+    steps = recorder.steps
+    deltas, done = await collect(engine, request(
+        2, max_tokens=24, temperature=1.0, seed=4, num_generations=2, constrained=True))
+    elapsed = recorder.steps - steps
+    for generation in done.generations:
+        mine = [d for d in deltas if d.index == generation.index]
+        assert "".join(d.text for d in mine) == generation.text
+        assert len(mine) <= elapsed
 
 
 async def test_ignore_eos_generates_exactly_max_tokens(engine: Any) -> None:

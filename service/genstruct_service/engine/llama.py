@@ -34,7 +34,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,12 +89,12 @@ class _Job:
     def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
         self.request = request
         self.loop = loop
-        self.queue: asyncio.Queue[list[EngineEvent] | BaseException] = asyncio.Queue()
+        self.queue: asyncio.Queue[Sequence[EngineEvent] | BaseException] = asyncio.Queue()
         self.submitted = time.perf_counter()
         self.cancelled = False  # set by the asyncio side, read by the engine thread
         self.done = False  # set by the asyncio side once the last event arrived
 
-    def send(self, item: list[EngineEvent] | BaseException) -> None:
+    def send(self, item: Sequence[EngineEvent] | BaseException) -> None:
         with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
@@ -134,7 +134,8 @@ class _Active:
     prefill_row: int = -1
     first_token: float = 0.0
     done: int = 0  # sequences finished
-    deltas: list[EngineEvent] = field(default_factory=list)
+    stream: bool = True  # the caller reads text as it comes (else: the final result only)
+    deltas: list[TokenDelta] = field(default_factory=list)  # this step's text, to stream
 
 
 @dataclass(slots=True, eq=False)
@@ -143,6 +144,17 @@ class _Pending:
     tokens: list[int]
     truncated: bool
     reserved: int
+
+
+def _emit(active: _Active, index: int, text: str) -> None:
+    """Text for a streaming caller: one delta per generation per step, merged."""
+    if not active.stream:
+        return
+    deltas = active.deltas
+    if deltas and deltas[-1].index == index:
+        deltas[-1] = TokenDelta(index, deltas[-1].text + text)
+    else:
+        deltas.append(TokenDelta(index, text))
 
 
 class LlamaEngine:
@@ -620,6 +632,7 @@ class LlamaEngine:
             _Active(
                 job=pending.job, tokens=pending.tokens, truncated=pending.truncated,
                 reserved=pending.reserved, admitted=time.perf_counter(), seqs=seqs,
+                stream=request.stream,
             )
         )
 
@@ -724,7 +737,7 @@ class LlamaEngine:
         piece = self._piece(token)
         text = seq.assembler.push(piece)
         if text:
-            active.deltas.append(TokenDelta(seq.index, text))
+            _emit(active, seq.index, text)
         if seq.assembler.stopped:
             self._finish(active, seq, FinishReason.STOP)
             return
@@ -764,7 +777,7 @@ class LlamaEngine:
             seq.n_generated += 1
             text = seq.assembler.push(self._piece(token))
             if text:
-                active.deltas.append(TokenDelta(seq.index, text))
+                _emit(active, seq.index, text)
         seq.feed.extend(forced)
         seq.marker = _ASSISTANT_BYTES
         if seq.assembler.stopped:
@@ -777,7 +790,7 @@ class LlamaEngine:
         if reason is not FinishReason.STOP:
             tail = seq.assembler.finish()
             if tail:
-                active.deltas.append(TokenDelta(seq.index, tail))
+                _emit(active, seq.index, tail)
         if not active.first_token:
             active.first_token = time.perf_counter()
         active.done += 1
@@ -818,7 +831,7 @@ class LlamaEngine:
         self._reserved -= active.reserved
         now = time.perf_counter()
         submitted = active.job.submitted
-        events = active.deltas
+        events: list[EngineEvent] = [*active.deltas]
         events.append(
             Completed(
                 generations=tuple(

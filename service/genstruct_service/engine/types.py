@@ -52,6 +52,7 @@ class GenerationRequest:
     constrained: bool = False  # force `question [[[Assistant]]] answer` with a grammar
     truncation: Truncation = Truncation.REFUSE
     grammar: str | None = None  # GBNF (root rule `root`) the output must match, if any
+    stream: bool = True  # TokenDeltas as text comes; False: only the Completed event
 
 
 @dataclass(frozen=True, slots=True)
