@@ -345,6 +345,7 @@ def worker_overhead(args: argparse.Namespace) -> dict[str, Any]:
         from genstruct_service.config import Settings
         from genstruct_service.engine import Completed, GenerationRequest, Sampling
         from genstruct_service.engine.llama import LlamaEngine
+        from genstruct_service.prompt import GENSTRUCT_FORMAT
         from genstruct_service.server import start_server
 
         from tests.fakes import FakeEngine
@@ -385,7 +386,8 @@ def worker_overhead(args: argparse.Namespace) -> dict[str, Any]:
 
         # The gRPC layer alone: an engine that answers at once, so only gRPC is timed.
         fake = await measure(FakeEngine(tokens=("Q?", " [[[Assistant]]]", " A.")), 500)
-        engine = await LlamaEngine.open(args.model, n_parallel=max(LEVELS),
+        engine = await LlamaEngine.open(args.model, prompt_format=GENSTRUCT_FORMAT,
+                                        n_parallel=max(LEVELS),
                                         **settings.engine_kwargs(args))
         try:
             real = await measure(engine, args.overhead_n)

@@ -86,19 +86,23 @@ def _self_peak_rss() -> int:
 def run_engine(model: str, scenario: Scenario, args: argparse.Namespace) -> Record:
     from genstruct_service.engine import GenerationRequest, Sampling
     from genstruct_service.engine.llama import LlamaEngine
+    from genstruct_service.prompt import GENSTRUCT_FORMAT
 
     slots = scenario.concurrency * scenario.num_generations
     docs = documents(scenario, args)
     engine = LlamaEngine(
-        model, n_parallel=slots, max_queue=len(docs), **settings.engine_kwargs(args)
+        model, prompt_format=GENSTRUCT_FORMAT, n_parallel=slots, max_queue=len(docs),
+        **settings.engine_kwargs(args),
     )
     sampling = Sampling(
         temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], top_p=SAMPLING["top_p"],
         min_p=SAMPLING["min_p"], seed=SAMPLING["seed"], max_tokens=args.max_tokens,
         ignore_eos=True,
     )
+    # as Generate and GenerateBatch ask: the final result only, no text as it goes
     requests = [
-        GenerationRequest(d.title, d.content, sampling, num_generations=scenario.num_generations)
+        GenerationRequest(d.title, d.content, sampling, num_generations=scenario.num_generations,
+                          stream=False)
         for d in docs
     ]
 

@@ -5,11 +5,13 @@
     engine = FakeEngine(hold=True)             # each generation stops after its first token
     engine.release()                           # ... until released
     engine.fail_next(QueueFull("queue full"))  # the next request is refused before any event
+    engine.fail_engine(RuntimeError("boom"))   # dead for good, like a crashed engine thread
     await engine.wait_started(1)               # a request holds a slot
     engine.cancelled, engine.stats().busy_slots
 
 `make_engine(settings)` builds one for `genstruct-server` run as a subprocess; pick it with
-GENSTRUCT_ENGINE_FACTORY=tests.fakes:make_engine (and FAKE_ENGINE_TOKEN_DELAY=<seconds>).
+GENSTRUCT_ENGINE_FACTORY=tests.fakes:make_engine (and FAKE_ENGINE_TOKEN_DELAY=<seconds>;
+FAKE_ENGINE_FAIL_AFTER=<n>: the engine fails for good once n requests have completed).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from genstruct_service.engine.types import (
     TokenDelta,
     Truncation,
 )
-from genstruct_service.errors import ContextOverflow, QueueFull
+from genstruct_service.errors import ContextOverflow, ModelError, QueueFull, Unavailable
 
 # A completion that parses: "What is the document about?" / "It is about testing."
 DEFAULT_TOKENS: tuple[str, ...] = (
@@ -79,8 +81,10 @@ class FakeEngine:
         context_chars: int = 1_000_000,
         info: EngineInfo | None = None,
         on_step: Callable[[int], None] | None = None,
+        fail_after: int | None = None,
     ) -> None:
         self.tokens = tuple(tokens)
+        self.fail_after = fail_after  # fail_engine() once this many requests have completed
         self.n_parallel = n_parallel
         self.max_queue = max_queue
         self.token_delay = token_delay
@@ -93,6 +97,8 @@ class FakeEngine:
         self._changed: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._fail: list[BaseException] = []
+        self._failure: BaseException | None = None
+        self._failed: asyncio.Event | None = None
         self.busy = 0
         self.queued = 0
         self.requests: list[GenerationRequest] = []  # every request submitted
@@ -118,6 +124,16 @@ class FakeEngine:
     def fail_next(self, error: BaseException) -> None:
         """The next request raises `error` before its first event (e.g. QueueFull)."""
         self._fail.append(error)
+
+    def fail_engine(self, error: BaseException) -> None:
+        """Fail for good, as LlamaEngine does when its thread dies: requests in flight raise
+        ModelError at their next step (held ones at once), later ones Unavailable."""
+        if self._failure is not None:
+            return
+        self._failure = error
+        self._event("_failed").set()
+        self._event("_released").set()  # held generations wake up, to fail
+        self._notify()
 
     async def wait_for(self, predicate: Callable[[FakeEngine], bool], timeout: float = 5) -> None:
         """Wait until `predicate(self)` holds (checked on every state change), bounded."""
@@ -152,6 +168,11 @@ class FakeEngine:
     async def close(self) -> None:
         self.closed = True
 
+    async def wait_failed(self) -> BaseException:
+        await self._event("_failed").wait()
+        assert self._failure is not None
+        return self._failure
+
     # --- internals ------------------------------------------------------------------------
 
     def _event(self, name: str) -> asyncio.Event:
@@ -166,9 +187,14 @@ class FakeEngine:
     def _notify(self) -> None:
         self._event("_changed").set()
 
+    def _check_alive(self, error: type[Unavailable | ModelError]) -> None:
+        if self._failure is not None:
+            raise error(f"the engine failed and must be restarted: {self._failure}")
+
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         submitted = time.perf_counter()
         self.requests.append(request)
+        self._check_alive(Unavailable)
         if self._fail:
             raise self._fail.pop(0)
         truncated = False
@@ -195,6 +221,7 @@ class FakeEngine:
         self._notify()
         done = False
         try:
+            self._check_alive(ModelError)  # it failed while this one waited for a slot
             queue_s = time.perf_counter() - submitted
             first_token_s = 0.0
             max_tokens = request.sampling.max_tokens
@@ -208,6 +235,7 @@ class FakeEngine:
                     await asyncio.sleep(self.token_delay)
                 else:
                     await asyncio.sleep(0)  # a step boundary, where cancellation lands
+                self._check_alive(ModelError)
                 if self.on_step is not None:
                     self.on_step(n)
                 for index in range(n):
@@ -246,6 +274,8 @@ class FakeEngine:
             self.busy -= 1
             self._slots.release()
             self._notify()
+            if done and self.fail_after is not None and len(self.finished) >= self.fail_after:
+                self.fail_engine(RuntimeError(f"injected fault after {self.fail_after} requests"))
 
 
 def _prompt_tokens(request: GenerationRequest) -> int:
@@ -259,4 +289,7 @@ def make_engine(settings: Any, *, on_step: Callable[[int], None] | None = None) 
         max_queue=settings.max_queue,
         token_delay=float(os.environ.get("FAKE_ENGINE_TOKEN_DELAY", "0")),
         on_step=on_step,
+        fail_after=int(os.environ["FAKE_ENGINE_FAIL_AFTER"])
+        if os.environ.get("FAKE_ENGINE_FAIL_AFTER")
+        else None,
     )

@@ -26,10 +26,18 @@ log = logging.getLogger("genstruct_service.cli")
 # Testing hook: `module:function` building the engine instead of llama.cpp, called as
 # function(settings, on_step=callable); e.g. tests.fakes:make_engine.
 ENGINE_FACTORY_ENV = "GENSTRUCT_ENGINE_FACTORY"
+# The exit code after the engine failed for good, so a supervisor restarts the process.
+EXIT_ENGINE_FAILED = 3
+# The drain after an engine failure: nothing can generate any more, so only the calls that
+# can still answer (errors, GetModelInfo) need it.
+FAILURE_DRAIN_SECONDS = 5.0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The console script; returns the exit code (0 also after a drain on SIGTERM/SIGINT)."""
+    """The console script; returns the exit code.
+
+    0 also after a drain on SIGTERM/SIGINT; 3 (EXIT_ENGINE_FAILED) once the engine failed.
+    """
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["--version"]:
         sys.stdout.write(version_report() + "\n")
@@ -83,6 +91,7 @@ def load_engine(settings: Settings, on_step: Callable[[int], None]) -> Engine:
 
     from .engine.llama import LlamaEngine
     from .model_files import load_registry, resolve_model
+    from .prompt import GENSTRUCT_FORMAT
 
     try:
         model = resolve_model(settings.model, settings.models_dir)
@@ -103,6 +112,7 @@ def load_engine(settings: Settings, on_step: Callable[[int], None]) -> Engine:
     return LlamaEngine(
         model.path,
         model_name=model.display_name,
+        prompt_format=GENSTRUCT_FORMAT,
         n_parallel=settings.n_parallel,
         n_ctx=settings.n_ctx,
         n_batch=settings.n_batch,
@@ -167,7 +177,10 @@ def how_to_call(running: RunningServer) -> list[str]:
 
 
 async def serve(settings: Settings) -> int:
-    """Listen at once (health NOT_SERVING), load the model, serve, and drain on a signal."""
+    """Listen at once (health NOT_SERVING), load the model, serve, and drain on a signal.
+
+    Also drains, shortly, when the engine fails for good, and then returns EXIT_ENGINE_FAILED.
+    """
     metrics = Metrics()
     running = await start_server(settings, None, metrics=metrics)
     log.info(
@@ -212,13 +225,25 @@ async def serve(settings: Settings) -> int:
     )
     for way in how_to_call(running):
         log.info("try: %s", way)
-    await stopping
-    log.info(
-        "signal received: draining for up to %.0f s (signal again to stop at once)",
-        settings.drain_seconds,
-    )
+    failing = asyncio.ensure_future(running.engine_failed())
+    await asyncio.wait((stopping, failing), return_when=asyncio.FIRST_COMPLETED)
+    if failing.done():  # the server has logged why, and health says NOT_SERVING
+        stopping.cancel()
+        seconds = min(settings.drain_seconds, FAILURE_DRAIN_SECONDS)
+        log.info(
+            "draining for up to %.0f s, then exiting with code %d for a restart",
+            seconds,
+            EXIT_ENGINE_FAILED,
+        )
+    else:
+        failing.cancel()
+        seconds = settings.drain_seconds
+        log.info(
+            "signal received: draining for up to %.0f s (signal again to stop at once)",
+            seconds,
+        )
     stop.clear()
-    draining = asyncio.ensure_future(running.drain())
+    draining = asyncio.ensure_future(running.drain(seconds))
     again = asyncio.ensure_future(stop.wait())
     await asyncio.wait((draining, again), return_when=asyncio.FIRST_COMPLETED)
     again.cancel()
@@ -226,9 +251,11 @@ async def serve(settings: Settings) -> int:
     if draining.done():
         finished = draining.result()
     else:
-        log.warning("second signal: cancelling the work in flight")
+        log.warning("signal during the drain: cancelling the work in flight")
         draining.cancel()
         await running.stop(None)
+    # set by the server's watching, also when the engine failed during a signal's drain
+    failure = running.engine_failure
     await engine.close()
-    log.info("stopped", extra={"drained": finished})
-    return 0
+    log.info("stopped", extra={"drained": finished, "engine_failed": failure is not None})
+    return 0 if failure is None else EXIT_ENGINE_FAILED

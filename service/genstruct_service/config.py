@@ -64,11 +64,12 @@ class Settings(BaseSettings):
         description="Most tokens in one decode step (prompt chunks plus one token per "
         "generating slot); at least n_parallel.",
     )
-    n_ubatch: int = Field(
-        512,
+    n_ubatch: int | None = Field(
+        None,
         ge=1,
-        description="Most tokens llama.cpp computes at once (at most n_batch); the attention "
-        "scratch buffer grows with n_ubatch times the KV cache in use.",
+        description="Most tokens llama.cpp computes at once (at most n_batch; unset = "
+        "min(512, n_batch)); the attention scratch buffer grows with n_ubatch times the KV "
+        "cache in use.",
     )
     n_gpu_layers: int = Field(
         -1, ge=-1, description="Layers to offload to the GPU; -1 = all, 0 = CPU only."
@@ -188,7 +189,7 @@ class Settings(BaseSettings):
                 f"n_batch ({self.n_batch}) must be at least n_parallel ({self.n_parallel}): "
                 "every generating slot adds a token to each decode step"
             )
-        if self.n_ubatch > self.n_batch:
+        if self.n_ubatch is not None and self.n_ubatch > self.n_batch:
             raise ValueError(f"n_ubatch ({self.n_ubatch}) must be at most n_batch ({self.n_batch})")
         if self.cache_type_v != "f16" and self.flash_attn == "off":
             raise ValueError(f"cache_type_v {self.cache_type_v} needs flash_attn auto or on")

@@ -8,6 +8,8 @@ from functools import cache
 
 import jinja2
 
+from genstruct_service.engine.types import PromptFormat
+
 USER_MARK = "[[[User]]]"
 ASSISTANT_MARK = "[[[Assistant]]]"
 
@@ -29,6 +31,10 @@ def _template() -> jinja2.Template:
 def render_prompt(title: str, content: str) -> str:
     """The raw completion prompt for one document; it ends with `[[[User]]] `."""
     return _template().render(title=title, content=content)
+
+
+# What the engine is given: the template, and the next user turn, which ends an answer.
+GENSTRUCT_FORMAT = PromptFormat(render=render_prompt, stop=USER_MARK)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
@@ -45,7 +46,8 @@ def host_port(host: str, port: int) -> str:
 class RunningServer:
     """A started server and what a caller needs of it: the bound ports, health and drain.
 
-    The engine stays the caller's: stopping the server does not close it.
+    The engine stays the caller's: stopping the server does not close it. The server watches
+    it, though: when it fails for good, health turns NOT_SERVING at once (see `engine_failed`).
     """
 
     server: grpc.aio.Server
@@ -55,6 +57,8 @@ class RunningServer:
     state: ServiceState
     health: HealthServicer
     metrics: Metrics
+    engine_failure: BaseException | None = None  # why the engine failed for good, if it did
+    _watcher: asyncio.Task[BaseException] | None = field(default=None, repr=False)
 
     @property
     def target(self) -> str:
@@ -70,6 +74,28 @@ class RunningServer:
         self.metrics.watch_engine(engine.stats)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, _SERVING)
+        if self._watcher is not None:
+            self._watcher.cancel()
+        self._watcher = asyncio.create_task(self._watch(engine), name="engine-watcher")
+
+    async def engine_failed(self) -> BaseException:
+        """Return once the engine has failed for good; health is NOT_SERVING by then."""
+        if self._watcher is None:
+            raise RuntimeError("no engine yet: call set_engine first")
+        # shielded: a caller that stops waiting must not stop the watching
+        return await asyncio.shield(self._watcher)
+
+    async def _watch(self, engine: Engine) -> BaseException:
+        error = await engine.wait_failed()
+        self.engine_failure = error
+        # for good: NOT_SERVING for every service, and no later set() can undo it
+        await self.health.enter_graceful_shutdown()
+        log.error(
+            "the engine failed and must be restarted: %s (health NOT_SERVING)",
+            error,
+            extra={"error": repr(error), "in_flight": self.state.active},
+        )
+        return error
 
     async def drain(self, seconds: float | None = None) -> bool:
         """Stop taking work and let in-flight work finish, then stop the server.
@@ -80,7 +106,9 @@ class RunningServer:
         """
         seconds = self.settings.drain_seconds if seconds is None else seconds
         await self.health.enter_graceful_shutdown()
-        self.state.start_draining()
+        if self.engine_failure is None:
+            self.state.start_draining()
+        # else the engine itself refuses new work, with a message naming the failure
         log.info("draining", extra={"in_flight": self.state.active, "seconds": seconds})
         finished = await self.state.wait_idle(seconds)
         if not finished:
@@ -94,6 +122,9 @@ class RunningServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop at once (grace None) or after `grace` seconds for calls in flight."""
+        if self._watcher is not None:
+            # first, so the engine.close() that follows a stop is never taken for a failure
+            self._watcher.cancel()
         await self.server.stop(grace)
         self.metrics.close()
 

@@ -40,10 +40,11 @@ def recorder() -> StepRecorder:
 @pytest.fixture(scope="session")
 def engine(model_name: str, model_path: str, recorder: StepRecorder) -> Iterator[object]:
     from genstruct_service.engine.llama import LlamaEngine
+    from genstruct_service.prompt import GENSTRUCT_FORMAT
 
     engine = LlamaEngine(
-        model_path, model_name=model_name, n_parallel=4, n_ctx=2048, n_batch=256,
-        n_threads=2, max_queue=16, on_step=recorder,
+        model_path, prompt_format=GENSTRUCT_FORMAT, model_name=model_name, n_parallel=4,
+        n_ctx=2048, n_batch=256, n_threads=2, max_queue=16, on_step=recorder,
     )
     yield engine
     asyncio.run(engine.close())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 
@@ -29,6 +30,16 @@ class StepRecorder:
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         with self._cond:
             return self._cond.wait_for(predicate, timeout)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll a condition of the engine that no event announces (bounded in time)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("the condition did not hold in time")
+        await asyncio.sleep(0.002)
 
 
 async def collect(

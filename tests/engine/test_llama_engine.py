@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from engine_helpers import GEMMA, StepRecorder, collect, joined
+from engine_helpers import GEMMA, StepRecorder, collect, joined, until
 from genstruct_service.engine import (
     Completed,
     FinishReason,
@@ -16,7 +16,7 @@ from genstruct_service.engine import (
     Truncation,
 )
 from genstruct_service.errors import ContextOverflow, InvalidRequest, QueueFull, Unavailable
-from genstruct_service.prompt import parse_completion
+from genstruct_service.prompt import GENSTRUCT_FORMAT, parse_completion
 
 from bench.corpus import DOCUMENTS
 
@@ -253,7 +253,8 @@ async def test_invalid_requests_fail_before_the_first_event(engine: Any) -> None
 def tiny_engine(model_path: str) -> Any:
     from genstruct_service.engine.llama import LlamaEngine
 
-    engine = LlamaEngine(model_path, n_parallel=1, n_ctx=512, n_batch=128, n_threads=2,
+    engine = LlamaEngine(model_path, prompt_format=GENSTRUCT_FORMAT, n_parallel=1, n_ctx=512,
+                         n_batch=128, n_threads=2,
                          max_queue=1)
     yield engine
     asyncio.run(engine.close())
@@ -290,8 +291,7 @@ async def test_full_queue_is_refused(tiny_engine: Any) -> None:
     await anext(running)  # holds the only slot
     queued = tiny_engine.generate(request(1, max_tokens=4))
     waiting = asyncio.ensure_future(anext(queued))
-    await asyncio.sleep(0)  # let it submit: it is now the one queued request
-    assert tiny_engine.stats().queued == 1
+    await until(lambda: tiny_engine.stats().queued == 1)  # tokenized, then queued
     with pytest.raises(QueueFull):
         await anext(tiny_engine.generate(request(2, max_tokens=4)))
     await running.aclose()
@@ -302,7 +302,8 @@ async def test_full_queue_is_refused(tiny_engine: Any) -> None:
 async def test_close_ends_requests_in_flight_and_refuses_new_ones(model_path: str) -> None:
     from genstruct_service.engine.llama import LlamaEngine
 
-    engine = LlamaEngine(model_path, n_parallel=1, n_ctx=512, n_batch=64, n_threads=2)
+    engine = LlamaEngine(model_path, prompt_format=GENSTRUCT_FORMAT, n_parallel=1, n_ctx=512,
+                         n_batch=64, n_threads=2)
     running = engine.generate(request(0, max_tokens=300, ignore_eos=True))
     await anext(running)
     await engine.close()

@@ -74,9 +74,10 @@ async def main(args: argparse.Namespace) -> None:
     await _measure("fake", FakeEngine(tokens=("Q?", " [[[Assistant]]]", " A.")), 3, args.n)
     if args.model:
         from genstruct_service.engine.llama import LlamaEngine
+        from genstruct_service.prompt import GENSTRUCT_FORMAT
 
         kwargs: dict[str, Any] = {"n_parallel": 1, "n_ctx": 1024, "n_gpu_layers": 0}
-        engine = await LlamaEngine.open(args.model, **kwargs)
+        engine = await LlamaEngine.open(args.model, prompt_format=GENSTRUCT_FORMAT, **kwargs)
         try:
             await _measure("llama.cpp", engine, 1, max(10, args.n // 10))
         finally:

@@ -34,12 +34,13 @@ def model_path() -> str:
 @pytest.fixture
 async def real(model_path: str) -> AsyncIterator[tuple[RunningServer, Any]]:
     from genstruct_service.engine.llama import LlamaEngine
+    from genstruct_service.prompt import GENSTRUCT_FORMAT
 
     metrics = Metrics()
     # One slot, so a slot that was not freed would hold up every later call.
     engine = await LlamaEngine.open(
-        model_path, model_name="demo", n_parallel=1, n_ctx=2048, n_batch=256, n_gpu_layers=0,
-        n_threads=2, max_queue=4, on_step=metrics.on_step,
+        model_path, prompt_format=GENSTRUCT_FORMAT, model_name="demo", n_parallel=1,
+        n_ctx=2048, n_batch=256, n_gpu_layers=0, n_threads=2, max_queue=4, on_step=metrics.on_step,
     )
     server = await start_server(make_settings(), engine, metrics=metrics, metrics_port=0)
     yield server, engine

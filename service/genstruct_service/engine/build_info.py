@@ -29,8 +29,31 @@ _FEATURE = re.compile(r"(\w+) = 1\b")
 _SECTION = re.compile(r"(?:^|\|)\s*(\w+) : ")
 
 
+def library_dir() -> Path:
+    """The folder of the shared libraries the bindings load."""
+    return Path(ll.__file__).resolve().parent / "lib"
+
+
+def _libggml() -> Any:
+    """The libggml that libllama itself uses.
+
+    A wheel holds each library under several names as separate copies (libggml.so,
+    libggml.so.0, ...), and libllama links the soname one; the bindings' own `_ggml` handle
+    opens another copy, with a backend registry of its own. Loading backends there would
+    leave libllama with none, so bind to the file libllama loaded.
+    """
+    for name in ("libggml.so.0", "libggml.0.dylib"):
+        path = library_dir() / name
+        if path.exists():
+            return ctypes.CDLL(str(path))
+    return _ggml.libggml
+
+
+_LIBGGML = _libggml()
+
+
 def _bind(name: str, restype: Any, *argtypes: Any) -> Any:
-    function = getattr(_ggml.libggml, name)
+    function = getattr(_LIBGGML, name)
     function.restype = restype
     function.argtypes = list(argtypes)
     return function
@@ -49,11 +72,6 @@ _dev_memory = _bind(
     ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t),
 )
 _load_all_from_path = _bind("ggml_backend_load_all_from_path", None, ctypes.c_char_p)
-
-
-def library_dir() -> Path:
-    """The folder of the shared libraries the bindings load."""
-    return Path(ll.__file__).resolve().parent / "lib"
 
 
 def load_backends() -> None:

@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +41,13 @@ import llama_cpp as ll
 
 from genstruct_service.engine.build_info import load_backends, read_build_info
 from genstruct_service.engine.cpus import available_cpus
+from genstruct_service.engine.fitting import FittedPrompt, fit_prompt
 from genstruct_service.engine.gguf_info import engine_info
 from genstruct_service.engine.grammar import ANSWER_RESERVE, ASSISTANT_MARK, GENSTRUCT_GBNF
 from genstruct_service.engine.sampling import ConstrainedSampler, build_chain, build_grammar
+from genstruct_service.engine.scheduler import Scheduler, Ticket
 from genstruct_service.engine.text import TextAssembler
+from genstruct_service.engine.tokenizer import LlamaTokenizer
 from genstruct_service.engine.types import (
     Completed,
     EngineEvent,
@@ -55,18 +56,16 @@ from genstruct_service.engine.types import (
     FinishReason,
     Generation,
     GenerationRequest,
+    PromptFormat,
     Timings,
     TokenDelta,
-    Truncation,
 )
 from genstruct_service.errors import (
-    ContextOverflow,
     InvalidRequest,
     ModelError,
     QueueFull,
     Unavailable,
 )
-from genstruct_service.prompt import USER_MARK, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +83,13 @@ _ASSISTANT_BYTES = ASSISTANT_MARK.encode()
 class _Job:
     """One request as both threads see it; `queue` is read only by the asyncio side."""
 
-    __slots__ = ("cancelled", "done", "loop", "queue", "request", "submitted")
+    __slots__ = ("cancelled", "done", "loop", "prompt", "queue", "request", "submitted")
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, request: GenerationRequest, prompt: FittedPrompt, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.request = request
+        self.prompt = prompt  # the prompt's token ids, fitted before the engine thread
         self.loop = loop
         self.queue: asyncio.Queue[Sequence[EngineEvent] | BaseException] = asyncio.Queue()
         self.submitted = time.perf_counter()
@@ -125,25 +127,18 @@ class _Active:
     """A request holding slots: prefilling its prompt, then generating."""
 
     job: _Job
+    ticket: Ticket[_Job]  # its slots and KV reservation, in the scheduler's books
     tokens: list[int]
     truncated: bool
-    reserved: int
     admitted: float
     seqs: list[_Seq]
     n_prefilled: int = 0
     prefill_row: int = -1
     first_token: float = 0.0
     done: int = 0  # sequences finished
+    in_batch: bool = False  # tokens of it are in the step's batch
     stream: bool = True  # the caller reads text as it comes (else: the final result only)
     deltas: list[TokenDelta] = field(default_factory=list)  # this step's text, to stream
-
-
-@dataclass(slots=True, eq=False)
-class _Pending:
-    job: _Job
-    tokens: list[int]
-    truncated: bool
-    reserved: int
 
 
 def _emit(active: _Active, index: int, text: str) -> None:
@@ -171,6 +166,7 @@ class LlamaEngine:
         model_path: str | os.PathLike[str],
         *,
         model_name: str | None = None,
+        prompt_format: PromptFormat,
         n_parallel: int = 4,
         n_ctx: int = 4096,
         n_batch: int = 512,
@@ -198,6 +194,7 @@ class LlamaEngine:
                 raise ValueError(f"{name} must be one of {', '.join(CACHE_TYPES)}")
         self._model_path = str(model_path)
         self._model_name = model_name or Path(model_path).stem
+        self._format = prompt_format
         self._n_parallel = n_parallel
         self._n_ctx = n_ctx
         self._n_batch = n_batch
@@ -218,6 +215,8 @@ class LlamaEngine:
         self._cancel_epoch = 0
         self._closing = False
         self._broken: BaseException | None = None
+        # wait_failed() callers, settled from the engine thread when it dies (under _lock)
+        self._failure_waiters: list[asyncio.Future[BaseException]] = []
         self._busy = 0
 
         self._ready = threading.Event()
@@ -249,7 +248,14 @@ class LlamaEngine:
             )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
-        job = self._submit(request)
+        self._validate(request)
+        self._check_open()
+        # rendering and tokenizing a long document takes a while: not on the engine thread
+        prompt = await asyncio.to_thread(
+            fit_prompt, self._tokenizer, self._format, request, n_ctx=self._n_ctx,
+            n_parallel=self._n_parallel,
+        )
+        job = self._submit(request, prompt)
         try:
             while True:
                 item = await job.queue.get()
@@ -275,21 +281,41 @@ class LlamaEngine:
             self._wake.notify()
         await asyncio.to_thread(self._thread.join)
 
-    def _submit(self, request: GenerationRequest) -> _Job:
-        self._validate(request)
-        job = _Job(request, asyncio.get_running_loop())
+    async def wait_failed(self) -> BaseException:
+        future: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if self._broken is not None:
+                return self._broken
+            self._failure_waiters.append(future)
+        try:
+            return await future
+        finally:
+            with self._lock, contextlib.suppress(ValueError):  # gone once the thread took it
+                self._failure_waiters.remove(future)
+
+    @staticmethod
+    def _settle_failure(future: asyncio.Future[BaseException], error: BaseException) -> None:
+        if not future.done():  # the waiter may have been cancelled meanwhile
+            future.set_result(error)
+
+    def _check_open(self) -> None:
+        """Refuse at once when the engine is closing, has failed, or its queue is full."""
+        if self._closing or self._broken is not None:
+            raise Unavailable(
+                "the engine is shutting down"
+                if self._closing
+                else f"the engine failed and must be restarted: {self._broken}"
+            )
+        if self._n_waiting >= self._max_queue:
+            raise QueueFull(
+                f"the queue is full ({self._max_queue} requests waiting for "
+                f"{self._n_parallel} slots); retry later"
+            )
+
+    def _submit(self, request: GenerationRequest, prompt: FittedPrompt) -> _Job:
+        job = _Job(request, prompt, asyncio.get_running_loop())
         with self._wake:
-            if self._closing or self._broken is not None:
-                raise Unavailable(
-                    "the engine is shutting down"
-                    if self._closing
-                    else f"the engine failed and must be restarted: {self._broken}"
-                )
-            if self._n_waiting >= self._max_queue:
-                raise QueueFull(
-                    f"the queue is full ({self._max_queue} requests waiting for "
-                    f"{self._n_parallel} slots); retry later"
-                )
+            self._check_open()
             self._n_waiting += 1
             self._inbox.append(job)
             self._wake.notify()
@@ -342,7 +368,15 @@ class LlamaEngine:
             log.exception("the engine thread failed")
             with self._lock:
                 self._broken = exc
-            self._fail_everything(ModelError(f"the engine failed: {exc}"))
+                waiters, self._failure_waiters = self._failure_waiters, []
+            try:
+                # ModelError maps to UNAVAILABLE, so the callers in flight retry elsewhere
+                self._fail_everything(ModelError(f"the engine failed and must be restarted: {exc}"))
+            finally:
+                # after the calls in flight were told, so a draining server sees them end
+                for future in waiters:
+                    with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                        future.get_loop().call_soon_threadsafe(self._settle_failure, future, exc)
         finally:
             self._free()
 
@@ -383,9 +417,8 @@ class LlamaEngine:
         self._n_vocab = int(ll.llama_vocab_n_tokens(self._vocab))
         self._eog = [t for t in range(self._n_vocab) if ll.llama_vocab_is_eog(self._vocab, t)]
         self._eog_set = frozenset(self._eog)
-        self._pieces: dict[int, bytes] = {}
-        self._piece_buf = ctypes.create_string_buffer(256)
-        self._tok_buf = (ll.llama_token * 4096)()
+        self._tokenizer = LlamaTokenizer(self._vocab)
+        self._piece = self._tokenizer.piece
 
         batch = ll.llama_batch_init(self._n_batch, 0, 1)
         self._batch = batch
@@ -397,12 +430,10 @@ class LlamaEngine:
         for i in range(self._n_batch):
             n_seq_id[i] = 1
 
-        self._free_ids = list(range(self._n_parallel - 1, -1, -1))
-        self._pending: deque[_Pending] = deque()
+        self._scheduler: Scheduler[_Job] = Scheduler(self._n_parallel, self._n_ctx)
         self._active: list[_Active] = []
-        self._reserved = 0
         self._seen_cancel_epoch = 0
-        self._marker_tokens = len(self._tokenize(ASSISTANT_MARK, add_special=False))
+        self._marker_tokens = len(self._tokenizer.tokenize(ASSISTANT_MARK, add_special=False))
         self._min_constrained_tokens = self._marker_tokens + ANSWER_RESERVE + 4
         self._constrained = ConstrainedSampler(ctx, self._n_vocab)
         build = read_build_info()
@@ -463,41 +494,15 @@ class LlamaEngine:
             ll.llama_model_free(self._model)
             self._model = None
 
-    # -- text
-
-    def _tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        data = text.encode("utf-8")
-        buf = self._tok_buf
-        n = ll.llama_tokenize(self._vocab, data, len(data), buf, len(buf), add_special, False)
-        if n < 0:
-            buf = (ll.llama_token * (-n))()
-            n = ll.llama_tokenize(self._vocab, data, len(data), buf, len(buf), add_special, False)
-            if n < 0:
-                raise InvalidRequest("document", "the text could not be tokenized")
-        return buf[:n]
-
-    def _piece(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
-        if piece is None:
-            buf = self._piece_buf
-            n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-            piece = buf.raw[:n]
-            self._pieces[token] = piece
-        return piece
-
-    def _detokenize(self, tokens: list[int]) -> str:
-        return b"".join(self._piece(t) for t in tokens).decode("utf-8", "ignore")
-
     # -- the step loop
 
     def _loop(self) -> None:
         while True:
             with self._wake:
                 # with nothing running, any pending request can be admitted: no wait then
-                while not (self._inbox or self._closing or self._active or self._pending):
+                while not (
+                    self._inbox or self._closing or self._active or self._scheduler.waiting
+                ):
                     self._wake.wait()
                 inbox, self._inbox = self._inbox, []
                 closing = self._closing
@@ -515,65 +520,22 @@ class LlamaEngine:
                 self._step()
 
     def _accept(self, job: _Job) -> None:
-        """Tokenize and size a new job; queue it or refuse it."""
+        """Queue a new job (its prompt was fitted before it came here)."""
         if job.cancelled:
             with self._lock:
                 self._n_waiting -= 1
             return
-        try:
-            tokens, truncated, reserved = self._prepare(job.request)
-        except Exception as exc:
-            with self._lock:
-                self._n_waiting -= 1
-            job.send(exc)
-            return
-        self._pending.append(_Pending(job, tokens, truncated, reserved))
-
-    def _prepare(self, request: GenerationRequest) -> tuple[list[int], bool, int]:
-        n = request.num_generations
-        max_tokens = request.sampling.max_tokens
-        generated = n * max_tokens
-        budget = self._n_ctx - generated
-        tokens = self._tokenize(render_prompt(request.title, request.content), add_special=True)
-        if len(tokens) <= budget:
-            return tokens, False, len(tokens) + generated
-        asked = (
-            f"max_tokens {max_tokens:,}"
-            if n == 1
-            else f"max_tokens {max_tokens:,} x {n} generations"
-        )
-        where = (
-            f"the context holds at most {self._n_ctx:,} tokens (n_ctx {self._n_ctx:,}, "
-            f"one unified KV cache shared by {self._n_parallel} slots)"
-        )
-        if request.truncation is Truncation.REFUSE:
-            raise ContextOverflow(
-                "document.content",
-                f"prompt is {len(tokens):,} tokens and {asked}, but {where}",
-            )
-        base = len(self._tokenize(render_prompt(request.title, ""), add_special=True))
-        if base + 1 > budget:
-            raise ContextOverflow(
-                "document",
-                f"prompt without content is {base:,} tokens and {asked}, but {where}",
-            )
-        content = self._tokenize(request.content.strip(), add_special=False)
-        keep = min(len(content), budget - base - 2)
-        for _ in range(8):
-            text = self._detokenize(content[: max(keep, 0)])
-            tokens = self._tokenize(render_prompt(request.title, text), add_special=True)
-            if len(tokens) <= budget:
-                return tokens, True, len(tokens) + generated
-            keep -= len(tokens) - budget + 1
-        raise ContextOverflow("document.content", f"could not truncate the content to fit: {where}")
+        request = job.request
+        self._scheduler.enqueue(Ticket(
+            job, generations=request.num_generations, prompt_cells=len(job.prompt.tokens),
+            cells_per_generation=request.sampling.max_tokens,
+        ))
 
     def _drop_cancelled(self) -> None:
-        if any(p.job.cancelled for p in self._pending):
-            kept = deque(p for p in self._pending if not p.job.cancelled)
-            dropped = len(self._pending) - len(kept)
-            self._pending = kept
+        dropped = self._scheduler.drop(lambda ticket: ticket.item.cancelled)
+        if dropped:
             with self._lock:
-                self._n_waiting -= dropped
+                self._n_waiting -= len(dropped)
         for active in [a for a in self._active if a.job.cancelled]:
             for seq in active.seqs:
                 if seq.finish is None:
@@ -582,27 +544,24 @@ class LlamaEngine:
             self._complete(active)
 
     def _admit(self) -> None:
-        while self._pending:
-            head = self._pending[0]
-            n = head.job.request.num_generations
-            if len(self._free_ids) < n or self._reserved + head.reserved > self._n_ctx:
-                return
-            self._pending.popleft()
+        for ticket in self._scheduler.admit():
             with self._lock:
                 self._n_waiting -= 1
             try:
-                self._start(head)
+                self._start(ticket)
             except BaseException as exc:
-                head.job.send(exc)
+                self._scheduler.release_all(ticket)
+                ticket.item.send(exc)
 
-    def _start(self, pending: _Pending) -> None:
-        request = pending.job.request
+    def _start(self, ticket: Ticket[_Job]) -> None:
+        job = ticket.item
+        request = job.request
         sampling = request.sampling
         seed = sampling.seed
         if seed is None:
             seed = self._default_seed if self._default_seed is not None else random.getrandbits(32)
         # ignore_eos (benchmarks) means exactly max_tokens: no end of sequence, no stop strings
-        stops = () if sampling.ignore_eos else (USER_MARK, *sampling.stop)
+        stops = () if sampling.ignore_eos else (self._format.stop, *sampling.stop)
         banned = self._eog if sampling.ignore_eos else ()
         grammar = request.grammar or (GENSTRUCT_GBNF if request.constrained else None)
         seqs: list[_Seq] = []
@@ -622,16 +581,15 @@ class LlamaEngine:
             for seq in seqs:
                 self._free_samplers(seq)
             raise
-        for seq in seqs:
-            seq.seq_id = self._free_ids.pop()
-            ll.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
-        self._reserved += pending.reserved
+        for seq, slot in zip(seqs, ticket.slots, strict=True):
+            seq.seq_id = slot
+            ll.llama_memory_seq_rm(self._mem, slot, -1, -1)
         with self._lock:
             self._busy += len(seqs)
         self._active.append(
             _Active(
-                job=pending.job, tokens=pending.tokens, truncated=pending.truncated,
-                reserved=pending.reserved, admitted=time.perf_counter(), seqs=seqs,
+                job=job, ticket=ticket, tokens=job.prompt.tokens,
+                truncated=job.prompt.truncated, admitted=time.perf_counter(), seqs=seqs,
                 stream=request.stream,
             )
         )
@@ -642,6 +600,7 @@ class LlamaEngine:
         n = 0
         # one token (or a few forced ones) for every generating sequence
         for active in self._active:
+            active.in_batch = False
             if active.n_prefilled < len(active.tokens):
                 continue
             for seq in active.seqs:
@@ -660,6 +619,7 @@ class LlamaEngine:
                     n += 1
                 seq.pos = pos + take
                 del feed[:take]
+                active.in_batch = True
                 if feed:
                     seq.out_row = -1
                 else:
@@ -682,6 +642,7 @@ class LlamaEngine:
                 b_logits[n] = 0
                 n += 1
             active.n_prefilled = done + take
+            active.in_batch = True
             if done + take == total:
                 b_logits[n - 1] = 1
                 active.prefill_row = n - 1
@@ -694,7 +655,7 @@ class LlamaEngine:
         if rc != 0:
             if rc == 1:
                 # no room in the KV cache: fail the requests in this batch, keep the engine
-                for active in list(self._active):
+                for active in [a for a in self._active if a.in_batch]:
                     self._fail_active(active, ModelError("the KV cache is full; retry later"))
                 return
             raise RuntimeError(f"llama_decode returned {rc}")
@@ -768,7 +729,7 @@ class LlamaEngine:
         if not seq.question_visible or seq.assembler.mid_character:
             return
         rest = ASSISTANT_MARK[len(seq.marker or b"") :]
-        forced = self._tokenize(rest, add_special=False)
+        forced = self._tokenizer.tokenize(rest, add_special=False)
         if remaining - len(forced) > ANSWER_RESERVE:
             return
         for token in forced:
@@ -799,7 +760,7 @@ class LlamaEngine:
     def _release_seq(self, active: _Active, seq: _Seq) -> None:
         if seq.seq_id >= 0:
             ll.llama_memory_seq_rm(self._mem, seq.seq_id, -1, -1)
-            self._free_ids.append(seq.seq_id)
+            self._scheduler.release(active.ticket, seq.seq_id)  # its slot and KV share back
             seq.seq_id = -1
             with self._lock:
                 self._busy -= 1
@@ -828,7 +789,6 @@ class LlamaEngine:
                 seq.finish = FinishReason.CANCELLED
             self._release_seq(active, seq)
         self._active.remove(active)
-        self._reserved -= active.reserved
         now = time.perf_counter()
         submitted = active.job.submitted
         events: list[EngineEvent] = [*active.deltas]
@@ -861,7 +821,6 @@ class LlamaEngine:
             seq.finish = seq.finish or FinishReason.CANCELLED
             self._release_seq(active, seq)
         self._active.remove(active)
-        self._reserved -= active.reserved
         active.job.send(error)
 
     def _shutdown(self, inbox: list[_Job]) -> None:
@@ -870,11 +829,11 @@ class LlamaEngine:
         unavailable = "the engine is shutting down"
         for job in inbox:
             job.send(Unavailable(unavailable))
-        for pending in self._pending:
-            pending.job.send(Unavailable(unavailable))
+        waiting = self._scheduler.drain()
+        for ticket in waiting:
+            ticket.item.send(Unavailable(unavailable))
         with self._lock:
-            self._n_waiting -= len(inbox) + len(self._pending)
-        self._pending.clear()
+            self._n_waiting -= len(inbox) + len(waiting)
 
     def _fail_everything(self, error: ModelError) -> None:
         for active in list(getattr(self, "_active", [])):
@@ -884,5 +843,6 @@ class LlamaEngine:
             inbox, self._inbox = self._inbox, []
         for job in inbox:
             job.send(ModelError(str(error)))
-        for pending in getattr(self, "_pending", ()):
-            pending.job.send(ModelError(str(error)))
+        scheduler: Scheduler[_Job] | None = getattr(self, "_scheduler", None)
+        for ticket in scheduler.drain() if scheduler is not None else ():
+            ticket.item.send(ModelError(str(error)))

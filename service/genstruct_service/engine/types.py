@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,6 +39,18 @@ class Sampling:
     max_tokens: int = 512
     stop: tuple[str, ...] = ()  # the caller's stop strings, on top of the Genstruct stop
     ignore_eos: bool = False  # benchmarks only: generate exactly max_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class PromptFormat:
+    """How a document becomes a completion prompt, and the text that ends an answer.
+
+    The engine is given one (Genstruct's is `genstruct_service.prompt.GENSTRUCT_FORMAT`), so it
+    knows token ids and stop strings, not the template.
+    """
+
+    render: Callable[[str, str], str]  # (title, content) -> prompt text
+    stop: str  # a new turn after the answer, e.g. `[[[User]]]`
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,4 +193,13 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Cancel everything in flight, stop the engine thread and free the model."""
+        ...
+
+    async def wait_failed(self) -> BaseException:
+        """Return the error once the engine has failed for good (at once if it already has).
+
+        From then on it serves nothing: every request in flight has been failed and new ones
+        raise Unavailable. It never returns for an engine that is closed without failing, so
+        a caller watching it cancels the wait when it stops.
+        """
         ...
