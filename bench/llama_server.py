@@ -65,7 +65,7 @@ def build(version: str | None = None, jobs: int | None = None) -> Path:
         return binary
     if shutil.which("cmake") is None:
         raise RuntimeError("cmake is not installed")
-    source = llama_build.vendored_source(version, BUILD_ROOT)
+    source = llama_build.vendored_source(version, llama_build.sdist_cache())
     build_dir = binary.parent.parent
     env = dict(os.environ, CFLAGS=flags.cflags, CXXFLAGS=flags.cxxflags)
     subprocess.run(
