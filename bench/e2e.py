@@ -46,8 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "examples" / "documents.jsonl"
 SERVER = Path(sys.executable).with_name("genstruct-server")
 LEVELS = (1, 4, 8, 16)
-SAMPLING: dict[str, Any] = {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
-                            "seed": 1234}
+SAMPLING = settings.SAMPLING
 STOP = "[[[User]]]"  # the Genstruct stop, which the service always applies
 
 
@@ -106,13 +105,6 @@ def _level(system: str, concurrency: int, n_docs: int, tokens: int, seconds: flo
                  _percentile(ttfts, 0.5) * 1e3, _percentile(ttfts, 0.95) * 1e3, errors)
 
 
-def _vm_hwm(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 # ---------------------------------------------------------------- (a) the gRPC service
 
 
@@ -155,7 +147,7 @@ class GrpcService:
             raise RuntimeError("genstruct-server did not become ready")
 
     def peak_rss(self) -> int:
-        return _vm_hwm(self.process.pid)
+        return settings.peak_rss(self.process.pid)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -292,7 +284,7 @@ def run_llama_server(binary: Path, args: argparse.Namespace, docs: list[dict[str
                            [o[1] for o in outcomes if o[1] is not None])
             results.levels.append(level)
             _show(level)
-        results.peak_rss_bytes["llama-server"] = _vm_hwm(server.process.pid)
+        results.peak_rss_bytes["llama-server"] = settings.peak_rss(server.process.pid)
 
 
 # ---------------------------------------------------------------- (c) the sequential loop

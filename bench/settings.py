@@ -9,9 +9,21 @@ threads, context, batch sizes, offload and flash attention.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 FLASH_ATTN = ("auto", "on", "off")
+# The sampling every peer uses, as Genstruct is usually run.
+SAMPLING: dict[str, Any] = {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
+                            "seed": 1234}
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory in bytes (VmHWM), 0 where /proc does not say."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, n_ctx: int | None) -> None:

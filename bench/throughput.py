@@ -48,9 +48,7 @@ SCENARIOS = (Scenario(1, 1), Scenario(4, 1), Scenario(8, 1), Scenario(16, 1), Sc
              Scenario(32, 1))
 DEFAULT_SCENARIOS = "c1n1,c4n1,c8n1,c16n1,c1n4"
 
-SAMPLING: dict[str, Any] = {
-    "temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": 1234,
-}
+SAMPLING = settings.SAMPLING
 
 
 @dataclass
@@ -159,13 +157,6 @@ def run_loop(model: str, scenario: Scenario, args: argparse.Namespace) -> Record
 # ---------------------------------------------------------------- (c) llama-server
 
 
-def _vm_hwm(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def run_server(
     binary: Path, model: str, scenario: Scenario, args: argparse.Namespace, *, n_cmpl: bool
 ) -> Record:
@@ -206,7 +197,7 @@ def run_server(
         with ThreadPoolExecutor(in_flight) as pool:
             list(pool.map(call, calls))
         seconds = time.perf_counter() - start
-        rss = _vm_hwm(server.process.pid)
+        rss = settings.peak_rss(server.process.pid)
     system = "llama-server n_cmpl" if n_cmpl else "llama-server"
     return Record(system, scenario.concurrency, scenario.num_generations, generated, seconds,
                   generated / seconds, rss)

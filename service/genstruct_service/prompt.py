@@ -8,10 +8,13 @@ from functools import cache
 
 import jinja2
 
+from genstruct_service.engine.grammar import ASSISTANT_MARK
 from genstruct_service.engine.types import PromptFormat
 
+__all__ = ["ASSISTANT_MARK", "GENSTRUCT_FORMAT", "USER_MARK", "ParsedCompletion",
+           "end_of_answer", "parse_completion", "render_prompt"]
+
 USER_MARK = "[[[User]]]"
-ASSISTANT_MARK = "[[[Assistant]]]"
 
 # distilabel's rule: some text, the assistant marker, more text (the first marker wins).
 _PAIR = re.compile(r"(.+?)\[\[\[Assistant\]\]\](.+)$", re.DOTALL)

@@ -148,6 +148,16 @@ async def test_same_seed_alone_gives_the_same_text(engine: Any) -> None:
     assert any(text != a.generations[0].text for text in others)
 
 
+async def test_the_largest_seeds_are_seeds_too(engine: Any) -> None:
+    # 2^32 - 1 is llama.cpp's "random seed"; and the second generation of 2^32 - 2 gets
+    # seed + 1, which is that value again
+    for seed in (2**32 - 1, 2**32 - 2):
+        runs = [await collect(engine, request(0, max_tokens=12, temperature=1.0, seed=seed,
+                                              num_generations=2)) for _ in range(2)]
+        first, second = ([g.text for g in done.generations] for _, done in runs)
+        assert first == second, seed
+
+
 async def test_stop_string_across_tokens_is_cut_and_not_leaked(engine: Any) -> None:
     for i in range(len(DOCUMENTS)):  # greedy, so the same text comes back; find a long one
         _, done = await collect(engine, request(i, max_tokens=32, temperature=0.0))

@@ -12,6 +12,14 @@ import numpy as np
 from genstruct_service.engine.types import Sampling
 
 PENALTY_LAST_N = 64
+# llama.cpp's dist sampler takes this seed to mean "a random one" (LLAMA_DEFAULT_SEED).
+RANDOM_SEED = 0xFFFFFFFF
+
+
+def dist_seed(seed: int) -> int:
+    """A caller's seed (plus a generation index) as llama.cpp's 32-bit seed, never the value
+    that means random: the same seed must give the same text."""
+    return seed % RANDOM_SEED
 
 
 def build_chain(
@@ -70,7 +78,7 @@ def build_chain(
     if sampling.min_p > 0.0:
         add(ll.llama_sampler_init_min_p(sampling.min_p, 1), "min-p")
     add(ll.llama_sampler_init_temp(sampling.temperature), "temperature")
-    add(ll.llama_sampler_init_dist(seed & 0xFFFFFFFF), "dist")
+    add(ll.llama_sampler_init_dist(dist_seed(seed)), "dist")
     return chain
 
 
