@@ -5,6 +5,7 @@
     engine = FakeEngine(hold=True)             # each generation stops after its first token
     engine.release()                           # ... until released
     engine.fail_next(QueueFull("queue full"))  # the next request is refused before any event
+    engine.refuse(QueueFull("queue full"))     # every request is, until refuse(None)
     engine.fail_engine(RuntimeError("boom"))   # dead for good, like a crashed engine thread
     await engine.wait_started(1)               # a request holds a slot
     engine.cancelled, engine.stats().busy_slots
@@ -17,11 +18,13 @@ FAKE_ENGINE_FAIL_AFTER=<n>: the engine fails for good once n requests have compl
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+from genstruct_service.engine.scheduler import Scheduler, Ticket
 from genstruct_service.engine.types import (
     Completed,
     EngineEvent,
@@ -34,7 +37,13 @@ from genstruct_service.engine.types import (
     TokenDelta,
     Truncation,
 )
-from genstruct_service.errors import ContextOverflow, ModelError, QueueFull, Unavailable
+from genstruct_service.errors import (
+    ContextOverflow,
+    InvalidRequest,
+    ModelError,
+    QueueFull,
+    Unavailable,
+)
 
 # A completion that parses: "What is the document about?" / "It is about testing."
 DEFAULT_TOKENS: tuple[str, ...] = (
@@ -95,8 +104,10 @@ class FakeEngine:
         self._hold = hold
         self._released: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None
-        self._slots: asyncio.Semaphore | None = None
+        # admission as the real engine's: one slot per generation, the same scheduler
+        self._scheduler: Scheduler[asyncio.Future[None]] | None = None
         self._fail: list[BaseException] = []
+        self._refusal: BaseException | None = None
         self._failure: BaseException | None = None
         self._failed: asyncio.Event | None = None
         self.busy = 0
@@ -124,6 +135,10 @@ class FakeEngine:
     def fail_next(self, error: BaseException) -> None:
         """The next request raises `error` before its first event (e.g. QueueFull)."""
         self._fail.append(error)
+
+    def refuse(self, error: BaseException | None) -> None:
+        """Every request raises a copy of `error` before its first event; None ends that."""
+        self._refusal = error
 
     def fail_engine(self, error: BaseException) -> None:
         """Fail for good, as LlamaEngine does when its thread dies: requests in flight raise
@@ -162,6 +177,14 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         return EngineStats(busy_slots=self.busy, queued=self.queued, n_parallel=self.n_parallel)
 
+    def _admit(self) -> None:
+        assert self._scheduler is not None
+        for ticket in self._scheduler.admit():
+            if ticket.item.done():  # its caller went away while it waited
+                self._scheduler.release_all(ticket)
+            else:
+                ticket.item.set_result(None)
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         return self._generate(request)
 
@@ -197,6 +220,8 @@ class FakeEngine:
         self._check_alive(Unavailable)
         if self._fail:
             raise self._fail.pop(0)
+        if self._refusal is not None:
+            raise copy.copy(self._refusal)
         truncated = False
         if len(request.content) > self.context_chars:
             if request.truncation is Truncation.REFUSE:
@@ -206,17 +231,33 @@ class FakeEngine:
                     "shorten it or ask for truncation",
                 )
             truncated = True
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.n_parallel)
-        if self._slots.locked() and self.queued >= self.max_queue:
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self.n_parallel, _FAKE_CONTEXT)
+        scheduler = self._scheduler
+        n = request.num_generations
+        if n > scheduler.n_slots:
+            raise InvalidRequest(
+                "num_generations", f"must be between 1 and {scheduler.n_slots} (the engine's "
+                f"slots), got {n}")
+        ticket = Ticket(asyncio.get_running_loop().create_future(), generations=n,
+                        prompt_cells=_prompt_tokens(request),
+                        cells_per_generation=request.sampling.max_tokens)
+        if self.queued >= self.max_queue and (scheduler.waiting or not _fits_now(scheduler, n)):
             raise QueueFull(f"the queue is full ({self.max_queue} documents waiting)")
+        scheduler.enqueue(ticket)
         self.queued += 1
         self._notify()
+        self._admit()
         try:
-            await self._slots.acquire()
+            await ticket.item
+        except BaseException:
+            if not scheduler.drop(lambda t: t is ticket):  # admitted as it was cancelled
+                scheduler.release_all(ticket)
+                self._admit()
+            raise
         finally:
             self.queued -= 1
-        self.busy += 1
+        self.busy += n
         self.started += 1
         self._notify()
         done = False
@@ -271,11 +312,20 @@ class FakeEngine:
         finally:
             if not done:
                 self.cancelled.append(request)
-            self.busy -= 1
-            self._slots.release()
+            self.busy -= n
+            scheduler.release_all(ticket)
+            self._admit()
             self._notify()
             if done and self.fail_after is not None and len(self.finished) >= self.fail_after:
                 self.fail_engine(RuntimeError(f"injected fault after {self.fail_after} requests"))
+
+
+# KV cells of the fake: as many as any test needs (context_chars bounds the content instead)
+_FAKE_CONTEXT = 1 << 40
+
+
+def _fits_now(scheduler: Scheduler[Any], generations: int) -> bool:
+    return scheduler.n_slots - scheduler.busy_slots >= generations
 
 
 def _prompt_tokens(request: GenerationRequest) -> int:

@@ -289,3 +289,27 @@ async def test_the_interceptor_keeps_a_status_the_handler_set() -> None:
     counted = metrics.requests.collect()[0].samples
     codes = {s.labels["code"] for s in counted if s.name.endswith("_total")}
     assert codes == {"NOT_FOUND", "FAILED_PRECONDITION", "ALREADY_EXISTS"}
+
+
+async def test_generations_take_slots_as_in_the_real_engine(metrics: Metrics) -> None:
+    """Three generations hold three of four slots; a request of two waits, one of one goes
+    past it into the last slot, and the waiting one starts when slots come back."""
+    engine = FakeEngine(n_parallel=4, hold=True)
+    server = await start_server(make_settings(n_parallel=4), engine, metrics=metrics)
+    try:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = Stub(channel)
+            three = asyncio.ensure_future(stub.Generate(doc(num_generations=3), timeout=10))
+            await engine.wait_started(1)
+            two = asyncio.ensure_future(stub.Generate(doc(num_generations=2), timeout=10))
+            await engine.wait_for(lambda e: e.queued == 1)
+            one = asyncio.ensure_future(stub.Generate(doc(), timeout=10))
+            await engine.wait_started(2)
+            assert engine.stats().busy_slots == 4 and engine.stats().queued == 1
+            engine.release()
+            results = await asyncio.gather(three, two, one)
+            assert [len(r.pairs) for r in results] == [3, 2, 1]
+            assert [r.num_generations for r in engine.requests] == [3, 2, 1]
+            assert engine.finished[-1].num_generations == 2  # it waited, then ran
+    finally:
+        await server.stop(None)
