@@ -128,3 +128,19 @@ def test_the_real_demo_model_passes() -> None:
     assert info.tensor_count > 100
     # The table of ggml block sizes is right if the tensors end exactly where the file ends.
     assert info.data_end == info.size
+
+
+def test_the_quantisation_names_are_llama_cpps_own() -> None:
+    """The one table of file types agrees with the llama_ftype enum of the bindings."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from genstruct_service.model_files.gguf import FILE_TYPES
+
+    ours = dict(FILE_TYPES)
+    theirs = {
+        int(value): name.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_").removeprefix("ALL_")
+        for name, value in vars(llama_cpp).items()
+        if name.startswith("LLAMA_FTYPE_") and name != "LLAMA_FTYPE_GUESSED"
+    }
+    shared = ours.keys() & theirs.keys()
+    assert {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}
+    assert shared >= {2, 7, 15, 17, 18}  # Q4_0, Q8_0, Q4_K_M, Q5_K_M, Q6_K

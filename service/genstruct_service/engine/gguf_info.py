@@ -7,13 +7,7 @@ import ctypes
 import llama_cpp as ll
 
 from genstruct_service.engine.types import BuildInfo, EngineInfo
-
-# llama_ftype values -> the names quantizers use (Q4_K_M, ...), read from the bindings.
-_FTYPE_NAMES: dict[int, str] = {
-    int(value): name.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_").removeprefix("ALL_")
-    for name, value in vars(ll).items()
-    if name.startswith("LLAMA_FTYPE_") and isinstance(value, int) and name != "LLAMA_FTYPE_GUESSED"
-}
+from genstruct_service.model_files.gguf import quantization_name
 
 _GPU_BACKENDS = ("CUDA", "Metal", "Vulkan", "ROCm", "HIP", "SYCL", "OpenCL", "CANN", "MUSA")
 
@@ -31,11 +25,12 @@ def meta_str(model: int, key: str) -> str | None:
         size = n + 1
 
 
-def quantization_name(file_type: str | None) -> str:
+def quantization(file_type: str | None) -> str:
+    """The name of the model's `general.file_type` (the one table, model_files.gguf's)."""
     if file_type is None:
         return "unknown"
     try:
-        return _FTYPE_NAMES.get(int(file_type), f"ftype {file_type}")
+        return quantization_name(int(file_type))
     except ValueError:
         return file_type
 
@@ -64,7 +59,7 @@ def engine_info(
     return EngineInfo(
         model_name=model_name,
         model_path=model_path,
-        quantization=quantization_name(meta_str(model, "general.file_type")),
+        quantization=quantization(meta_str(model, "general.file_type")),
         parameter_count=int(ll.llama_model_n_params(model)),
         architecture=meta_str(model, "general.architecture") or "unknown",
         context_length=int(ll.llama_n_ctx(ctx)),

@@ -77,6 +77,13 @@ FILE_TYPES: dict[int, str] = {
     37: "TQ2_0", 38: "MXFP4_MOE",
 }  # fmt: skip
 
+
+
+def quantization_name(file_type: int) -> str:
+    """The usual name of a `general.file_type` value, e.g. 15 -> "Q4_K_M"."""
+    return FILE_TYPES.get(file_type, f"file_type {file_type}")
+
+
 _WANTED_KEYS = ("general.architecture", "general.name", "general.file_type", "general.alignment")
 
 
@@ -97,9 +104,7 @@ class GGUFInfo:
     @property
     def quantization(self) -> str | None:
         """The quantisation name (e.g. "Q4_K_M") from `general.file_type`, if known."""
-        if self.file_type is None:
-            return None
-        return FILE_TYPES.get(self.file_type, f"file_type {self.file_type}")
+        return None if self.file_type is None else quantization_name(self.file_type)
 
 
 class _Truncated(Exception):
