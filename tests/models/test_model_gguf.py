@@ -141,6 +141,5 @@ def test_the_quantisation_names_are_llama_cpps_own() -> None:
         for name, value in vars(llama_cpp).items()
         if name.startswith("LLAMA_FTYPE_") and name != "LLAMA_FTYPE_GUESSED"
     }
-    shared = ours.keys() & theirs.keys()
-    assert {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}
-    assert shared >= {2, 7, 15, 17, 18}  # Q4_0, Q8_0, Q4_K_M, Q5_K_M, Q6_K
+    theirs.pop(1024, None)  # LLAMA_FTYPE_GUESSED: not a file type
+    assert ours == theirs
