@@ -9,18 +9,20 @@ same last-prompt logits with its own sampler chain (seed + i). So `n_parallel` b
 number of sequences decoded together, whatever the mix of requests, and a request may ask
 for at most `n_parallel` generations.
 
-Admission. A request reserves `prompt_tokens + n * max_tokens` KV cells, which bounds
-what it can ever use (the prompt cells are shared). The unified cache is one pool, so a
-request is admitted, first come first served, when n slots are free and the sum of the
-reservations of the running requests plus its own is at most `n_ctx`. A request that
-could not fit even in an empty engine (`prompt + n * max_tokens > n_ctx`) is refused with
-ContextOverflow, or its content cut to fit with Truncation.TRUNCATE. Waiting requests are
-bounded by `max_queue` (QueueFull beyond). Unlike llama-server's fixed `n_ctx / n_parallel`
-per slot, one long document may use most of the context while short ones share the rest.
+Admission (engine/scheduler.py). A request reserves `prompt_tokens + n * max_tokens` KV
+cells, which bounds what it can ever use (the prompt cells are shared), and starts when it
+has n slots and its cells in the one pool of the unified cache; a smaller request may go
+past one that does not fit yet, a bounded number of times. A request that could not fit
+even in an empty engine is refused with ContextOverflow, or its content cut to fit with
+Truncation.TRUNCATE (engine/fitting.py). Waiting requests are bounded by `max_queue`
+(QueueFull beyond). Unlike llama-server's fixed `n_ctx / n_parallel` per slot, one long
+document may use most of the context while short ones share the rest.
 
-Threads. Only the engine thread touches llama.cpp objects (model, context, batch,
-samplers, tokenisation). The asyncio side hands it jobs through a locked inbox and
-receives events through `loop.call_soon_threadsafe`, one call per request per step.
+Threads. Only the engine thread touches the model, context, batch and samplers. Prompts
+are rendered and tokenized on a worker thread before a request joins (the vocabulary is
+read-only), so the engine thread takes token ids. It hands results back through
+`loop.call_soon_threadsafe`: the final result only, or for a streaming request one message
+per step with that step's text.
 """
 
 from __future__ import annotations
