@@ -11,8 +11,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
+import grpc.aio
 from genstruct.v1 import genstruct_pb2 as pb
 from google.rpc import status_pb2
 
@@ -26,17 +28,31 @@ STREAM_RETRY_CODES = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
-# What grpc's asyncio client reports, in place of the server's own status, when one of its
-# writes fails because the server had just ended the stream (a draining or stopping server;
-# grpc/grpc#36066). The server's own INTERNAL errors never carry this text.
-CORE_WRITE_RACE = "Internal error from Core"
+# The trailer in which the Genstruct server sends a call's request id: with every status it
+# sends, its own INTERNAL errors included.
+REQUEST_ID_KEY = "x-request-id"
 
 
-def stream_failure_is_transient(code: grpc.StatusCode, details: str) -> bool:
-    """Whether a GenerateBatch stream that failed this way is worth reopening."""
+def stream_failure_is_transient(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a GenerateBatch stream that failed with `error` is worth reopening."""
+    code = error.code()
     if code == grpc.StatusCode.INTERNAL:
-        return details == CORE_WRITE_RACE
+        return not sent_by_server(error)
     return code in STREAM_RETRY_CODES or code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def sent_by_server(error: grpc.aio.AioRpcError) -> bool:
+    """Whether the status of `error` came from the Genstruct server, not from gRPC's client.
+
+    grpc's asyncio client reports a write that fails because the server had just ended the
+    stream (a draining or stopping server; grpc/grpc#36066) as an INTERNAL error of its own,
+    in place of the server's status. A status made up on this side has no trailers, so no
+    request id; that tells the two apart whatever words a grpc release uses for it.
+    tests/client/test_grpc_pins.py pins how the installed grpc reports the race.
+    """
+    # grpc-stubs types them as the sync API's trailers
+    trailers = cast("grpc.aio.Metadata", error.trailing_metadata())
+    return REQUEST_ID_KEY in trailers
 
 
 # Per-document refusals inside GenerateBatch worth another attempt.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -28,7 +28,6 @@ from genstruct_client.channel import ChannelConfig, create_aio_channel, resolve_
 from genstruct_client.types import GenerationOptions, RequestLike, to_request
 
 log = logging.getLogger("genstruct_client")
-_T = TypeVar("_T")
 
 _Outcome = pb.GenerateResponse | BaseException | None
 _Failure = tuple[grpc.StatusCode, str]
@@ -38,7 +37,9 @@ class AsyncGenstructClient:
     """Calls a Genstruct service (or several, round_robin) from asyncio code.
 
     Use it as `async with AsyncGenstructClient("127.0.0.1:50051") as client:`; create it
-    inside the event loop that uses it. `timeout` arguments are deadlines in seconds.
+    inside the event loop that uses it. `timeout` arguments are deadlines in seconds. Calls
+    refused with UNAVAILABLE or RESOURCE_EXHAUSTED are retried, each in one layer (see
+    RetryPolicy).
     """
 
     def __init__(
@@ -84,7 +85,7 @@ class AsyncGenstructClient:
     ) -> pb.GenerateResponse:
         """Pairs for one document (a Document with `options`, or a ready GenerateRequest)."""
         request = to_request(document, options)
-        return await self._unary(self._stub.Generate, request, timeout)
+        return await self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
 
     async def generate_stream(
         self,
@@ -95,7 +96,8 @@ class AsyncGenstructClient:
     ) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
         """Text deltas as they are generated, then one message with the result.
 
-        Leaving the loop early cancels the call and frees the server's slot.
+        Leaving the loop early cancels the call and frees the server's slot. Refusals are
+        retried here until the first message: gRPC's retry ends at the stream's headers.
         """
         request = to_request(document, options)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -142,30 +144,9 @@ class AsyncGenstructClient:
 
     async def model_info(self, *, timeout: float | None = None) -> pb.GetModelInfoResponse:
         """The loaded model and the server's limits and defaults."""
-        return await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
-
-    async def _unary(
-        self, method: Callable[..., Awaitable[_T]], request: object, timeout: float | None
-    ) -> _T:
-        """Calls `method`, retrying transient refusals (see RetryPolicy) within the deadline."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        attempt = 0
-        refused: grpc.aio.AioRpcError | None = None  # the last transient refusal
-        while True:
-            attempt += 1
-            try:
-                return await method(
-                    request, timeout=_remaining(deadline), metadata=self._metadata
-                )
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and refused is not None:
-                    raise refused from None  # out of time while retrying: say why it failed
-                retry = self.config.retry
-                delay = None if retry is None else retry.delay(exc.code(), attempt, deadline)
-                if delay is None:
-                    raise
-                refused = exc
-            await asyncio.sleep(delay)
+        return await self._stub.GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata
+        )
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The health status name ("SERVING", "NOT_SERVING", ...) of `service` ("" = server)."""
@@ -319,6 +300,7 @@ class AsyncGenstructClient:
         pump = asyncio.create_task(_pump(call, inbox))
         writer = asyncio.create_task(_feed(call, scheduler, in_flight, room, quota, full, inbox))
         failure: _Failure | None = None
+        transient = True  # whether the failure is worth reopening the stream for
         expired: Item | None = None
         answered = False  # the server answered on this stream: it was working on it
         try:
@@ -341,6 +323,7 @@ class AsyncGenstructClient:
                     raise message.error
                 if isinstance(message, grpc.aio.AioRpcError):
                     failure = (message.code(), message.details() or "")
+                    transient = stream_failure_is_transient(message)
                     break
                 if message is None:  # the server closed the stream
                     if in_flight:
@@ -361,7 +344,7 @@ class AsyncGenstructClient:
         if failure is None:
             return None
         code, details = failure
-        if not stream_failure_is_transient(code, details):
+        if not transient:
             raise BatchAborted(code, details)
         log.warning(
             "GenerateBatch stream failed (%s: %s); resubmitting %d documents",

@@ -1,7 +1,8 @@
-"""Channel settings: targets, TLS / mutual TLS, bearer token, retries and load balancing."""
+"""Channel settings: targets, TLS / mutual TLS, bearer token, retries, keepalive, balancing."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import random
@@ -12,9 +13,19 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+from genstruct.v1 import genstruct_pb2
 
 SERVICE_NAME = "genstruct.v1.GenstructService"
 HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
+# The methods gRPC retries (RetryPolicy): every unary one.
+UNARY_METHODS: tuple[tuple[str, str], ...] = (
+    *(
+        (SERVICE_NAME, method.name)
+        for method in genstruct_pb2.DESCRIPTOR.services_by_name["GenstructService"].methods
+        if not method.client_streaming and not method.server_streaming
+    ),
+    (HEALTH_SERVICE_NAME, "Check"),
+)
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -25,14 +36,20 @@ _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 class RetryPolicy:
     """Retries of calls refused with a transient code, with exponential backoff and jitter.
 
-    It goes to gRPC as the service config's retryPolicy (gRPC waits a random time between 0
-    and the current backoff, and caps `max_attempts` at 5), which retries a call that got no
-    response headers: unary calls refused by the server (it sends their x-request-id in the
-    trailers only) and calls that failed while connecting. The Genstruct server sends a
-    stream's headers at once, so the clients retry GenerateStream until its first message
-    themselves, and Generate, GetModelInfo and Health too, so that a call out of time says
-    why it was refused (`delay`). Neither retries a stream that has delivered messages:
-    `generate_many` resubmits what has no result yet itself.
+    Each kind of call is retried in one layer only, never a retry loop inside another. Unary
+    calls (Generate, GetModelInfo, Health.Check) are retried by gRPC alone: this goes to it as
+    their service config retryPolicy (gRPC waits a random time between 0 and the current
+    backoff, caps `max_attempts` at 5, and retries only a call that got no response headers;
+    the Genstruct server sends a unary call's headers with its result), with retryThrottling:
+    every failed attempt costs a token, every success gives `token_ratio` back, and gRPC does
+    not retry while half of `max_tokens` or fewer are left, so a server that refuses
+    everything soon gets one attempt per call. Each channel (each client) has its own tokens.
+    A deadline that passes while gRPC waits to retry ends the call DEADLINE_EXCEEDED.
+
+    Streams are left out of the service config: the server sends a stream's headers at once,
+    after which gRPC retries nothing, so the clients retry GenerateStream until its first
+    message themselves (`delay`, `max_attempts` in all), and `generate_many` reopens
+    GenerateBatch streams (ResubmitPolicy). Neither retries a stream that delivered messages.
     """
 
     max_attempts: int = 5
@@ -43,6 +60,8 @@ class RetryPolicy:
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     )
+    max_tokens: int = 10  # retryThrottling (gRPC takes a whole number)
+    token_ratio: float = 0.1
 
     def delay(
         self, code: grpc.StatusCode, attempt: int, deadline: float | None = None
@@ -68,6 +87,59 @@ class RetryPolicy:
             "backoffMultiplier": self.backoff_multiplier,
             "retryableStatusCodes": [code.name for code in self.retryable_codes],
         }
+
+    def throttling_json(self) -> dict[str, object]:
+        """The `retryThrottling` object of a gRPC service config."""
+        return {"maxTokens": self.max_tokens, "tokenRatio": self.token_ratio}
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    """HTTP/2 keepalive pings, both ends: what the client sends and what the server accepts.
+
+    The client pings a connection that has calls in flight every `interval` seconds, however
+    long they stay silent, and drops it after `timeout` seconds without an answer: a dead peer
+    is found in seconds, not when TCP gives up. gRPC's server counts a ping that comes sooner
+    after the last than its minimum interval (5 minutes unless set) as a strike and, past
+    `max_ping_strikes`, ends the connection with GOAWAY "too_many_pings", failing the calls on
+    it. So the Genstruct server takes its options from the very object the client does
+    (KEEPALIVE), and the two cannot drift apart. gRPC's client never pings more than once a
+    second, whatever `interval` says.
+    """
+
+    interval: float = 30.0  # seconds
+    timeout: float = 10.0  # seconds
+    max_ping_strikes: int = 2
+
+    def client_options(self) -> list[tuple[str, int]]:
+        """Channel arguments of the pinging side."""
+        return [
+            ("grpc.keepalive_time_ms", _ms(self.interval)),
+            ("grpc.keepalive_timeout_ms", _ms(self.timeout)),
+            # Only connections with calls in flight: the server refuses pings on idle ones.
+            ("grpc.keepalive_permit_without_calls", 0),
+            # gRPC stops pinging after 2 pings without data unless told otherwise, and a call
+            # waiting for a slot, or a unary call being generated, sends no data for minutes.
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
+    def server_options(self) -> list[tuple[str, int]]:
+        """Server arguments that accept the pings of `client_options()`."""
+        return [
+            # Half the client's interval: a ping a little early (timers) is never a strike,
+            # and strikes on a silent call are never forgiven (only data sent resets them).
+            ("grpc.http2.min_ping_interval_without_data_ms", _ms(self.interval) // 2),
+            ("grpc.http2.max_ping_strikes", self.max_ping_strikes),
+            ("grpc.keepalive_permit_without_calls", 0),
+        ]
+
+
+# The pair in force: ChannelConfig pings at this rate, genstruct_service.server accepts it.
+KEEPALIVE = Keepalive()
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +237,9 @@ class ChannelConfig:
     retry: RetryPolicy | None = field(default_factory=RetryPolicy)
     load_balancing: str = "round_robin"  # or "pick_first"
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    keepalive_seconds: float | None = 30.0  # pings on idle connections to find dead peers
+    # Keepalive pings while calls are in flight, to find dead peers (see Keepalive); the
+    # Genstruct server accepts them down to every KEEPALIVE.interval / 2 seconds.
+    keepalive_seconds: float | None = KEEPALIVE.interval
     extra_options: tuple[tuple[str, str | int], ...] = ()
 
     @classmethod
@@ -174,15 +248,19 @@ class ChannelConfig:
         return cls(target=resolve_target(targets), **kwargs)  # type: ignore[arg-type]
 
     def service_config(self) -> str:
-        """The service config JSON: load balancing and the retry policy of every method."""
+        """The service config JSON: load balancing, and the retries of the unary methods."""
         config: dict[str, object] = {"loadBalancingConfig": [{self.load_balancing: {}}]}
         if self.retry is not None:
             config["methodConfig"] = [
                 {
-                    "name": [{"service": SERVICE_NAME}, {"service": HEALTH_SERVICE_NAME}],
+                    "name": [
+                        {"service": service, "method": method}
+                        for service, method in UNARY_METHODS
+                    ],
                     "retryPolicy": self.retry.to_json(),
                 }
             ]
+            config["retryThrottling"] = self.retry.throttling_json()
         return json.dumps(config)
 
     def options(self) -> list[tuple[str, str | int]]:
@@ -192,6 +270,9 @@ class ChannelConfig:
             # A service config published in DNS must not override ours.
             ("grpc.service_config_disable_resolution", 1),
             ("grpc.enable_retries", 1 if self.retry is not None else 0),
+            # gRPC retries no call whose request is over this (256 KiB unless set), and a
+            # document of 100,000 characters can take 400 KB.
+            ("grpc.per_rpc_retry_buffer_size", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.primary_user_agent", "genstruct-client"),
@@ -200,11 +281,8 @@ class ChannelConfig:
             ("grpc.max_reconnect_backoff_ms", 5_000),
         ]
         if self.keepalive_seconds is not None:
-            options += [
-                ("grpc.keepalive_time_ms", int(self.keepalive_seconds * 1000)),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.keepalive_permit_without_calls", 0),
-            ]
+            keepalive = dataclasses.replace(KEEPALIVE, interval=self.keepalive_seconds)
+            options += keepalive.client_options()
         if self.tls is not None and self.tls.server_name:
             options.append(("grpc.ssl_target_name_override", self.tls.server_name))
         options.extend(self.extra_options)

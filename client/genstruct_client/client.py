@@ -7,9 +7,8 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import TypeVar
 
 import grpc
 from genstruct.v1 import genstruct_pb2 as pb
@@ -22,7 +21,6 @@ from genstruct_client.channel import ChannelConfig, create_channel, resolve_targ
 from genstruct_client.types import GenerationOptions, RequestLike, to_request
 
 _Outcome = pb.GenerateResponse | BaseException | None
-_T = TypeVar("_T")
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -33,8 +31,8 @@ class GenstructClient:
     """Calls a Genstruct service (or several, round_robin) from synchronous code.
 
     Use it as `with GenstructClient("127.0.0.1:50051") as client:`. `timeout` arguments are
-    deadlines in seconds. gRPC retries calls refused with UNAVAILABLE or RESOURCE_EXHAUSTED
-    (see `ChannelConfig.retry`).
+    deadlines in seconds. Calls refused with UNAVAILABLE or RESOURCE_EXHAUSTED are retried,
+    each in one layer (see RetryPolicy).
     """
 
     def __init__(
@@ -80,7 +78,7 @@ class GenstructClient:
     ) -> pb.GenerateResponse:
         """Pairs for one document (a Document with `options`, or a ready GenerateRequest)."""
         request = to_request(document, options)
-        return self._unary(self._stub.Generate, request, timeout)
+        return self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
 
     def generate_stream(
         self,
@@ -91,7 +89,8 @@ class GenstructClient:
     ) -> Iterator[pb.GenerateStreamResponse]:
         """Text deltas as they are generated, then one message with the result.
 
-        Closing the iterator early cancels the call and frees the server's slot.
+        Closing the iterator early cancels the call and frees the server's slot. Refusals are
+        retried here until the first message: gRPC's retry ends at the stream's headers.
         """
         request = to_request(document, options)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -132,27 +131,9 @@ class GenstructClient:
 
     def model_info(self, *, timeout: float | None = None) -> pb.GetModelInfoResponse:
         """The loaded model and the server's limits and defaults."""
-        return self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
-
-    def _unary(self, method: Callable[..., _T], request: object, timeout: float | None) -> _T:
-        """Calls `method`, retrying transient refusals (see RetryPolicy) within the deadline."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        attempt = 0
-        refused: grpc.RpcError | None = None  # the last transient refusal
-        while True:
-            attempt += 1
-            try:
-                return method(request, timeout=_remaining(deadline), metadata=self._metadata)
-            except grpc.RpcError as exc:
-                code = exc.code()
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED and refused is not None:
-                    raise refused from None  # out of time while retrying: say why it failed
-                retry = self.config.retry
-                delay = None if retry is None else retry.delay(code, attempt, deadline)
-                if delay is None:
-                    raise
-                refused = exc
-            time.sleep(delay)
+        return self._stub.GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata
+        )
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The health status name ("SERVING", "NOT_SERVING", ...) of `service` ("" = server)."""

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import grpc
 import grpc.aio
 from genstruct.v1 import genstruct_pb2, genstruct_pb2_grpc
+from genstruct_client.channel import KEEPALIVE, Keepalive
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -153,12 +154,15 @@ async def start_server(
     *,
     metrics: Metrics | None = None,
     metrics_port: int | None = None,
+    keepalive: Keepalive = KEEPALIVE,
 ) -> RunningServer:
     """Bind settings.host:settings.port, serve, and return the running server.
 
     With `engine=None` the server starts in the loading state (health NOT_SERVING, calls
     UNAVAILABLE) until `set_engine`. `metrics_port` overrides settings.metrics_port; there,
     0 means a free port chosen by the OS (tests), whereas settings.metrics_port = 0 means off.
+    `keepalive` is the client's ping rate to accept (the client's own default unless a test
+    pings faster).
     """
     metrics = metrics or Metrics()
     token = settings.auth_token.get_secret_value() if settings.auth_token else None
@@ -168,6 +172,9 @@ async def start_server(
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a taken port fails, not shares
+            # The clients' keepalive pings, or gRPC's 5-minute minimum ends long silent calls
+            # with GOAWAY "too_many_pings".
+            *keepalive.server_options(),
         ],
     )
     state = ServiceState()
