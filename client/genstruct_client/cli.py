@@ -20,7 +20,7 @@ import grpc
 from google.protobuf import json_format
 
 from genstruct_client._batching import ResubmitPolicy
-from genstruct_client.bulk.documents import ColumnMapping
+from genstruct_client.bulk.documents import ColumnMapping, parse_columns
 from genstruct_client.bulk.errors import UsageError
 from genstruct_client.bulk.readers import INPUT_FORMATS
 from genstruct_client.bulk.runner import RunSummary, arun
@@ -104,8 +104,24 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--content-column", default="content", help="default: content")
     gen.add_argument(
         "--id-column",
-        help="column of document ids; default: ids derived from title and content (sha256), "
-        "so repeated documents are processed once",
+        help="column of document ids; default: the column `id` when the input has one, else "
+        "ids derived from title and content (sha256), so repeated documents are processed "
+        "once; '' derives them even when there is an `id` column",
+    )
+    gen.add_argument(
+        "--columns",
+        metavar="A,B=NEW,*",
+        help="input columns copied to every output row: NAME, NAME=NEW_NAME (renamed), * (all "
+        "the others); default: * (all); '' none. The title, content and id columns are the "
+        "output's title, content and id. A column named like one of the pair's (user, "
+        "assistant, model_name, ...) is refused: rename it or leave it out",
+    )
+    gen.add_argument(
+        "--new-run",
+        action="store_true",
+        help="start a new output: an earlier run's files (OUTPUT, its errors, journal and "
+        "OUTPUT.run.json) are renamed with the time that run started. Without it, a run "
+        "resumes OUTPUT only with the configuration recorded in OUTPUT.run.json (exit 2 else)",
     )
     gen.add_argument(
         "--errors",
@@ -196,7 +212,12 @@ def _generate(args: argparse.Namespace) -> int:
                 args.output,
                 config=config,
                 options=options,
-                columns=ColumnMapping(args.title_column, args.content_column, args.id_column),
+                columns=ColumnMapping(
+                    args.title_column,
+                    args.content_column,
+                    args.id_column,
+                    None if args.columns is None else parse_columns(args.columns),
+                ),
                 input_format=args.input_format,
                 output_format=args.output_format,
                 split=args.split,
@@ -209,6 +230,7 @@ def _generate(args: argparse.Namespace) -> int:
                 ),
                 progress=False if args.no_progress else None,
                 progress_interval=float("inf") if args.no_progress else args.progress_interval,
+                new_run=args.new_run,
             )
         )
         loop = asyncio.get_running_loop()

@@ -2,6 +2,9 @@
 
     python -m tests.client.fake_server --port 0 [--token-delay S] [--model-name NAME] ...
 
+`--answer TEXT` makes the assistant's side of every pair TEXT, so that replicas of one model
+can be told apart by their pairs.
+
 Prints one JSON line, {"port": <bound port>}, once it serves; SIGTERM drains, SIGKILL kills.
 """
 
@@ -18,7 +21,7 @@ from pathlib import Path
 from genstruct_service.config import Settings
 from genstruct_service.server import start_server
 
-from tests.fakes import FAKE_INFO, FakeEngine
+from tests.fakes import DEFAULT_TOKENS, FAKE_INFO, FakeEngine
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -37,7 +40,13 @@ async def serve(args: argparse.Namespace) -> None:
         log_level="ERROR",
         log_format="text",
     )
+    # The question and the assistant marker, then the answer.
+    tokens = DEFAULT_TOKENS if args.answer is None else (
+        *DEFAULT_TOKENS[: DEFAULT_TOKENS.index(" [[[Assistant]]]") + 1],
+        *(f" {word}" for word in args.answer.split()),
+    )
     engine = FakeEngine(
+        tokens=tokens,
         n_parallel=args.n_parallel,
         token_delay=args.token_delay,
         info=dataclasses.replace(FAKE_INFO, model_name=args.model_name),
@@ -60,6 +69,7 @@ def main() -> None:
     parser.add_argument("--max-content-chars", type=int, default=100_000)
     parser.add_argument("--drain-seconds", type=float, default=5.0)
     parser.add_argument("--model-name", default="fake-model:Q4_K_M")
+    parser.add_argument("--answer", help="the assistant's side of every pair")
     parser.add_argument("--auth-token")
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)

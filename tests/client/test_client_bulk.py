@@ -66,9 +66,12 @@ def test_every_input_and_output_format(
     )
     assert summary.exit_code == 0 and summary.succeeded == 3 and summary.pairs_written == 6
     records = output_records(output)
-    assert all(list(r) == list(COLUMNS) for r in records)
+    # The pair's columns, then the input's other columns.
+    assert all(list(r) == [*COLUMNS, "key"] for r in records)
     ids = {derive_id(r["title"], r["content"]) for r in RECORDS}
     assert_exactly_once(records, ids, generations=2)
+    keys = {derive_id(r["title"], r["content"]): r["key"] for r in RECORDS}
+    assert all(r["key"] == keys[r["id"]] for r in records)
     by_id = {r["id"]: r for r in records}
     unicode = by_id[derive_id("Ünïcode", "Ça marche, 日本語も。")]
     assert unicode["content"] == "Ça marche, 日本語も。"
@@ -161,10 +164,15 @@ def test_missing_generations_of_a_document_are_completed(
     source = write_input(tmp_path / "in.jsonl", "jsonl", RECORDS)
     output = tmp_path / "out.jsonl"
     first_id = derive_id(RECORDS[0]["title"], RECORDS[0]["content"])
-    # As if a crash had left generation 1 of the first document only.
+    options = GenerationOptions(num_generations=3)
+    # A run of nothing writes the run record; then, as if a crash had left generation 1 of
+    # the first document only.
+    (tmp_path / "empty.jsonl").write_text("")
+    run(tmp_path / "empty.jsonl", output, config=ChannelConfig(server_process.target),
+        options=options, progress=False)
     output.write_text(json.dumps({"id": first_id, "generation_index": 1, "user": "kept"}) + "\n")
     summary = run(source, output, config=ChannelConfig(server_process.target),
-                  options=GenerationOptions(num_generations=3), progress=False)
+                  options=options, progress=False)
     assert summary.exit_code == 0 and summary.pairs_written == 8
     records = output_records(output)
     ids = {derive_id(r["title"], r["content"]) for r in RECORDS}
@@ -266,7 +274,8 @@ def test_thousand_documents_with_the_server_killed_twice(tmp_path: Path) -> None
 
 
 def test_round_robin_over_three_servers_one_stopped_mid_run(tmp_path: Path) -> None:
-    servers = [ServerProcess("--token-delay", "0.01", "--model-name", f"replica-{i}")
+    # One model (a run refuses replicas of different ones); each replica answers its name.
+    servers = [ServerProcess("--token-delay", "0.01", "--answer", f"replica-{i}")
                for i in range(3)]
     try:
         source = tmp_path / "in.jsonl"
@@ -278,7 +287,7 @@ def test_round_robin_over_three_servers_one_stopped_mid_run(tmp_path: Path) -> N
         )
         wait_progress(process, 100)
         # Stop a replica that is doing work (one whose pairs are in the output already).
-        busy = {r["model_name"] for r in output_records(output)}
+        busy = {r["assistant"] for r in output_records(output)}
         victim = next(s for i, s in enumerate(servers) if f"replica-{i}" in busy)
         victim.kill()
         code, err = finish(process)
@@ -287,7 +296,7 @@ def test_round_robin_over_three_servers_one_stopped_mid_run(tmp_path: Path) -> N
         ids = {derive_id(r["title"], r["content"]) for r in records}
         assert_exactly_once(written, ids)
         # Streams are spread over the replicas (round_robin, a new stream every 64 documents).
-        assert len({r["model_name"] for r in written}) == 3
+        assert len({r["assistant"] for r in written}) == 3
     finally:
         for server in servers:
             server.close()
@@ -334,10 +343,10 @@ def test_token_flags(tmp_path: Path) -> None:
         base = ("generate", str(source), "-o", str(tmp_path / "o.jsonl"), "--target",
                 server.target, "--no-progress", "--retry-budget", "5")
         refused = genstruct(*base)
-        # The stream is refused; gRPC sometimes reports that as INTERNAL when the client is
-        # still sending (see the report), so only the outcome is checked here.
+        # GetModelInfo, asked before anything is written or sent, is refused.
         assert refused.returncode == 1 and "stopped:" in refused.stderr
-        assert not (tmp_path / "o.jsonl").read_text()
+        assert "UNAUTHENTICATED" in refused.stderr
+        assert not (tmp_path / "o.jsonl").exists()
         result = genstruct("info", "--target", server.target)
         assert result.returncode == 1 and "UNAUTHENTICATED" in result.stderr
         (tmp_path / "token").write_text("s3cret\n")

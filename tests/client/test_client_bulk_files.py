@@ -6,6 +6,7 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from genstruct_client.bulk.documents import ColumnMapping, derive_id
@@ -28,7 +29,7 @@ RECORDS = [
 ]
 
 
-def write_input(path: Path, fmt: str, records: list[dict[str, str]]) -> Path:
+def write_input(path: Path, fmt: str, records: list[dict[str, Any]]) -> Path:
     if fmt == "jsonl":
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     elif fmt == "csv":
@@ -41,6 +42,12 @@ def write_input(path: Path, fmt: str, records: list[dict[str, str]]) -> Path:
         import pyarrow.parquet as pq
 
         pq.write_table(pa.Table.from_pylist(records), path)
+    elif fmt == "arrow":  # an Arrow IPC file (`datasets` folders hold IPC streams)
+        import pyarrow as pa
+
+        table = pa.Table.from_pylist(records)
+        with pa.ipc.new_file(str(path), table.schema) as writer:
+            writer.write_table(table)
     elif fmt == "hf":
         import datasets
 
@@ -58,8 +65,8 @@ def write_input(path: Path, fmt: str, records: list[dict[str, str]]) -> Path:
 
 @pytest.mark.parametrize(
     ("fmt", "name"),
-    [("jsonl", "in.jsonl"), ("csv", "in.csv"), ("parquet", "in.parquet"), ("hf", "ds"),
-     ("hf-dict", "dsd")],
+    [("jsonl", "in.jsonl"), ("csv", "in.csv"), ("parquet", "in.parquet"), ("arrow", "in.arrow"),
+     ("hf", "ds"), ("hf-dict", "dsd")],
 )
 def test_every_input_format_reads_the_same_rows(tmp_path: Path, fmt: str, name: str) -> None:
     path = write_input(tmp_path / name, fmt, RECORDS)

@@ -2,6 +2,16 @@
 
 from genstruct_client.bulk.documents import ColumnMapping, derive_id
 from genstruct_client.bulk.errors import UsageError
+from genstruct_client.bulk.run_record import PROMPT_TEMPLATE_VERSION, RunMismatch
 from genstruct_client.bulk.runner import RunSummary, arun, run
 
-__all__ = ["ColumnMapping", "RunSummary", "UsageError", "arun", "derive_id", "run"]
+__all__ = [
+    "PROMPT_TEMPLATE_VERSION",
+    "ColumnMapping",
+    "RunMismatch",
+    "RunSummary",
+    "UsageError",
+    "arun",
+    "derive_id",
+    "run",
+]

@@ -2,16 +2,18 @@
 
 Exactly once: the output (or its journal) and the errors file are the ledger. A rerun of the
 same command skips every (id, generation) already written and every id that failed for good,
-and asks again for the rest, writing only the generations still missing.
+and asks again for the rest, writing only the generations still missing. One configuration:
+the run record beside the output (run_record.py) refuses a rerun made with another.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,11 +23,26 @@ from genstruct.v1 import genstruct_pb2 as pb
 
 from genstruct_client._batching import BatchAborted, ResubmitPolicy
 from genstruct_client.aio import AsyncGenstructClient
+from genstruct_client.bulk import run_record
 from genstruct_client.bulk.documents import ColumnMapping
 from genstruct_client.bulk.errors import UsageError
 from genstruct_client.bulk.ledger import Ledger
-from genstruct_client.bulk.readers import count_rows, detect_input_format, read_rows
-from genstruct_client.bulk.writers import JsonlJournal, Output, detect_output_format
+from genstruct_client.bulk.readers import Row, count_rows, detect_input_format, read_rows
+from genstruct_client.bulk.run_record import (
+    RunMismatch,
+    ServersUnavailable,
+    agreed_fingerprint,
+    move_aside,
+    record_path,
+    server_infos,
+    started_stamp,
+)
+from genstruct_client.bulk.writers import (
+    JsonlJournal,
+    Output,
+    detect_output_format,
+    journal_path,
+)
 from genstruct_client.channel import ChannelConfig, target_addresses
 from genstruct_client.progress import Progress
 from genstruct_client.types import GenerationOptions
@@ -74,6 +91,12 @@ class RunSummary:
     finished: bool = False  # every document was handled (written or failed)
     repaired_bytes: int = 0  # a torn last line cut off the output or errors file
     failed_codes: dict[str, int] = field(default_factory=dict)
+    moved_aside: list[Path] = field(default_factory=list)  # an earlier run's files (new_run)
+
+    @property
+    def record(self) -> Path:
+        """The run record: the fingerprint of what the output is made with."""
+        return record_path(self.output)
 
     @property
     def exit_code(self) -> int:
@@ -82,7 +105,13 @@ class RunSummary:
 
     def report(self) -> str:
         """A few lines for people."""
-        lines = [
+        lines = []
+        if self.moved_aside:
+            lines.append(
+                f"new run: the earlier run's files were moved aside to "
+                f"{', '.join(map(str, self.moved_aside))}"
+            )
+        lines += [
             f"{self.succeeded} documents done ({self.pairs_written} pairs, "
             f"{self.parsed} parsed) in {self.elapsed_seconds:.1f}s; "
             f"{self.completion_tokens} tokens generated "
@@ -116,9 +145,14 @@ class RunSummary:
 
 
 def output_rows(
-    response: pb.GenerateResponse, title: str, content: str, indices: set[int] | None = None
+    response: pb.GenerateResponse,
+    title: str,
+    content: str,
+    indices: set[int] | None = None,
+    extras: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """The output records of one result (only generations in `indices`, if given)."""
+    """The output records of one result (only generations in `indices`, if given), each
+    with the input columns passed through (`extras`) after the pair's own."""
     rows = []
     for pair in response.pairs:
         if indices is not None and pair.index not in indices:
@@ -139,6 +173,7 @@ def output_rows(
                 "completion_tokens": pair.completion_tokens,
                 "truncated": response.truncated,
                 "raw_text": pair.raw_text,
+                **(extras or {}),
             }
         )
     return rows
@@ -173,10 +208,13 @@ async def arun(
     progress_interval: float = 10.0,
     commit_every: int = 64,
     commit_seconds: float = 1.0,
+    new_run: bool = False,
 ) -> RunSummary:
     """Generates pairs for every document of `input_path` into `output_path`, resumably.
 
-    Raises UsageError for bad input, options or files. Cancelling the task (Ctrl-C) stops
+    Raises UsageError for bad input, options or files, and RunMismatch (a UsageError) when
+    the output was made with another configuration, or the servers serve another model;
+    `new_run` moves an earlier run's files aside instead. Cancelling the task (Ctrl-C) stops
     the run cleanly: what was received is committed and the summary says `interrupted`.
     `concurrency` documents are in flight per stream; `streams` defaults to the number of
     addresses in the target. `progress`: None = a bar on a terminal, plain lines otherwise.
@@ -193,12 +231,34 @@ async def arun(
         raise UsageError("--concurrency must be at least 1")
     if options.num_generations < 1:
         raise UsageError("--num-generations must be at least 1")
+    policy = policy or ResubmitPolicy()
     summary = RunSummary(output=output_path, errors=errors_file)
 
     rows = read_rows(input_path, input_format, split)
-    first = next(rows, None)
-    if first is not None and first.error is None:
-        columns.check(first.values)
+    # The columns are checked on the first row that reads (the rows before it are errors).
+    head: list[Row] = []
+    for row in rows:
+        head.append(row)
+        if row.error is None or len(head) >= 1000:
+            break
+    sample = head[-1].values if head and head[-1].error is None else {}
+    columns = columns.resolved(sample)
+    if sample:
+        columns.check(sample, sparse=input_format == "jsonl")
+
+    # What the servers run, before a file is touched or a document sent.
+    answers = await _server_infos(config, policy, summary)
+    if answers is None:
+        summary.elapsed_seconds = time.monotonic() - started
+        return summary
+    current = agreed_fingerprint(answers, options, columns.id_column)
+    if new_run:
+        summary.moved_aside = move_aside(
+            _aside_names(output_path, output_format, errors_file, started_stamp(summary.record))
+        )
+    ledger_files = [output_path, journal_path(output_path, output_format), errors_file]
+    # Before a file is touched, so that a refused run changes nothing...
+    run_record.check(summary.record, current, output_path, ledger_files)
 
     output = Output(output_path, output_format)
     try:
@@ -207,6 +267,9 @@ async def arun(
         output.close()
         raise
     try:
+        # ... and again with the files locked, so that a run going on keeps its record.
+        if run_record.check(summary.record, current, output_path, ledger_files):
+            run_record.write(summary.record, current)
         summary.repaired_bytes = output.journal.repaired_bytes + errors.repaired_bytes
         previous_errors = list(errors.records())
         ledger = Ledger.from_records(output.journal.records(), previous_errors)
@@ -218,7 +281,7 @@ async def arun(
         try:
             await _generate(
                 rows,
-                first,
+                head,
                 summary,
                 ledger,
                 output,
@@ -227,6 +290,7 @@ async def arun(
                 config=config,
                 options=options,
                 columns=columns,
+                model_name=str(current["model"]["model_name"]),
                 concurrency=concurrency,
                 streams=streams or target_addresses(config.target),
                 deadline=deadline,
@@ -245,9 +309,50 @@ async def arun(
     return summary
 
 
+async def _server_infos(
+    config: ChannelConfig, policy: ResubmitPolicy, summary: RunSummary
+) -> dict[str, pb.GetModelInfoResponse] | None:
+    """GetModelInfo of the servers; None when the run stops here (the summary says why)."""
+    try:
+        return await server_infos(config, policy)
+    except ServersUnavailable as exc:
+        summary.aborted = str(exc)
+    except asyncio.CancelledError:
+        summary.interrupted = True
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+    return None
+
+
+def _aside_names(output: Path, fmt: str, errors: Path, stamp: str) -> list[tuple[Path, Path]]:
+    """(old, new) names of an earlier run's files that exist: OUTPUT gets the stamp before
+    its suffix, and the others the names that output's own would have (a default errors
+    file, the journal, the record), so the moved run stays whole and resumable."""
+
+    def tagged(path: Path, tag: str) -> Path:
+        return path.with_name(f"{path.stem}.{tag}{path.suffix}")
+
+    counter = 1
+    while True:
+        tag = stamp if counter == 1 else f"{stamp}-{counter}"
+        moved = tagged(output, tag)
+        pairs = {
+            output: moved,
+            journal_path(output, fmt): journal_path(moved, fmt),
+            errors: default_errors_path(moved)
+            if errors == default_errors_path(output)
+            else tagged(errors, tag),
+            record_path(output): record_path(moved),
+        }
+        if not any(new.exists() for new in pairs.values()):
+            return [(old, new) for old, new in pairs.items() if old.exists()]
+        counter += 1
+
+
 async def _generate(
-    rows: Iterator[Any],
-    first: Any,
+    rows: Iterator[Row],
+    head: list[Row],
     summary: RunSummary,
     ledger: Ledger,
     output: Output,
@@ -257,6 +362,7 @@ async def _generate(
     config: ChannelConfig,
     options: GenerationOptions,
     columns: ColumnMapping,
+    model_name: str,
     concurrency: int,
     streams: int,
     deadline: float | None,
@@ -266,7 +372,8 @@ async def _generate(
 ) -> None:
     n = options.num_generations
     seen: set[str] = set()
-    waiting: dict[str, tuple[str, str]] = {}  # id -> (title, content) of documents sent
+    # id -> (title, content, the columns passed through) of the documents sent
+    waiting: dict[str, tuple[str, str, dict[str, Any]]] = {}
 
     def fail(doc_id: str, code: int, message: str, row: int | None = None) -> None:
         retryable = code in RETRYABLE_CODES
@@ -287,7 +394,7 @@ async def _generate(
         bar.update(failed=True)
 
     def documents() -> Iterator[pb.GenerateRequest]:
-        for row in _chain(first, rows):
+        for row in itertools.chain(head, rows):
             summary.rows_read += 1
             if row.error is not None:
                 row_id = f"row:{row.number}"
@@ -299,6 +406,7 @@ async def _generate(
                     fail(row_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], row.error, row.number)
                 continue
             document = columns.document(row.values)
+            extras = columns.extras(row.values, row.number)
             if document.id in seen:
                 summary.duplicates += 1
                 bar.skip()
@@ -309,7 +417,7 @@ async def _generate(
                 summary.failed_before += document.id in ledger.failed
                 bar.skip()
                 continue
-            waiting[document.id] = (document.title, document.content)
+            waiting[document.id] = (document.title, document.content, extras)
             yield options.request(document)
 
     last_commit = time.monotonic()
@@ -321,12 +429,21 @@ async def _generate(
             )
             async with contextlib.aclosing(results):
                 async for response in results:
-                    title, content = waiting.pop(response.id, ("", ""))
+                    title, content, extras = waiting.pop(response.id, ("", "", {}))
                     if response.HasField("error"):
                         fail(response.id, response.error.code, response.error.message)
                     else:
+                        if response.model_name and response.model_name != model_name:
+                            # A server changed behind the target (a rolling update, a
+                            # replica the check before the run could not reach).
+                            raise RunMismatch(
+                                f"a server answered with model {response.model_name!r}, but "
+                                f"{output.path} is made with {model_name!r}: stopped, and "
+                                "its pairs were not written; point --target at servers of "
+                                f"{model_name!r} to go on, or pass --new-run"
+                            )
                         missing = set(ledger.missing(response.id, n))
-                        records = output_rows(response, title, content, missing)
+                        records = output_rows(response, title, content, missing, extras)
                         for record in records:
                             output.journal.append(record)
                             ledger.record(response.id, record["generation_index"])
@@ -359,9 +476,3 @@ async def _generate(
         finally:
             output.journal.commit()
             errors.commit()
-
-
-def _chain(first: Any, rows: Iterator[Any]) -> Iterator[Any]:
-    if first is not None:
-        yield first
-    yield from rows

@@ -6,11 +6,15 @@ line can be incomplete; opening the file again cuts that torn line off.
 Parquet cannot be appended to, so Parquet output is journalled to `<output>.journal.jsonl`
 beside it and converted (to a temporary file, then renamed into place) when the run has
 finished; the journal is then removed. A run that stops early leaves the journal, which the
-next run resumes from.
+next run resumes from. Rows hold the pair's columns (COLUMNS), then the input's columns
+passed through, whose Parquet types are found over the whole journal.
 """
 
 from __future__ import annotations
 
+import base64
+import datetime
+import decimal
 import json
 import os
 from collections.abc import Iterator
@@ -41,6 +45,26 @@ COLUMNS = (
     "truncated",
     "raw_text",
 )
+
+
+def _json_value(value: Any) -> Any:
+    """What JSON holds of a value passed through from Parquet or Arrow that it cannot hold."""
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)  # exactly, which a float would not be
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
+
+
+def encode_line(record: dict[str, Any]) -> bytes:
+    """One JSONL line (UTF-8, newline included)."""
+    return json.dumps(record, ensure_ascii=False, default=_json_value).encode("utf-8") + b"\n"
 
 
 class CorruptFile(UsageError):
@@ -135,7 +159,7 @@ class JsonlJournal:
 
     def append(self, record: dict[str, Any]) -> None:
         """Queues one line; it reaches the file at the next flush or commit."""
-        self._pending.append(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+        self._pending.append(encode_line(record))
 
     @property
     def pending(self) -> int:
@@ -163,7 +187,7 @@ class JsonlJournal:
         tmp = self.path.with_name(self.path.name + ".tmp")
         with tmp.open("wb") as file:
             for record in records:
-                file.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+                file.write(encode_line(record))
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, self.path)
@@ -176,21 +200,53 @@ class JsonlJournal:
         self._file.close()
 
 
+def journal_path(path: Path, fmt: str) -> Path:
+    """Where the rows of an output in `fmt` are appended as they come."""
+    return path.with_name(path.name + ".journal.jsonl") if fmt == "parquet" else path
+
+
+def has_content(path: Path) -> bool:
+    return path.exists() and path.stat().st_size > 0
+
+
+def ensure_unlocked(path: Path) -> None:
+    """Raises UsageError when a run holds `path` open for writing (see JsonlJournal)."""
+    if fcntl is None or not path.is_file():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(f"another run is writing {path}") from None
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Writes a small JSON file so that it is whole or absent, also after a crash."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as file:
+        json.dump(value, file, indent=2, ensure_ascii=False)
+        file.write("\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 class Output:
     """The output of a bulk run: a JSONL file, or Parquet through a JSONL journal."""
 
     def __init__(self, path: Path, fmt: str | None = None) -> None:
         self.path = path
         self.format = fmt or detect_output_format(path)
-        if self.format == "jsonl":
-            self.journal_path = path
-        elif self.format == "parquet":
-            _parquet()
-            self.journal_path = path.with_name(path.name + ".journal.jsonl")
-            if not self.journal_path.exists() and path.exists():
-                self._seed_journal_from_parquet()
-        else:
+        if self.format not in OUTPUT_FORMATS:
             raise UsageError(f"unknown output format {fmt!r}; use jsonl or parquet")
+        if self.format == "parquet":
+            _parquet()
+        self.journal_path = journal_path(path, self.format)
+        if self.format == "parquet" and not self.journal_path.exists() and path.exists():
+            self._seed_journal_from_parquet()
         self.journal = JsonlJournal(self.journal_path)
 
     def _seed_journal_from_parquet(self) -> None:
@@ -200,7 +256,7 @@ class Output:
         with tmp.open("wb") as file:
             for batch in table.to_batches(max_chunksize=4096):
                 for record in batch.to_pylist():
-                    file.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+                    file.write(encode_line(record))
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, self.journal_path)
@@ -213,32 +269,13 @@ class Output:
         import pyarrow as pa
 
         pq = _parquet()
-        schema = pa.schema(
-            [
-                ("id", pa.string()),
-                ("generation_index", pa.int32()),
-                ("title", pa.string()),
-                ("content", pa.string()),
-                ("user", pa.string()),
-                ("assistant", pa.string()),
-                ("model_name", pa.string()),
-                ("parsed", pa.bool_()),
-                ("finish_reason", pa.string()),
-                ("prompt_tokens", pa.int32()),
-                ("completion_tokens", pa.int32()),
-                ("truncated", pa.bool_()),
-                ("raw_text", pa.string()),
-            ]
-        )
+        schema, as_json = _parquet_schema(self.journal_path)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with pq.ParquetWriter(tmp, schema) as writer:
-            chunk: list[dict[str, Any]] = []
-            for record in read_jsonl_records(self.journal_path):
-                chunk.append(record)
-                if len(chunk) >= 4096:
-                    writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
-                    chunk = []
-            if chunk:
+            for chunk in _chunks(self.journal_path):
+                for record in chunk:
+                    for name in as_json.intersection(record):
+                        record[name] = _as_json_text(record[name])
                 writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
         with tmp.open("rb") as file:
             os.fsync(file.fileno())
@@ -250,6 +287,83 @@ class Output:
     def close(self) -> None:
         if not self.journal.closed:
             self.journal.close()
+
+
+def _chunks(path: Path, size: int = 4096) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for record in read_jsonl_records(path):
+        chunk.append(record)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _pair_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("generation_index", pa.int32()),
+            ("title", pa.string()),
+            ("content", pa.string()),
+            ("user", pa.string()),
+            ("assistant", pa.string()),
+            ("model_name", pa.string()),
+            ("parsed", pa.bool_()),
+            ("finish_reason", pa.string()),
+            ("prompt_tokens", pa.int32()),
+            ("completion_tokens", pa.int32()),
+            ("truncated", pa.bool_()),
+            ("raw_text", pa.string()),
+        ]
+    )
+
+
+def _parquet_schema(path: Path) -> tuple[Any, set[str]]:
+    """The schema of the Parquet file made from a journal, and the columns written as JSON.
+
+    The pair's columns have fixed types; a passed-through column gets the type its values
+    share over the whole journal (ints and floats: float; a column only ever null: null), so
+    every chunk is written with the same schema. A column whose values share no type (a
+    JSONL input may hold 1 in one row and "one" in the next) is written as JSON text.
+    """
+    import pyarrow as pa
+
+    pair = _pair_schema()
+    types: dict[str, Any] = {}
+    as_json: set[str] = set()
+    for chunk in _chunks(path):
+        names = dict.fromkeys(name for record in chunk for name in record)
+        for name in names:
+            if name in pair.names or name in as_json:
+                continue
+            try:
+                found = pa.array([record.get(name) for record in chunk]).type
+                types[name] = _unify(types[name], found) if name in types else found
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                as_json.add(name)
+                types[name] = pa.string()
+    return pa.schema(list(pair) + [pa.field(name, kind) for name, kind in types.items()]), as_json
+
+
+def _unify(first: Any, second: Any) -> Any:
+    import pyarrow as pa
+
+    if first == second:
+        return first
+    unified = pa.unify_schemas(
+        [pa.schema([("x", first)]), pa.schema([("x", second)])], promote_options="permissive"
+    )
+    return unified.field("x").type
+
+
+def _as_json_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return json.dumps(value, ensure_ascii=False, default=_json_value)
 
 
 def detect_output_format(path: Path) -> str:
