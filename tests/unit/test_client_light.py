@@ -12,7 +12,10 @@ SCRIPT = textwrap.dedent(
     """
     import importlib, importlib.abc, pkgutil, sys
 
-    BLOCKED = {"llama_cpp", "jinja2", "pydantic_settings", "prometheus_client", "genstruct_service"}
+    BLOCKED = {"llama_cpp", "jinja2", "pydantic_settings", "prometheus_client", "genstruct_service",
+               "distilabel"}
+    # Modules of optional extras, which say which extra they need (tests/client has theirs).
+    OPTIONAL = {"genstruct_client.distilabel_step": "genstruct-grpc[distilabel]"}
 
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
@@ -25,7 +28,15 @@ SCRIPT = textwrap.dedent(
     from genstruct.v1 import genstruct_pb2 as pb
 
     for module in pkgutil.walk_packages(genstruct_client.__path__, "genstruct_client."):
-        importlib.import_module(module.name)
+        if module.name not in OPTIONAL:
+            importlib.import_module(module.name)
+            continue
+        try:
+            importlib.import_module(module.name)
+        except ImportError as exc:
+            assert OPTIONAL[module.name] in str(exc), exc
+        else:
+            raise AssertionError(f"{module.name} imported without its extra")
 
     request = pb.GenerateRequest(
         id="doc-1",
