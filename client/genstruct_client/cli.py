@@ -1,4 +1,5 @@
-"""The `genstruct` command: bulk generation from files, and health / info for operators.
+"""The `genstruct` command: bulk generation from files (sharded or not), the merge of shards,
+and health / info for operators.
 
 Exit codes: 0 all done (health: SERVING), 1 something failed or is left to do (health: not
 SERVING or unreachable), 2 usage error.
@@ -24,6 +25,7 @@ from genstruct_client.bulk.documents import ColumnMapping, parse_columns
 from genstruct_client.bulk.errors import UsageError
 from genstruct_client.bulk.readers import INPUT_FORMATS
 from genstruct_client.bulk.runner import RunSummary, arun
+from genstruct_client.bulk.shards import COUNT_ENVS, INDEX_ENV, Shard, merge, output_for
 from genstruct_client.bulk.writers import OUTPUT_FORMATS
 from genstruct_client.channel import DEFAULT_TARGET, ChannelConfig, TlsConfig, resolve_target
 from genstruct_client.client import GenstructClient
@@ -124,6 +126,14 @@ def _parser() -> argparse.ArgumentParser:
         "resumes OUTPUT only with the configuration recorded in OUTPUT.run.json (exit 2 else)",
     )
     gen.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="only the documents whose id hashes to shard I of N (0-based: 0/4 to 3/4), "
+        "whatever the input's order; OUTPUT may name {shard}, replaced by I. Default: "
+        f"${INDEX_ENV} of N=${COUNT_ENVS[0]} (or ${COUNT_ENVS[1]}) when set, as in a "
+        "Kubernetes Indexed Job; else every document",
+    )
+    gen.add_argument(
         "--errors",
         type=Path,
         help="JSONL of failed documents (default: OUTPUT's stem + .errors.jsonl)",
@@ -154,7 +164,14 @@ def _parser() -> argparse.ArgumentParser:
         "--streams", type=int, help="GenerateBatch streams (default: one per target address)"
     )
     flow.add_argument(
-        "--deadline", type=float, help="seconds one document may take from when it is sent"
+        "--deadline",
+        type=float,
+        help=(
+            "seconds one document may take at the server, from when the server reads it (its "
+            "wait for a slot included) to its result; past it the server stops that document "
+            "only, which uses up one of its --max-attempts; after the last one it is recorded "
+            "in OUT.errors.jsonl as DEADLINE_EXCEEDED (default: no limit)"
+        ),
     )
     flow.add_argument(
         "--max-attempts", type=int, default=5, help="tries per document on transient failures"
@@ -174,6 +191,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_connection(gen)
 
+    merge_cmd = commands.add_parser(
+        "merge",
+        help="combine the outputs of finished shards into one file",
+        description="Combines the outputs of every shard of a sharded run (folders: every "
+        "output with an OUTPUT.run.json in them; or the output files) into one JSONL or "
+        "Parquet file, each (id, generation) once. Refused (exit 2) when a shard is "
+        "unfinished, missing, given twice or made with another configuration.",
+    )
+    merge_cmd.add_argument("inputs", nargs="+", type=Path, help="shard outputs or their folder")
+    merge_cmd.add_argument("-o", "--output", type=Path, required=True, help="JSONL or Parquet")
+    merge_cmd.add_argument(
+        "--output-format", choices=OUTPUT_FORMATS, help="default: from the suffix"
+    )
+
     health = commands.add_parser("health", help="exit 0 only when the server is SERVING")
     health.add_argument("--service", default="", help="service to ask about (default: server)")
     health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
@@ -188,6 +219,8 @@ def _parser() -> argparse.ArgumentParser:
 def _generate(args: argparse.Namespace) -> int:
     if args.num_generations < 1 or args.concurrency < 1 or args.max_attempts < 1:
         raise UsageError("--num-generations, --concurrency and --max-attempts must be >= 1")
+    if args.deadline is not None and not args.deadline > 0:
+        raise UsageError("--deadline must be a positive number of seconds")
     options = GenerationOptions(
         temperature=args.temperature,
         top_p=args.top_p,
@@ -204,12 +237,20 @@ def _generate(args: argparse.Namespace) -> int:
         truncate=args.truncate,
     )
     config = _config(args)
+    shard = Shard.parse(args.shard) if args.shard else Shard.from_env()
+    output = output_for(args.output, shard)
+    if shard is not None and shard.count > 1 and output == args.output and not args.shard:
+        # Every pod of the Job would write the same file.
+        raise UsageError(
+            f"shard {shard} from ${INDEX_ENV}: the output {args.output} must name {{shard}} "
+            "(e.g. -o /data/out/pairs-{shard}.jsonl) so that each shard writes its own"
+        )
 
     async def main() -> RunSummary:
         task = asyncio.create_task(
             arun(
                 args.input,
-                args.output,
+                output,
                 config=config,
                 options=options,
                 columns=ColumnMapping(
@@ -231,6 +272,7 @@ def _generate(args: argparse.Namespace) -> int:
                 progress=False if args.no_progress else None,
                 progress_interval=float("inf") if args.no_progress else args.progress_interval,
                 new_run=args.new_run,
+                shard=shard,
             )
         )
         loop = asyncio.get_running_loop()
@@ -241,6 +283,12 @@ def _generate(args: argparse.Namespace) -> int:
     summary = asyncio.run(main())
     print(summary.report(), file=sys.stderr)
     return summary.exit_code
+
+
+def _merge(args: argparse.Namespace) -> int:
+    summary = merge(args.inputs, args.output, args.output_format)
+    print(summary.report(), file=sys.stderr)
+    return EXIT_OK
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -269,7 +317,7 @@ def _info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    handlers = {"generate": _generate, "health": _health, "info": _info}
+    handlers = {"generate": _generate, "merge": _merge, "health": _health, "info": _info}
     try:
         return handlers[args.command](args)
     except UsageError as exc:

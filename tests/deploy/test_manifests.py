@@ -16,6 +16,7 @@ K8S = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
 DEFAULTS = Settings()
 GRPC_PORT, METRICS_PORT = DEFAULTS.port, DEFAULTS.metrics_port
 KUBERNETES_VERSION = "1.31.0"
+NATIVE_SIDECARS = "1.29.0"  # the first version with init containers of restartPolicy Always
 
 
 def documents() -> list[tuple[str, dict[str, Any]]]:
@@ -36,10 +37,11 @@ def pod_specs() -> list[tuple[str, dict[str, Any]]]:
 
 
 def genstruct_containers() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """The server's containers, native sidecars (init containers) included."""
     return [
         (name, spec, container)
         for name, spec in pod_specs()
-        for container in spec["containers"]
+        for container in [*spec.get("initContainers", []), *spec["containers"]]
         if container["name"] == "genstruct"
     ]
 
@@ -56,7 +58,7 @@ def test_manifest_validates_against_the_kubernetes_schema(name: str, doc: dict[s
 def test_every_kind_of_deployment_is_there() -> None:
     kinds = {doc["kind"] for _, doc in documents()}
     assert {"Deployment", "Service", "HorizontalPodAutoscaler"} <= kinds
-    assert len(genstruct_containers()) == 2  # the sidecar Pod and the replicas
+    assert len(genstruct_containers()) == 3  # the sidecar Pod, the replicas, the sharded Job
 
 
 def test_pods_run_as_non_root() -> None:
@@ -89,7 +91,11 @@ def test_grace_period_outlasts_the_drain() -> None:
 
 def test_sidecar_stays_on_loopback_and_replicas_bind_all() -> None:
     binds = {name.split(":")[0]: flag(c["args"], "--host") for name, _, c in genstruct_containers()}
-    assert binds == {"sidecar.yaml": "127.0.0.1", "replicas.yaml": "0.0.0.0"}
+    assert binds == {
+        "sidecar.yaml": "127.0.0.1",
+        "replicas.yaml": "0.0.0.0",
+        "bulk-job.yaml": "127.0.0.1",
+    }
 
 
 def test_replicas_are_behind_a_headless_service_with_round_robin_clients() -> None:
@@ -128,3 +134,41 @@ def test_compose_runs_the_app_as_a_sidecar() -> None:
     assert (ROOT / "deploy" / service["build"]["context"] / "Dockerfile").is_file()
     for volume in app["volumes"]:
         assert (ROOT / "deploy" / volume.split(":")[0]).is_dir(), volume
+
+
+def test_sharded_job_validates_where_native_sidecars_exist() -> None:
+    job = dict(documents())["bulk-job.yaml:Job/genstruct-sharded"]
+    kubernetes_validate.validate(job, NATIVE_SIDECARS, strict=True)
+
+
+def test_sharded_job_runs_the_server_as_a_native_sidecar_and_a_shard_per_index() -> None:
+    job = dict(documents())["bulk-job.yaml:Job/genstruct-sharded"]
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["parallelism"] <= spec["completions"]
+    pod = spec["template"]["spec"]
+    (sidecar,) = pod["initContainers"]
+    assert sidecar["name"] == "genstruct" and sidecar["restartPolicy"] == "Always"
+    probe = sidecar["startupProbe"]
+    # gRPC health: the kubelet's probe on the port, or `genstruct health` on loopback.
+    assert probe.get("grpc", {}).get("port") == GRPC_PORT or probe["exec"]["command"][:2] == [
+        "genstruct",
+        "health",
+    ]
+    (main,) = pod["containers"]
+    args = main["command"] + main["args"]
+    assert args[:2] == ["genstruct", "generate"]
+    assert flag(args, "--target") == f"127.0.0.1:{GRPC_PORT}"
+    env = {e["name"]: e.get("value") for e in main.get("env", [])}
+    if "--shard" not in args:  # the shard from JOB_COMPLETION_INDEX, its count given
+        assert env["GENSTRUCT_SHARDS"] == str(spec["completions"])
+        assert "{shard}" in flag(args, "-o")  # type: ignore[operator]
+    # A failed shard is retried alone; a usage error (exit 2) is not retried.
+    assert pod["restartPolicy"] == "Never" and spec["backoffLimitPerIndex"] >= 1
+    (fail_index,) = [r for r in spec["podFailurePolicy"]["rules"] if r["action"] == "FailIndex"]
+    assert fail_index["onExitCodes"] == {
+        "containerName": main["name"], "operator": "In", "values": [2]
+    }
+    mounted = {m["name"] for m in main["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert any("persistentVolumeClaim" in volumes[name] for name in mounted)

@@ -178,6 +178,20 @@ def write(path: Path, current: dict[str, Any]) -> None:
     )
 
 
+def mark_finished(path: Path, finished: bool) -> None:
+    """Records that the run ended with every document written or failed for good (`finished`),
+    or takes that back when a run resumes the output; a merge takes only finished outputs."""
+    record = read_record(path)
+    if record is None or bool(record.get("finished")) == finished:
+        return
+    if finished:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        record["finished"] = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    else:
+        record.pop("finished", None)
+    write_json_atomic(path, record)
+
+
 def started_stamp(path: Path) -> str:
     """When the run recorded at `path` started (now, without a readable record), for names."""
     try:

@@ -3,7 +3,8 @@
 Exactly once: the output (or its journal) and the errors file are the ledger. A rerun of the
 same command skips every (id, generation) already written and every id that failed for good,
 and asks again for the rest, writing only the generations still missing. One configuration:
-the run record beside the output (run_record.py) refuses a rerun made with another.
+the run record beside the output (run_record.py) refuses a rerun made with another. A sharded
+run (shards.py) takes only its shard's documents; the record says when a run has finished.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from genstruct_client.bulk.run_record import (
     server_infos,
     started_stamp,
 )
+from genstruct_client.bulk.shards import Shard
 from genstruct_client.bulk.writers import (
     JsonlJournal,
     Output,
@@ -78,9 +80,11 @@ class RunSummary:
     rows_read: int = 0  # input records read
     already_done: int = 0  # documents skipped: written (or failed for good) by an earlier run
     duplicates: int = 0  # records whose id was already seen in this input: processed once
+    other_shards: int = 0  # documents of other shards (a sharded run), left to them
     succeeded: int = 0  # documents whose pairs were written in this run
     failed: int = 0  # documents written to the errors file in this run
     failed_before: int = 0  # documents skipped because an earlier run failed them for good
+    retry_later: int = 0  # of failed: transient failures, tried again by a rerun
     pairs_written: int = 0
     parsed: int = 0  # of pairs_written
     prompt_tokens: int = 0
@@ -118,6 +122,8 @@ class RunSummary:
             f"({self.completion_tokens / self.elapsed_seconds if self.elapsed_seconds else 0:.1f}"
             " tok/s)",
         ]
+        if self.other_shards:
+            lines.append(f"{self.other_shards} documents belong to other shards, left to them")
         if self.already_done:
             lines.append(f"{self.already_done} documents already done by an earlier run, skipped")
         if self.duplicates:
@@ -209,6 +215,7 @@ async def arun(
     commit_every: int = 64,
     commit_seconds: float = 1.0,
     new_run: bool = False,
+    shard: Shard | None = None,
 ) -> RunSummary:
     """Generates pairs for every document of `input_path` into `output_path`, resumably.
 
@@ -218,6 +225,7 @@ async def arun(
     the run cleanly: what was received is committed and the summary says `interrupted`.
     `concurrency` documents are in flight per stream; `streams` defaults to the number of
     addresses in the target. `progress`: None = a bar on a terminal, plain lines otherwise.
+    `shard`: only the documents of that shard (shards.py), in its own output.
     """
     started = time.monotonic()
     input_path, output_path = Path(input_path), Path(output_path)
@@ -252,6 +260,9 @@ async def arun(
         summary.elapsed_seconds = time.monotonic() - started
         return summary
     current = agreed_fingerprint(answers, options, columns.id_column)
+    # Part of what the output is made with: a rerun with another shard would add another
+    # shard's documents to it, and a merge would write them twice.
+    current["shard"] = shard.record() if shard else None
     if new_run:
         summary.moved_aside = move_aside(
             _aside_names(output_path, output_format, errors_file, started_stamp(summary.record))
@@ -270,6 +281,9 @@ async def arun(
         # ... and again with the files locked, so that a run going on keeps its record.
         if run_record.check(summary.record, current, output_path, ledger_files):
             run_record.write(summary.record, current)
+        else:
+            # Not finished while it runs (a merge must not take a shard being resumed).
+            run_record.mark_finished(summary.record, False)
         summary.repaired_bytes = output.journal.repaired_bytes + errors.repaired_bytes
         previous_errors = list(errors.records())
         ledger = Ledger.from_records(output.journal.records(), previous_errors)
@@ -297,11 +311,15 @@ async def arun(
                 policy=policy,
                 commit_every=commit_every,
                 commit_seconds=commit_seconds,
+                shard=shard,
             )
         finally:
             bar.close()
         if summary.finished:
             output.finish()
+            if summary.retry_later == 0:
+                # Every document written or failed for good: what a merge waits for.
+                run_record.mark_finished(summary.record, True)
     finally:
         output.close()
         errors.close()
@@ -369,6 +387,7 @@ async def _generate(
     policy: ResubmitPolicy | None,
     commit_every: int,
     commit_seconds: float,
+    shard: Shard | None = None,
 ) -> None:
     n = options.num_generations
     seen: set[str] = set()
@@ -388,6 +407,8 @@ async def _generate(
         errors.append(record)
         if not retryable:
             ledger.failed.add(doc_id)
+        else:
+            summary.retry_later += 1
         summary.failed += 1
         summary.failed_codes[record["code"]] = summary.failed_codes.get(record["code"], 0) + 1
         errors.flush()
@@ -398,6 +419,10 @@ async def _generate(
             summary.rows_read += 1
             if row.error is not None:
                 row_id = f"row:{row.number}"
+                if shard is not None and not shard.takes(row_id):
+                    summary.other_shards += 1  # an unreadable row has no id: its number's
+                    bar.skip()
+                    continue
                 if row_id in ledger.failed:
                     summary.already_done += 1
                     summary.failed_before += 1
@@ -406,6 +431,10 @@ async def _generate(
                     fail(row_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], row.error, row.number)
                 continue
             document = columns.document(row.values)
+            if shard is not None and not shard.takes(document.id):
+                summary.other_shards += 1
+                bar.skip()
+                continue
             extras = columns.extras(row.values, row.number)
             if document.id in seen:
                 summary.duplicates += 1
