@@ -67,7 +67,8 @@ class ResubmitPolicy:
 
     Each document gets up to `max_attempts` tries; a try is used up when the document is
     refused with UNAVAILABLE / RESOURCE_EXHAUSTED, cancelled by a draining server, runs past
-    its deadline, or is in flight on a stream that breaks. Streams are reopened with
+    its own deadline (the server answers it DEADLINE_EXCEEDED; the stream goes on), or is in
+    flight on a stream that the server was answering when it broke. Streams are reopened with
     exponential backoff and full jitter; the run gives up (BatchAborted) when no result at all
     has come back for `budget_seconds`.
     """
@@ -100,7 +101,6 @@ class Item:
 
     request: pb.GenerateRequest
     attempts: int = 0  # tries used up
-    sent_at: float = 0.0
 
 
 def error_response(item: Item, code: int, message: str) -> pb.GenerateResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from types import TracebackType
@@ -31,6 +32,8 @@ log = logging.getLogger("genstruct_client")
 
 _Outcome = pb.GenerateResponse | BaseException | None
 _Failure = tuple[grpc.StatusCode, str]
+_DEADLINE_EXCEEDED: int = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+_MAX_TIMEOUT_MS = 2**32 - 1  # uint32
 
 
 class AsyncGenstructClient:
@@ -178,19 +181,24 @@ class AsyncGenstructClient:
         back. Documents need unique ids; `documents` is read lazily. A stream that breaks is
         reopened (backoff with jitter) and the documents that had no result yet are sent
         again; a document refused for good, or out of tries, comes back with `error` set.
-        `deadline` bounds each document's time from when it is sent: past it, its stream is
-        cancelled and the document uses up one try.
+        `deadline` bounds each document's time at the server, from when the server reads it
+        off the stream (its wait for a slot included) to its result; it is sent as the
+        request's `timeout_ms`, so the server stops that document alone and answers it
+        DEADLINE_EXCEEDED, which uses up one of its tries. Other documents are not disturbed.
         Raises BatchAborted when no result has come back for `policy.budget_seconds`.
         """
         if window < 1 or streams < 1:
             raise ValueError("window and streams must be at least 1")
         policy = policy or ResubmitPolicy()
         quota = documents_per_stream or 8 * window
-        requests = (to_request(document, options) for document in documents)
+        timeout_ms = _timeout_ms(deadline)
+        requests = (
+            _with_timeout(to_request(document, options), timeout_ms) for document in documents
+        )
         scheduler = Scheduler(requests)
         out: asyncio.Queue[_Outcome] = asyncio.Queue(maxsize=window * streams)
         lanes = [
-            asyncio.create_task(self._lane(scheduler, out, window, quota, deadline, policy))
+            asyncio.create_task(self._lane(scheduler, out, window, quota, policy))
             for _ in range(streams)
         ]
         running = len(lanes)
@@ -214,7 +222,6 @@ class AsyncGenstructClient:
         out: asyncio.Queue[_Outcome],
         window: int,
         quota: int,
-        deadline: float | None,
         policy: ResubmitPolicy,
     ) -> None:
         """One lane: successive streams sharing a window of `window` documents in flight."""
@@ -230,7 +237,7 @@ class AsyncGenstructClient:
             while True:
                 full = asyncio.Event()
                 stream = asyncio.create_task(
-                    self._stream(scheduler, out, room, stream_quota, full, deadline, policy)
+                    self._stream(scheduler, out, room, stream_quota, full, policy)
                 )
                 stream_quota = quota
                 full_wait = asyncio.create_task(full.wait())
@@ -286,7 +293,6 @@ class AsyncGenstructClient:
         room: asyncio.Semaphore,
         quota: int,
         full: asyncio.Event,
-        deadline: float | None,
         policy: ResubmitPolicy,
     ) -> _Failure | None:
         """One GenerateBatch stream, until it ends; returns why it failed, None if it did not.
@@ -301,24 +307,10 @@ class AsyncGenstructClient:
         writer = asyncio.create_task(_feed(call, scheduler, in_flight, room, quota, full, inbox))
         failure: _Failure | None = None
         transient = True  # whether the failure is worth reopening the stream for
-        expired: Item | None = None
         answered = False  # the server answered on this stream: it was working on it
         try:
             while True:
-                oldest: Item | None = None
-                timeout = deadline
-                if deadline is not None and in_flight:
-                    oldest = min(in_flight.values(), key=lambda item: item.sent_at)
-                    timeout = max(0.0, oldest.sent_at + deadline - time.monotonic())
-                try:
-                    message = await asyncio.wait_for(inbox.get(), timeout)
-                except TimeoutError:
-                    now = time.monotonic()
-                    if oldest is not None and oldest.sent_at + (deadline or 0.0) <= now:
-                        expired = oldest
-                        failure = (grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-                        break
-                    continue
+                message = await inbox.get()
                 if isinstance(message, _SourceFailed):
                     raise message.error
                 if isinstance(message, grpc.aio.AioRpcError):
@@ -352,12 +344,12 @@ class AsyncGenstructClient:
             details,
             len(in_flight),
         )
-        # A try is used up by the document whose deadline passed, or by every document in
-        # flight on a stream the server was answering when it broke. A stream that never got
-        # an answer (server down, loading, refusing) costs no tries: the time budget bounds it.
+        # A try is used up by every document in flight on a stream the server was answering
+        # when it broke. A stream that never got an answer (server down, loading, refusing)
+        # costs no tries: the time budget bounds it.
         for item in in_flight.values():
             room.release()
-            if item is expired or (expired is None and answered):
+            if answered:
                 item.attempts += 1
             if item.attempts >= policy.max_attempts:
                 scheduler.done(item)
@@ -381,7 +373,8 @@ class AsyncGenstructClient:
         cancelled = code == 0 and any(
             pair.finish_reason == pb.FINISH_REASON_CANCELLED for pair in response.pairs
         )
-        if code in ITEM_RETRY_CODES or cancelled:
+        # DEADLINE_EXCEEDED on one document is its timeout_ms: the stream itself is fine
+        if code in ITEM_RETRY_CODES or code == _DEADLINE_EXCEEDED or cancelled:
             item.attempts += 1
             if item.attempts < policy.max_attempts:
                 scheduler.retry(item, policy.backoff(item.attempts))
@@ -398,6 +391,25 @@ class AsyncGenstructClient:
 
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _timeout_ms(deadline: float | None) -> int:
+    """`deadline` seconds as GenerateRequest.timeout_ms (0: none), at least 1 ms."""
+    if deadline is None:
+        return 0
+    if deadline <= 0:
+        raise ValueError("deadline must be positive")
+    return min(_MAX_TIMEOUT_MS, max(1, math.ceil(deadline * 1000)))
+
+
+def _with_timeout(request: pb.GenerateRequest, timeout_ms: int) -> pb.GenerateRequest:
+    """`request` with `timeout_ms` set; a copy, so the caller's request is left as it was."""
+    if not timeout_ms:
+        return request
+    timed = pb.GenerateRequest()
+    timed.CopyFrom(request)
+    timed.timeout_ms = timeout_ms
+    return timed
 
 
 class _SourceFailed:
@@ -452,7 +464,6 @@ async def _feed(
                 raise ValueError(
                     f"generate_many needs a unique id per document, got {item.request.id!r}"
                 )
-            item.sent_at = time.monotonic()
             in_flight[item.request.id] = item
             sent += 1
             await call.write(item.request)

@@ -233,8 +233,9 @@ class GenstructService(Step):  # type: ignore[misc]  # distilabel is untyped
     )
     deadline: RuntimeParameter[float] | None = Field(
         default=None,
-        description="Seconds a document may take from when it is sent; past it, it is "
-        "tried again (it counts as a try).",
+        description="Seconds a document may take at the server, from when the server reads "
+        "it (its wait for a slot included); past it the server stops that document only, and "
+        "it is tried again (it counts as a try).",
     )
     max_attempts: RuntimeParameter[PositiveInt] = Field(
         default=5, description="Tries per document on transient failures."

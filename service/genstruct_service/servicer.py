@@ -334,13 +334,30 @@ class _Batch:
             self._put_error(request.id, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
         self._in_flight.add(request.id)
-        task = asyncio.create_task(self._generate(request.id, work))
+        timeout = request.timeout_ms / 1000 if request.timeout_ms else None
+        task = asyncio.create_task(self._generate(request.id, work, timeout))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _generate(self, request_id: str, work: GenerationRequest) -> None:
+    async def _generate(
+        self, request_id: str, work: GenerationRequest, timeout: float | None
+    ) -> None:
         try:
-            completed = await self._servicer._complete(self._engine, work)
+            scope = asyncio.timeout(timeout)
+            try:
+                # leaving _complete early closes the engine's events, which frees the slot
+                async with scope:
+                    completed = await self._servicer._complete(self._engine, work)
+            except TimeoutError:
+                if not scope.expired():
+                    raise
+                self._in_flight.discard(request_id)
+                self._put_error(
+                    request_id,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"the document's timeout_ms ({round((timeout or 0) * 1000)}) ran out",
+                )
+                return
             response = self._servicer._respond(request_id, completed, self._engine)
         except asyncio.CancelledError:
             raise

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from genstruct_client import ChannelConfig, Document, GenerationOptions, GenstructClient
-from genstruct_client.bulk import ColumnMapping, derive_id, run
+from genstruct_client.bulk import derive_id, run
 from genstruct_client.bulk.writers import COLUMNS
 
 from tests.client.helpers import (
@@ -320,10 +320,20 @@ def test_health_and_info_commands(server_process: ServerProcess) -> None:
     assert result.returncode == 1
 
 
-def test_health_with_token_and_env_target(server_process: ServerProcess) -> None:
-    env = dict(ENV, GENSTRUCT_TARGET=server_process.target, GENSTRUCT_TOKEN="t")
-    result = genstruct("health", env=env)
-    assert result.returncode == 0, result.stderr
+def test_health_with_token_and_env_target() -> None:
+    server = ServerProcess("--auth-token", "t")
+    try:
+        env = dict(ENV, GENSTRUCT_TARGET=server.target, GENSTRUCT_TOKEN="t")
+        result = genstruct("health", env=env)
+        assert result.returncode == 0, result.stderr
+        # Health is open to probes without a token, so `info` shows the token from the
+        # environment is the one sent: right, it is let in; wrong, it is refused.
+        assert genstruct("info", env=env).returncode == 0
+        wrong = genstruct("info", env=dict(env, GENSTRUCT_TOKEN="not-t"))
+        assert wrong.returncode == 1 and "UNAUTHENTICATED" in wrong.stderr
+        assert genstruct("health", env=dict(env, GENSTRUCT_TOKEN="not-t")).returncode == 0
+    finally:
+        server.close()
 
 
 def test_sync_generate_errors_surface(server_process: ServerProcess) -> None:
@@ -332,8 +342,44 @@ def test_sync_generate_errors_surface(server_process: ServerProcess) -> None:
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_columns_default_to_title_and_content() -> None:
-    assert ColumnMapping() == ColumnMapping("title", "content", None)
+def test_deadline_is_explained_and_checked(tmp_path: Path) -> None:
+    help_text = " ".join(genstruct("generate", "--help").stdout.split())
+    assert "--deadline DEADLINE seconds one document may take at the server, from when the " \
+        "server reads it" in help_text
+    assert "stops that document only" in help_text
+    source = write_input(tmp_path / "in.jsonl", "jsonl", RECORDS)
+    result = genstruct("generate", str(source), "-o", str(tmp_path / "o.jsonl"), "--deadline",
+                       "0", "--target", "127.0.0.1:1")
+    assert result.returncode == 2 and "--deadline must be a positive" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_columns_default_to_title_and_content(
+    server_process: ServerProcess, tmp_path: Path
+) -> None:
+    # Decoys that a wrong default would pick up: the pair must come from title and content.
+    records = [{"headline": "H", "body": "B", "content": "The moon pulls the sea.",
+                "title": "Tides", "text": "T"}]
+    source = write_input(tmp_path / "in.jsonl", "jsonl", records)
+    for output, run_it in [
+        (tmp_path / "cli.jsonl", lambda out: genstruct(
+            "generate", str(source), "-o", str(out), "--target", server_process.target,
+            "--no-progress").returncode),
+        (tmp_path / "lib.jsonl", lambda out: run(
+            source, out, config=ChannelConfig(server_process.target), progress=False
+        ).exit_code),
+    ]:
+        assert run_it(output) == 0
+        (row,) = output_records(output)
+        assert (row["title"], row["content"]) == ("Tides", "The moon pulls the sea.")
+        assert row["id"] == derive_id("Tides", "The moon pulls the sea.")  # no id column
+    # Without a `content` column the default is refused, naming the column to map.
+    missing = write_input(tmp_path / "bad.jsonl", "jsonl", [{"title": "t", "body": "b"}])
+    result = genstruct("generate", str(missing), "-o", str(tmp_path / "bad_out.jsonl"),
+                       "--target", server_process.target, "--no-progress")
+    assert result.returncode != 0 and "content" in result.stderr and "--content-column" in (
+        result.stderr
+    )
 
 
 def test_token_flags(tmp_path: Path) -> None:

@@ -116,15 +116,31 @@ async def test_generate_many_gives_up_on_a_document_after_max_attempts(
 async def test_generate_many_deadline_per_document(
     server: RunningServer, engine: FakeEngine
 ) -> None:
-    engine.hold()  # generations stop after their first token
+    engine.hold()  # generations pause after their first token: "slow" never finishes
+    engine.token_delay = 0.1  # one-token documents take a while, so some are in flight
+    slow = GenerationOptions().request(Document("t", "slow", "slow"))
+    fast = [Document("t", f"fast {i}", f"f{i}") for i in range(60)]
     policy = ResubmitPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=0.02)
     async with AsyncGenstructClient(server.target) as client:
         results = [
-            r async for r in client.generate_many([DOC], deadline=0.3, policy=policy)
+            r
+            async for r in client.generate_many(
+                [slow, *fast], GenerationOptions(max_tokens=1), window=4, deadline=0.4,
+                policy=policy,
+            )
         ]
-    assert [r.error.code for r in results] == [grpc.StatusCode.DEADLINE_EXCEEDED.value[0]]
-    assert len(engine.requests) == 2
+    by_id = {r.id: r for r in results}
+    assert len(results) == len(by_id) == 61
+    assert by_id["slow"].error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert all(not by_id[d.id].HasField("error") for d in fast)
+    # The expired document cost itself only: it was tried twice, every other one once and
+    # never cancelled (a whole-stream cancel would have resent those in flight).
+    contents = [r.content for r in engine.requests]
+    assert contents.count("slow") == 2
+    assert sorted(c for c in contents if c != "slow") == sorted(d.content for d in fast)
     await engine.wait_for(lambda e: len(e.cancelled) == 2, 10)  # the slots were freed
+    assert {r.content for r in engine.cancelled} == {"slow"}
+    assert slow.timeout_ms == 0  # the caller's request is left as it was
 
 
 async def test_generate_many_needs_ids(server: RunningServer) -> None:

@@ -137,6 +137,23 @@ async def test_engine_refusals_become_item_errors(stub: Stub, engine: FakeEngine
     assert "queue is full" in responses[0].error.message
 
 
+async def test_a_document_past_its_timeout_ms_fails_alone(
+    stub: Stub, engine: FakeEngine
+) -> None:
+    engine.hold()  # "late" never finishes; "quick" has one token, so it is never held
+    late = doc(id="late")
+    late.timeout_ms = 200
+    quick = doc(id="quick")
+    quick.sampling.max_tokens = 1
+    call = stub.GenerateBatch(_requests([late, quick]), timeout=10)
+    responses = {r.id: r for r in await read_rest(call)}
+    assert responses["late"].error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert "timeout_ms (200)" in responses["late"].error.message
+    assert not responses["quick"].HasField("error")
+    assert await call.code() == grpc.StatusCode.OK  # the stream itself went on
+    await engine.wait_for(lambda e: [r.content for r in e.cancelled] == [late.document.content])
+
+
 async def test_batch_reads_no_more_than_the_in_flight_limit(
     stub: Stub, engine: FakeEngine, server: RunningServer
 ) -> None:

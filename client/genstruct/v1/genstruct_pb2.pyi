@@ -237,6 +237,7 @@ class GenerateRequest(_message.Message):
     NUM_GENERATIONS_FIELD_NUMBER: _builtins.int
     TRUNCATION_FIELD_NUMBER: _builtins.int
     CONSTRAINED_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The caller's identifier for this document, echoed in the response. Up to 256 characters.
     Required in GenerateBatch (to match results to documents) and unique among the documents
@@ -253,6 +254,13 @@ class GenerateRequest(_message.Message):
     constrained: _builtins.bool
     """Constrain generation with a grammar so that each completion is a non-empty question,
     `[[[Assistant]]]`, and a non-empty answer: every pair parses, even from a weak model.
+    """
+    timeout_ms: _builtins.int
+    """GenerateBatch only, optional: milliseconds this document may take from when the server
+    reads it off the stream (waiting for a slot included) until its result. Past it the
+    server stops this document alone and answers it with `error` DEADLINE_EXCEEDED; the
+    stream and its other documents go on. 0 means no limit. (A whole call's deadline is
+    gRPC's own; this one is per document, as one stream carries many.)
     """
     @_builtins.property
     def document(self) -> Global___Document:
@@ -271,10 +279,11 @@ class GenerateRequest(_message.Message):
         num_generations: _builtins.int = ...,
         truncation: Global___Truncation.ValueType = ...,
         constrained: _builtins.bool = ...,
+        timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["constrained", b"constrained", "document", b"document", "id", b"id", "num_generations", b"num_generations", "sampling", b"sampling", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constrained", b"constrained", "document", b"document", "id", b"id", "num_generations", b"num_generations", "sampling", b"sampling", "timeout_ms", b"timeout_ms", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
