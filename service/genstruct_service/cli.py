@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         for error in exc.errors():
             field = ".".join(str(part) for part in error["loc"])
             message = str(error["msg"]).removeprefix("Value error, ")
-            sys.stderr.write(f"genstruct-server: {field + ': ' if field else ''}{message}\n")
+            for line in message.splitlines():  # Settings gives each problem a line
+                sys.stderr.write(f"genstruct-server: {field + ': ' if field else ''}{line}\n")
         return 2
     setup_logging(settings.log_level, settings.log_format)
     try:

@@ -9,6 +9,9 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 DEFAULT_MODEL = "genstruct-7b:Q4_K_M"
+# llama.cpp takes the engine's sizes as 32-bit C integers, and ctypes would wrap larger ones
+# silently into other values
+C_INT_MAX = 2**31 - 1
 
 
 class Settings(BaseSettings):
@@ -56,32 +59,36 @@ class Settings(BaseSettings):
     n_ctx: int = Field(
         8192,
         ge=256,
+        le=C_INT_MAX,
         description="Tokens of KV cache shared by all slots; each slot may use n_ctx / n_parallel.",
     )
     n_batch: int = Field(
         512,
         ge=1,
+        le=C_INT_MAX,
         description="Most tokens in one decode step (prompt chunks plus one token per "
         "generating slot); at least n_parallel.",
     )
     n_ubatch: int | None = Field(
         None,
         ge=1,
+        le=C_INT_MAX,
         description="Most tokens llama.cpp computes at once (at most n_batch; unset = "
         "min(512, n_batch)); the attention scratch buffer grows with n_ubatch times the KV "
         "cache in use.",
     )
     n_gpu_layers: int = Field(
-        -1, ge=-1, description="Layers to offload to the GPU; -1 = all, 0 = CPU only."
+        -1, ge=-1, le=C_INT_MAX, description="Layers to offload to the GPU; -1 = all, 0 = CPU only."
     )
     threads: int | None = Field(
         None,
         ge=1,
+        le=C_INT_MAX,
         description="CPU threads for generation; unset = the CPUs this process may use "
         "(its affinity and cgroup quota).",
     )
     threads_batch: int | None = Field(
-        None, ge=1, description="CPU threads for prompt processing; unset = threads."
+        None, ge=1, le=C_INT_MAX, description="CPU threads for prompt processing; unset = threads."
     )
     flash_attn: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -175,29 +182,34 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
+        # every problem at once, one line each (the CLI prints one line per line), so a
+        # fix of one does not just reveal the next
+        problems = []
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
-            raise ValueError("tls_cert_file and tls_key_file must be given together")
+            problems.append("tls_cert_file and tls_key_file must be given together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
-            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+            problems.append("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         if self.default_max_tokens > self.max_tokens_limit:
-            raise ValueError(
+            problems.append(
                 f"default_max_tokens ({self.default_max_tokens}) is above "
                 f"max_tokens_limit ({self.max_tokens_limit})"
             )
         if self.n_batch < self.n_parallel:
-            raise ValueError(
+            problems.append(
                 f"n_batch ({self.n_batch}) must be at least n_parallel ({self.n_parallel}): "
                 "every generating slot adds a token to each decode step"
             )
         if self.n_ubatch is not None and self.n_ubatch > self.n_batch:
-            raise ValueError(f"n_ubatch ({self.n_ubatch}) must be at most n_batch ({self.n_batch})")
+            problems.append(f"n_ubatch ({self.n_ubatch}) must be at most n_batch ({self.n_batch})")
         if self.cache_type_v != "f16" and self.flash_attn == "off":
-            raise ValueError(f"cache_type_v {self.cache_type_v} needs flash_attn auto or on")
+            problems.append(f"cache_type_v {self.cache_type_v} needs flash_attn auto or on")
         if self.n_ctx < self.n_parallel * 64:
-            raise ValueError(
+            problems.append(
                 f"n_ctx ({self.n_ctx}) leaves fewer than 64 tokens per slot for "
                 f"n_parallel {self.n_parallel}"
             )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
