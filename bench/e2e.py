@@ -11,7 +11,8 @@ model (Gemma 3 270M Q4_K_M unless --model), the same threads and the same sampli
   after another: what a plain wrapper does; its figure is the same at every level);
 - time to first token (p50/p95) per level, from the client's side: the first streamed text;
 - gRPC overhead: p50 of a tiny Generate through gRPC minus the same request on the engine
-  directly, in one process, the two interleaved so they share the machine's state;
+  directly, in one process, the two interleaved so they share the machine's state (the
+  gRPC layer alone, on an engine that answers at once: tests/service/measure_overhead.py);
 - peak resident memory (VmHWM) of each system's process.
 
 End of sequence is NOT suppressed: the contract has no such switch (Sampling.ignore_eos is
@@ -327,65 +328,68 @@ def worker_loop(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------- gRPC overhead
 
 
+async def measure_overhead(engine: Any, n: int) -> dict[str, float]:
+    """p50 of a tiny Generate through gRPC minus the same request on `engine`, interleaved,
+    so the two share the machine's state; `n` pairs after 3 to warm up both paths.
+
+    Also run by tests/service/measure_overhead.py with an engine that answers at once, for
+    the cost of the gRPC layer alone (bench does not import the tests' fake engine).
+    """
+    import grpc.aio
+    from genstruct.v1 import genstruct_pb2 as pb
+    from genstruct.v1 import genstruct_pb2_grpc
+    from genstruct_service.config import Settings
+    from genstruct_service.engine import Completed, GenerationRequest, Sampling
+    from genstruct_service.server import start_server
+
+    settings = Settings(host="127.0.0.1", port=0, metrics_port=0, log_level="ERROR")
+    server = await start_server(settings, engine)
+    title, content = "Tides", "Tides are caused by the Moon."
+    direct = GenerationRequest(title, content, Sampling(temperature=0, max_tokens=1))
+    request = pb.GenerateRequest(document=pb.Document(title=title, content=content),
+                                 sampling=pb.SamplingParams(temperature=0, max_tokens=1))
+    through: list[float] = []
+    alone: list[float] = []
+    try:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = genstruct_pb2_grpc.GenstructServiceStub(channel)
+            for i in range(n + 3):
+                t0 = time.perf_counter()
+                async for event in engine.generate(direct):
+                    if isinstance(event, Completed):
+                        break
+                t1 = time.perf_counter()
+                await stub.Generate(request, timeout=60)
+                t2 = time.perf_counter()
+                if i >= 3:  # the first calls warm up both paths
+                    alone.append(t1 - t0)
+                    through.append(t2 - t1)
+    finally:
+        await server.stop(None)
+    pairs = [b - a for a, b in zip(alone, through, strict=True)]
+    return {
+        "n": len(alone),
+        "engine_p50_ms": statistics.median(alone) * 1e3,
+        "grpc_p50_ms": statistics.median(through) * 1e3,
+        "overhead_p50_ms": (statistics.median(through) - statistics.median(alone)) * 1e3,
+        "paired_difference_p50_ms": statistics.median(pairs) * 1e3,
+    }
+
+
 def worker_overhead(args: argparse.Namespace) -> dict[str, Any]:
-    """p50 of a tiny Generate through gRPC minus the same request on the engine, interleaved."""
+    """measure_overhead on the real engine, with the benchmark's model and settings."""
 
     async def main() -> dict[str, Any]:
-        import grpc.aio
-        from genstruct.v1 import genstruct_pb2 as pb
-        from genstruct.v1 import genstruct_pb2_grpc
-        from genstruct_service.config import Settings
-        from genstruct_service.engine import Completed, GenerationRequest, Sampling
         from genstruct_service.engine.llama import LlamaEngine
         from genstruct_service.prompt import GENSTRUCT_FORMAT
-        from genstruct_service.server import start_server
 
-        from tests.fakes import FakeEngine
-
-        async def measure(engine: Any, n: int) -> dict[str, float]:
-            settings = Settings(host="127.0.0.1", port=0, metrics_port=0, log_level="ERROR")
-            server = await start_server(settings, engine)
-            title, content = "Tides", "Tides are caused by the Moon."
-            direct = GenerationRequest(title, content, Sampling(temperature=0, max_tokens=1))
-            request = pb.GenerateRequest(document=pb.Document(title=title, content=content),
-                                         sampling=pb.SamplingParams(temperature=0, max_tokens=1))
-            through: list[float] = []
-            alone: list[float] = []
-            try:
-                async with grpc.aio.insecure_channel(server.target) as channel:
-                    stub = genstruct_pb2_grpc.GenstructServiceStub(channel)
-                    for i in range(n + 3):
-                        t0 = time.perf_counter()
-                        async for event in engine.generate(direct):
-                            if isinstance(event, Completed):
-                                break
-                        t1 = time.perf_counter()
-                        await stub.Generate(request, timeout=60)
-                        t2 = time.perf_counter()
-                        if i >= 3:  # the first calls warm up both paths
-                            alone.append(t1 - t0)
-                            through.append(t2 - t1)
-            finally:
-                await server.stop(None)
-            pairs = [b - a for a, b in zip(alone, through, strict=True)]
-            return {
-                "n": len(alone),
-                "engine_p50_ms": statistics.median(alone) * 1e3,
-                "grpc_p50_ms": statistics.median(through) * 1e3,
-                "overhead_p50_ms": (statistics.median(through) - statistics.median(alone)) * 1e3,
-                "paired_difference_p50_ms": statistics.median(pairs) * 1e3,
-            }
-
-        # The gRPC layer alone: an engine that answers at once, so only gRPC is timed.
-        fake = await measure(FakeEngine(tokens=("Q?", " [[[Assistant]]]", " A.")), 500)
         engine = await LlamaEngine.open(args.model, prompt_format=GENSTRUCT_FORMAT,
                                         n_parallel=max(LEVELS),
                                         **settings.engine_kwargs(args))
         try:
-            real = await measure(engine, args.overhead_n)
+            return await measure_overhead(engine, args.overhead_n)
         finally:
             await engine.close()
-        return {**real, **{f"fake_{k}": v for k, v in fake.items()}}
 
     return asyncio.run(main())
 
@@ -451,11 +455,8 @@ def table(results: Results) -> str:
         lines.append(f"gRPC overhead per tiny Generate (n={o['n']:.0f}, max_tokens 1): engine "
                      f"p50 {o['engine_p50_ms']:.2f} ms, through gRPC p50 {o['grpc_p50_ms']:.2f} "
                      f"ms, difference {o['overhead_p50_ms']:.2f} ms (p50 of paired differences "
-                     f"{o['paired_difference_p50_ms']:.2f} ms); the gRPC layer alone (an "
-                     f"engine that answers at once, n={o['fake_n']:.0f}): "
-                     f"{o['fake_engine_p50_ms']:.3f} ms direct, "
-                     f"{o['fake_grpc_p50_ms']:.3f} ms through gRPC, difference "
-                     f"{o['fake_overhead_p50_ms']:.3f} ms")
+                     f"{o['paired_difference_p50_ms']:.2f} ms); the gRPC layer alone: "
+                     "python -m tests.service.measure_overhead")
     lines.append(f"load average before {results.load_before}, after {results.load_after}")
     return "\n".join(lines)
 

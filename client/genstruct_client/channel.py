@@ -242,11 +242,6 @@ class ChannelConfig:
     keepalive_seconds: float | None = KEEPALIVE.interval
     extra_options: tuple[tuple[str, str | int], ...] = ()
 
-    @classmethod
-    def for_targets(cls, targets: str | Sequence[str], **kwargs: object) -> ChannelConfig:
-        """A config whose target is `resolve_target(targets)`."""
-        return cls(target=resolve_target(targets), **kwargs)  # type: ignore[arg-type]
-
     def service_config(self) -> str:
         """The service config JSON: load balancing, and the retries of the unary methods."""
         config: dict[str, object] = {"loadBalancingConfig": [{self.load_balancing: {}}]}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
-import select
 import signal
 import subprocess
 import sys
+import threading
 import time
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import IO, Any
@@ -25,13 +27,64 @@ ENV.pop("GENSTRUCT_TOKEN", None)
 _PROGRESS = re.compile(r"genstruct: (\d+)/(\d+) documents")
 
 
+# The lines of each pipe read so far, by a thread of its own. A thread, because select() on
+# the pipe cannot see lines already in the text stream's buffer, and readline() after it
+# blocks until a whole line arrives: either way a wait with no bound.
+_LINES: weakref.WeakKeyDictionary[IO[str], queue.Queue[str | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _lines(stream: IO[str]) -> queue.Queue[str | None]:
+    """The queue of `stream`'s lines (None at EOF), starting its reader on the first call."""
+    lines = _LINES.get(stream)
+    if lines is None:
+        lines = _LINES[stream] = queue.Queue()
+        threading.Thread(target=_read_all, args=(stream, lines), daemon=True).start()
+    return lines
+
+
+def _read_all(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    try:
+        for line in stream:
+            lines.put(line)
+    except (OSError, ValueError):  # closed under the thread
+        pass
+    finally:
+        lines.put(None)
+
+
 def read_line(stream: IO[str], timeout: float) -> str:
-    """The next line of a child's pipe; fails after `timeout` seconds or at EOF."""
-    ready, _, _ = select.select([stream], [], [], timeout)
-    assert ready, f"no output within {timeout}s"
-    line = stream.readline()
-    assert line, "the process closed its output"
+    """The next line of a child's pipe; fails after `timeout` seconds or at EOF.
+
+    From the first call on, a thread keeps reading the pipe, so the child never blocks on
+    a full pipe; read the rest with `read_rest`, not from the stream.
+    """
+    lines = _lines(stream)
+    try:
+        line = lines.get(timeout=max(0.0, timeout))
+    except queue.Empty:
+        raise AssertionError(f"no output within {timeout}s") from None
+    if line is None:
+        lines.put(None)  # EOF stays EOF for the next caller
+        raise AssertionError("the process closed its output")
     return line
+
+
+def read_rest(stream: IO[str], timeout: float) -> str:
+    """Everything `stream` still has up to EOF; fails after `timeout` seconds."""
+    lines = _lines(stream)
+    deadline = time.monotonic() + timeout
+    rest: list[str] = []
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"no EOF within {timeout}s") from None
+        if line is None:
+            lines.put(None)
+            return "".join(rest)
+        rest.append(line)
 
 
 class ServerProcess:
@@ -108,8 +161,12 @@ def wait_progress(process: subprocess.Popen[str], at_least: int, timeout: float 
 
 def finish(process: subprocess.Popen[str], timeout: float = 300) -> tuple[int, str]:
     """Waits for the end, draining stderr; returns (exit code, the rest of stderr)."""
-    _, err = process.communicate(timeout=timeout)
-    return process.returncode, err
+    assert process.stderr is not None
+    # stderr's reader thread (read_line's) drains it while this waits: no communicate(),
+    # which would read the same pipe from a second thread
+    _lines(process.stderr)
+    process.wait(timeout)
+    return process.returncode, read_rest(process.stderr, timeout)
 
 
 def write_documents(path: Path, count: int, prefix: str = "doc") -> list[dict[str, str]]:

@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,8 +49,7 @@ def model_server() -> Iterator[str]:
             if entry.get("msg", "").startswith("ready"):
                 break
         assert target is not None
-        # Keep reading its log (one line per call), so that a full pipe never blocks it.
-        threading.Thread(target=process.stderr.read, daemon=True).start()
+        # read_line's thread keeps reading its log, so a full pipe never blocks it
         yield target
     finally:
         process.send_signal(signal.SIGTERM)

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pytest
-from genstruct_service.engine.text import StopScanner, TextAssembler, assemble
+from genstruct_service.engine.text import StopScanner, TextAssembler
 
 DOCUMENTS = [
     "Photosynthesis turns light into chemical energy.",
@@ -21,6 +23,18 @@ DOCUMENTS = [
 def byte_pieces(text: str, size: int) -> list[bytes]:
     data = text.encode()
     return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def assemble(pieces: Iterable[bytes], stops: Iterable[str]) -> tuple[list[str], bool]:
+    """Run pieces through a TextAssembler as the engine does: the released deltas and
+    whether a stop was hit."""
+    assembler = TextAssembler(stops)
+    deltas = [d for d in (assembler.push(p) for p in pieces) if d]
+    if not assembler.stopped:
+        tail = assembler.finish()
+        if tail:
+            deltas.append(tail)
+    return deltas, assembler.stopped
 
 
 @pytest.mark.parametrize("text", DOCUMENTS)

@@ -1,4 +1,4 @@
-"""`--model` resolution: paths, registry names, hf:// files, and the quickstart's fallback."""
+"""`--model` resolution: paths, registry names and hf:// files."""
 
 from __future__ import annotations
 
@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 from genstruct_service.errors import ModelError
 from genstruct_service.model_files.registry import Registry, load_registry
-from genstruct_service.model_files.resolve import (
-    parse_hf_uri,
-    resolve_model,
-    resolve_quickstart,
-)
+from genstruct_service.model_files.resolve import ResolvedModel, parse_hf_uri, resolve_model
 from model_files_helpers import FakeHub, make_gguf
 
 REPO = "TestOrg/Genstruct-7B-GGUF"
 FILE = "Genstruct-7B.Q4_K_M.gguf"
+
+
+def _stand_in(model: ResolvedModel) -> bool:
+    """Whether the registry calls the model a stand-in (not Genstruct-7B)."""
+    return model.entry is not None and model.entry.stand_in
 
 
 @pytest.fixture
@@ -93,7 +94,7 @@ def test_path_to_a_gguf_file(tiny_gguf: Path, models: Path) -> None:
     assert model.source == "path"
     assert model.display_name == "tiny.gguf"
     assert model.quantization == "Q4_K_M"  # read from the header
-    assert not model.stand_in
+    assert not _stand_in(model)
 
 
 def test_missing_path_suggests_hf_uri(models: Path) -> None:
@@ -117,7 +118,7 @@ def test_registry_name_downloads_once_then_uses_the_verified_file(
     assert model.display_name == "genstruct-7b:Q4_K_M"
     assert model.quantization == "Q4_K_M"
     assert model.sha256 == hashlib.sha256(content).hexdigest()
-    assert model.source == "registry" and not model.stand_in
+    assert model.source == "registry" and not _stand_in(model)
     requests = len(fake_hub.requests)
 
     again = resolve_model("genstruct-7b:q4_k_m", models, registry=registry, allow_download=False)
@@ -168,7 +169,7 @@ def test_hf_uri_parsing() -> None:
 def test_packaged_stand_in(registry: Registry, models: Path, stand_in_module: Path) -> None:
     model = resolve_model("demo", models, registry=registry)
     assert model.path == stand_in_module
-    assert model.stand_in
+    assert _stand_in(model)
     assert model.display_name == "demo (tiny stand-in)"
 
 
@@ -180,43 +181,8 @@ def test_strict_default_never_falls_back(
     assert "Falling back" not in caplog.text
 
 
-def test_quickstart_falls_back_to_the_stand_in_with_a_warning(
-    refused_endpoint: str, registry: Registry, models: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    with caplog.at_level(logging.WARNING):
-        model = resolve_quickstart(models, registry=registry, progress=False)
-    assert model.stand_in
-    assert model.display_name == "demo (tiny stand-in)"
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(
-        "genstruct-7b:Q4_K_M is not available" in r.getMessage()
-        and "Falling back to demo" in r.getMessage()
-        and "NOT Genstruct-7B" in r.getMessage()
-        and "genstruct-server models download genstruct-7b:Q4_K_M" in r.getMessage()
-        for r in warnings
-    )
-
-
-def test_quickstart_uses_genstruct_when_it_is_here(
-    registry: Registry, models: Path, content: bytes, caplog: pytest.LogCaptureFixture
-) -> None:
-    (models / FILE).write_bytes(content)
-    with caplog.at_level(logging.WARNING):
-        model = resolve_quickstart(models, registry=registry, allow_download=False)
-    assert model.display_name == "genstruct-7b:Q4_K_M" and not model.stand_in
-    assert "Falling back" not in caplog.text
-
-
-def test_quickstart_with_nothing_available_names_both_reasons(
-    refused_endpoint: str, registry: Registry, models: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setitem(sys.modules, "fake_stand_in_model", None)  # import fails
-    with pytest.raises(ModelError, match=r"no model available: genstruct-7b:Q4_K_M: .*demo: .*"):
-        resolve_quickstart(models, registry=registry)
-
-
 def test_the_shipped_demo_entry_resolves_to_the_real_stand_in(models: Path) -> None:
     model = resolve_model("demo", models, registry=load_registry())
-    assert model.stand_in
+    assert _stand_in(model)
     assert model.gguf.architecture == "gemma3"
     assert model.display_name == "demo (gemma-3-270m Q4_K_M stand-in)"

@@ -33,9 +33,6 @@ class Ledger:
     def record(self, doc_id: str, index: int) -> None:
         self.written[doc_id] = self.written.get(doc_id, 0) | (1 << index)
 
-    def has(self, doc_id: str, index: int) -> bool:
-        return bool(self.written.get(doc_id, 0) >> index & 1)
-
     def missing(self, doc_id: str, num_generations: int) -> list[int]:
         """Generation indices of `doc_id` not written yet."""
         mask = self.written.get(doc_id, 0)
@@ -44,7 +41,3 @@ class Ledger:
     def is_done(self, doc_id: str, num_generations: int) -> bool:
         """Every generation written, or the document failed for good."""
         return doc_id in self.failed or not self.missing(doc_id, num_generations)
-
-    @property
-    def rows(self) -> int:
-        return sum(mask.bit_count() for mask in self.written.values())

@@ -161,10 +161,6 @@ class JsonlJournal:
         """Queues one line; it reaches the file at the next flush or commit."""
         self._pending.append(encode_line(record))
 
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
     def flush(self) -> None:
         """Writes the queued lines to the OS: they survive the process being killed."""
         if not self._pending:

@@ -108,14 +108,3 @@ class TextAssembler:
     def text(self) -> str:
         """All text released so far."""
         return "".join(self._parts)
-
-
-def assemble(pieces: Iterable[bytes], stops: Iterable[str]) -> tuple[list[str], bool]:
-    """Run pieces through a TextAssembler: the released deltas and whether a stop was hit."""
-    assembler = TextAssembler(stops)
-    deltas = [d for d in (assembler.push(p) for p in pieces) if d]
-    if not assembler.stopped:
-        tail = assembler.finish()
-        if tail:
-            deltas.append(tail)
-    return deltas, assembler.stopped

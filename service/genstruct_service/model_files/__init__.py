@@ -7,11 +7,7 @@ from genstruct_service.model_files.registry import (
     default_models_dir,
     load_registry,
 )
-from genstruct_service.model_files.resolve import (
-    ResolvedModel,
-    resolve_model,
-    resolve_quickstart,
-)
+from genstruct_service.model_files.resolve import ResolvedModel, resolve_model
 
 __all__ = [
     "GGUFInfo",
@@ -22,5 +18,4 @@ __all__ = [
     "load_registry",
     "read_gguf",
     "resolve_model",
-    "resolve_quickstart",
 ]

@@ -33,7 +33,6 @@ class ResolvedModel:
     source: Literal["path", "registry", "hf"]
     gguf: GGUFInfo
     sha256: str | None = None  # set when the file was verified against a known checksum
-    stand_in: bool = False  # not Genstruct-7B: responses must say which model produced them
     entry: ModelEntry | None = None
 
 
@@ -82,39 +81,6 @@ def resolve_model(
     registry = registry if registry is not None else load_registry()
     entry = registry.get(spec)
     return resolve_entry(entry, models_dir, allow_download=allow_download, progress=progress)
-
-
-def resolve_quickstart(
-    models_dir: Path,
-    *,
-    allow_download: bool = True,
-    registry: Registry | None = None,
-    progress: bool = True,
-) -> ResolvedModel:
-    """For `make run`: the default Genstruct build if it can be had, else the stand-in, loudly."""
-    registry = registry if registry is not None else load_registry()
-    default = registry.entries[registry.default]
-    try:
-        return resolve_entry(default, models_dir, allow_download=allow_download, progress=progress)
-    except ModelError as exc:
-        reason = exc
-    fallback = registry.entries[registry.quickstart_fallback]
-    logger.warning(
-        "%s is not available (%s). Falling back to %s: a stand-in that is NOT Genstruct-7B, "
-        "fit for trying the service, not for real data; every response's model_name says %r. "
-        "For real data run `genstruct-server models download %s`.",
-        default.name,
-        reason,
-        fallback.name,
-        fallback.label,
-        default.name,
-    )
-    try:
-        return resolve_entry(fallback, models_dir, allow_download=allow_download, progress=progress)
-    except ModelError as exc:
-        raise ModelError(
-            f"no model available: {default.name}: {reason}; and the fallback {fallback.name}: {exc}"
-        ) from exc
 
 
 def resolve_entry(
@@ -220,7 +186,6 @@ def _resolved(
         source=source,
         gguf=info,
         sha256=sha,
-        stand_in=entry.stand_in if entry is not None else False,
         entry=entry,
     )
 
