@@ -51,9 +51,9 @@ def _binary_path(version: str, key: str) -> Path:
 
 def bindings_lib_dir() -> Path:
     """The folder of the shared libraries the installed llama-cpp-python loads."""
-    import llama_cpp
+    from genstruct_service.engine.build_info import library_dir
 
-    return Path(llama_cpp.__file__).resolve().parent / "lib"
+    return library_dir()
 
 
 def build(version: str | None = None, jobs: int | None = None) -> Path:

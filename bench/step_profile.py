@@ -22,6 +22,7 @@ from typing import Any
 
 from bench import settings
 from bench.corpus import DOCUMENTS
+from bench.throughput import drive
 
 
 class Timer:
@@ -58,48 +59,28 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     job_cls.send = sends.wrap(job_cls.send)  # type: ignore[method-assign]
 
     kwargs = settings.engine_kwargs(args)
-    if "prompt_format" in inspect.signature(engine_cls.__init__).parameters:
+    accepted = inspect.signature(engine_cls.__init__).parameters
+    if "prompt_format" in accepted:
         from genstruct_service.prompt import GENSTRUCT_FORMAT
 
         kwargs["prompt_format"] = GENSTRUCT_FORMAT
-    accepted = inspect.signature(engine_cls.__init__).parameters
     if "n_ubatch" not in accepted:  # an engine from before the settings of llama-server
         kwargs["flash_attn"] = {"auto": None, "on": True, "off": False}[args.flash_attn]
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     engine = engine_cls(args.model, n_parallel=args.in_flight, max_queue=len(DOCUMENTS),
                         **kwargs)
-    sampling = Sampling(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05, seed=1234,
-                        max_tokens=args.max_tokens, ignore_eos=True)
+    sampling = Sampling(**settings.SAMPLING, max_tokens=args.max_tokens, ignore_eos=True)
     extra = {"stream": args.stream} if "stream" in GenerationRequest.__dataclass_fields__ else {}
     requests = [GenerationRequest(d.title, d.content, sampling, **extra)
                 for d in DOCUMENTS[: args.docs]]
     decode.seconds = sample.seconds = step.seconds = sends.seconds = 0.0
     decode.calls = sample.calls = step.calls = sends.calls = 0
 
-    prefill: list[float] = []  # submission to first token, less the queue
-    busy: list[float] = []  # admission to the end
-
-    async def main() -> tuple[int, float]:
-        todo = list(reversed(requests))
-        generated = 0
-
-        async def worker() -> None:
-            nonlocal generated
-            while todo:
-                async for event in engine.generate(todo.pop()):
-                    if hasattr(event, "generations"):
-                        generated += event.completion_tokens
-                        t = event.timings
-                        prefill.append(t.first_token_seconds - t.queue_seconds)
-                        busy.append(t.total_seconds - t.queue_seconds)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(args.in_flight)))
-        seconds = time.perf_counter() - start
-        await engine.close()
-        return generated, seconds
-
-    generated, seconds = asyncio.run(main())
+    done, seconds = asyncio.run(drive(engine, requests, args.in_flight))
+    generated = sum(d.completion_tokens for d in done)
+    # submission to first token, and admission to the end, each less the queue
+    prefill = [d.timings.first_token_seconds - d.timings.queue_seconds for d in done]
+    busy = [d.timings.total_seconds - d.timings.queue_seconds for d in done]
     steps = max(step.calls, 1)
     return {
         "model": args.model, "in_flight": args.in_flight, "stream": args.stream,

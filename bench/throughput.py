@@ -81,6 +81,25 @@ def _self_peak_rss() -> int:
 # ---------------------------------------------------------------- (a) this engine
 
 
+async def drive(engine: Any, requests: list[Any], in_flight: int) -> tuple[list[Any], float]:
+    """Send `requests` with `in_flight` at a time; their Completed events and the seconds the
+    whole took. The engine is closed afterwards."""
+    todo = list(reversed(requests))
+    done: list[Any] = []
+
+    async def worker() -> None:
+        while todo:
+            async for event in engine.generate(todo.pop()):
+                if hasattr(event, "generations"):
+                    done.append(event)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    seconds = time.perf_counter() - start
+    await engine.close()
+    return done, seconds
+
+
 def run_engine(model: str, scenario: Scenario, args: argparse.Namespace) -> Record:
     from genstruct_service.engine import GenerationRequest, Sampling
     from genstruct_service.engine.llama import LlamaEngine
@@ -104,25 +123,8 @@ def run_engine(model: str, scenario: Scenario, args: argparse.Namespace) -> Reco
         for d in docs
     ]
 
-    async def main() -> tuple[int, float]:
-        todo = list(reversed(requests))
-        generated = 0
-
-        async def worker() -> None:
-            nonlocal generated
-            while todo:
-                request = todo.pop()
-                async for event in engine.generate(request):
-                    if hasattr(event, "generations"):
-                        generated += event.completion_tokens  # type: ignore[union-attr]
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(scenario.concurrency)))
-        seconds = time.perf_counter() - start
-        await engine.close()
-        return generated, seconds
-
-    generated, seconds = asyncio.run(main())
+    done, seconds = asyncio.run(drive(engine, requests, scenario.concurrency))
+    generated = sum(d.completion_tokens for d in done)
     return Record("engine", scenario.concurrency, scenario.num_generations, generated, seconds,
                   generated / seconds, _self_peak_rss())
 

@@ -336,11 +336,17 @@ async def _server_infos(
     except ServersUnavailable as exc:
         summary.aborted = str(exc)
     except asyncio.CancelledError:
-        summary.interrupted = True
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
+        _interrupted(summary)
     return None
+
+
+def _interrupted(summary: RunSummary) -> None:
+    """Ctrl-C (or a cancelled task) stops the run; the summary says so and the run ends
+    normally, writing what it has."""
+    summary.interrupted = True
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 def _aside_names(output: Path, fmt: str, errors: Path, stamp: str) -> list[tuple[Path, Path]]:
@@ -498,10 +504,7 @@ async def _generate(
         except BatchAborted as exc:
             summary.aborted = str(exc)
         except asyncio.CancelledError:
-            summary.interrupted = True
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
+            _interrupted(summary)
         finally:
             output.journal.commit()
             errors.commit()
