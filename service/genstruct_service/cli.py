@@ -125,6 +125,7 @@ def load_engine(settings: Settings, on_step: Callable[[int], None]) -> Engine:
         cache_type_k=settings.cache_type_k,
         cache_type_v=settings.cache_type_v,
         max_queue=settings.max_queue,
+        speculation=settings.speculation_settings,
         on_step=on_step,
     )
 

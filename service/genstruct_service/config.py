@@ -8,6 +8,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
+from .engine import speculation as spec
+
+_SPEC = spec.SpeculationSettings()
+
 DEFAULT_MODEL = "genstruct-7b:Q4_K_M"
 # llama.cpp takes the engine's sizes as 32-bit C integers, and ctypes would wrap larger ones
 # silently into other values
@@ -100,6 +104,25 @@ class Settings(BaseSettings):
     )
     cache_type_v: Literal["f16", "q8_0", "q4_0"] = Field(
         "f16", description="Element type of the KV cache's values; quantized needs flash_attn."
+    )
+    speculation: Literal["auto", "always", "off"] = Field(
+        "auto",
+        description="Draft tokens from n-gram matches against the document and verify them "
+        "in the decode step: auto drafts where the engine's measured step times say it "
+        "pays, always wherever a match gives a draft, off never.",
+    )
+    spec_draft_max: int = Field(
+        _SPEC.draft_max, ge=1, le=spec.DRAFT_LIMIT,
+        description="Most drafted tokens per sequence per step.",
+    )
+    spec_ngram_min: int = Field(
+        _SPEC.ngram_min, ge=1, le=spec.NGRAM_MIN_LIMIT,
+        description="Shortest match of the last generated tokens that proposes a draft.",
+    )
+    spec_ngram_max: int = Field(
+        _SPEC.ngram_max, ge=1, le=spec.NGRAM_MAX_LIMIT,
+        description="Match lengths are told apart up to this, to learn how often each "
+        "kind of draft is accepted.",
     )
     max_queue: int = Field(
         256,
@@ -208,9 +231,19 @@ class Settings(BaseSettings):
                 f"n_ctx ({self.n_ctx}) leaves fewer than 64 tokens per slot for "
                 f"n_parallel {self.n_parallel}"
             )
+        problems.extend(self.speculation_settings.problems())
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    @property
+    def speculation_settings(self) -> spec.SpeculationSettings:
+        return spec.SpeculationSettings(
+            mode=self.speculation,
+            draft_max=self.spec_draft_max,
+            ngram_min=self.spec_ngram_min,
+            ngram_max=self.spec_ngram_max,
+        )
 
     @property
     def generations_limit(self) -> int:

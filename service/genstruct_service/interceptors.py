@@ -48,6 +48,8 @@ class CallRecord:
     method: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    draft_tokens: int = 0  # speculation: drafted and verified, and of those accepted
+    accepted_draft_tokens: int = 0
     documents: int = 0
 
 
@@ -325,6 +327,8 @@ class _Call:
                 "code": code,
                 "prompt_tokens": record.prompt_tokens,
                 "completion_tokens": record.completion_tokens,
+                "draft_tokens": record.draft_tokens,
+                "accepted_draft_tokens": record.accepted_draft_tokens,
                 "documents": record.documents,
                 "duration_ms": round(duration * 1000.0, 2),
                 "peer": self.peer,

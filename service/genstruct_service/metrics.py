@@ -61,6 +61,16 @@ class Metrics:
         self.generated_tokens = Counter(
             "genstruct_generated_tokens", "Tokens generated.", registry=r
         )
+        self.spec_drafted_tokens = Counter(
+            "genstruct_spec_drafted_tokens",
+            "Tokens drafted by speculation and verified by the model.",
+            registry=r,
+        )
+        self.spec_accepted_tokens = Counter(
+            "genstruct_spec_accepted_tokens",
+            "Drafted tokens the model agreed with (each saved a decode step).",
+            registry=r,
+        )
         self.parse_failures = Counter(
             "genstruct_parse_failures",
             "Generations whose completion did not parse into a pair.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from genstruct.v1 import genstruct_pb2
 from google.rpc import status_pb2
 
+from .engine.speculation import SpeculationSettings
 from .engine.types import BuildInfo, Completed, FinishReason
 from .prompt import parse_completion
 
@@ -42,6 +43,8 @@ def to_response(
         usage=genstruct_pb2.Usage(
             prompt_tokens=completed.prompt_tokens,
             completion_tokens=completed.completion_tokens,
+            draft_tokens=completed.draft_tokens,
+            accepted_draft_tokens=completed.accepted_draft_tokens,
         ),
         timings=genstruct_pb2.Timings(
             queue_ms=timings.queue_seconds * 1000.0,
@@ -56,6 +59,20 @@ def error_response(request_id: str, code: int, message: str) -> genstruct_pb2.Ge
     """A GenerateBatch item that failed: `code` is a google.rpc.Code (grpc.StatusCode's int)."""
     return genstruct_pb2.GenerateResponse(
         id=request_id, error=status_pb2.Status(code=code, message=message)
+    )
+
+
+def speculation_message(
+    speculation: SpeculationSettings | None,
+) -> genstruct_pb2.Speculation | None:
+    """GetModelInfo's `speculation`; None (unset) for an engine that has none."""
+    if speculation is None:
+        return None
+    return genstruct_pb2.Speculation(
+        mode=speculation.mode,
+        draft_max=speculation.draft_max,
+        ngram_min=speculation.ngram_min,
+        ngram_max=speculation.ngram_max,
     )
 
 

@@ -20,7 +20,7 @@ from .engine.types import Completed, Engine, EngineEvent, GenerationRequest, Tok
 from .errors import InvalidRequest, Unavailable
 from .interceptors import current_call, domain_status
 from .metrics import Metrics
-from .responses import build_message, error_response, to_response
+from .responses import build_message, error_response, speculation_message, to_response
 from .validation import default_sampling, limits, to_generation_request
 
 log = logging.getLogger("genstruct_service.servicer")
@@ -198,6 +198,7 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
             flash_attn=info.flash_attn,
             cache_type_k=info.cache_type_k,
             cache_type_v=info.cache_type_v,
+            speculation=speculation_message(info.speculation),
         )
 
     # --- shared steps -------------------------------------------------------------------
@@ -229,10 +230,14 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
         if call is not None:
             call.prompt_tokens += completed.prompt_tokens
             call.completion_tokens += completed.completion_tokens
+            call.draft_tokens += completed.draft_tokens
+            call.accepted_draft_tokens += completed.accepted_draft_tokens
         metrics = self._metrics
         if metrics is not None:
             metrics.prompt_tokens.inc(completed.prompt_tokens)
             metrics.generated_tokens.inc(completed.completion_tokens)
+            metrics.spec_drafted_tokens.inc(completed.draft_tokens)
+            metrics.spec_accepted_tokens.inc(completed.accepted_draft_tokens)
             metrics.time_to_first_token.observe(completed.timings.first_token_seconds)
             failures = sum(1 for pair in response.pairs if not pair.parsed)
             if failures:

@@ -121,7 +121,9 @@ async def test_cancelling_frees_the_slot_within_a_step(
     freed = await asyncio.to_thread(
         recorder.wait_for, lambda: engine.stats().busy_slots == 1, WAIT
     )
-    assert freed and recorder.steps - steps <= 2
+    # at most: the step decoding when the flag was set, one that had just taken the old
+    # cancel epoch, and the step whose on_step wakes this waiter
+    assert freed and recorder.steps - steps <= 3
 
     async def consume() -> None:
         async for _ in background:

@@ -15,6 +15,7 @@ import grpc
 import grpc.aio
 import pytest
 from genstruct.v1 import genstruct_pb2, genstruct_pb2_grpc
+from genstruct_service.engine.speculation import SpeculationSettings
 from genstruct_service.metrics import Metrics
 from genstruct_service.server import RunningServer, start_server
 
@@ -41,6 +42,7 @@ async def real(model_path: str) -> AsyncIterator[tuple[RunningServer, Any]]:
     engine = await LlamaEngine.open(
         model_path, prompt_format=GENSTRUCT_FORMAT, model_name="demo", n_parallel=1,
         n_ctx=2048, n_batch=256, n_gpu_layers=0, n_threads=2, max_queue=4, on_step=metrics.on_step,
+        speculation=SpeculationSettings(mode="always", draft_max=8),
     )
     server = await start_server(make_settings(), engine, metrics=metrics, metrics_port=0)
     yield server, engine
@@ -71,6 +73,8 @@ async def test_generate_stream_and_info_with_the_real_engine(
         assert info.gpu_layers_offloaded == 0 and info.backend == "CPU"
         assert info.build.llama_cpp_python_version and "CPU" in info.build.backends
         assert info.build.system_info.startswith("CPU : ") and info.build.cpu_features
+        spec = info.speculation
+        assert (spec.mode, spec.draft_max, spec.ngram_min) == ("always", 8, 3)
         response = await stub.Generate(
             _request(id="r", constrained=True, sampling=SP(temperature=0, seed=1, max_tokens=24)),
             timeout=120,
@@ -88,6 +92,13 @@ async def test_generate_stream_and_info_with_the_real_engine(
         assert text == messages[-1].result.pairs[0].raw_text
         samples = await scrape(server)
         assert samples["genstruct_decode_batch_tokens_count"] > 0
+        # speculation, per document in usage and in all in the metrics
+        usages = [response.usage, messages[-1].result.usage]
+        drafted = sum(u.draft_tokens for u in usages)
+        accepted = sum(u.accepted_draft_tokens for u in usages)
+        assert drafted > 0 and 0 <= accepted <= drafted
+        assert samples["genstruct_spec_drafted_tokens_total"] == drafted
+        assert samples["genstruct_spec_accepted_tokens_total"] == accepted
 
 
 async def _wait_for(condition: Callable[[], bool], what: str, seconds: float = 20.0) -> None:

@@ -49,10 +49,15 @@ FIELDS: dict[str, st.SearchStrategy[_Value]] = {
     "flash_attn": _choice(["auto", "on", "off"]),
     "cache_type_k": _choice(CACHE_TYPES),
     "cache_type_v": _choice(CACHE_TYPES),
+    "speculation": _choice(["auto", "always", "off"]),
+    "spec_draft_max": _ints(1, 64),
+    "spec_ngram_min": _ints(1, 16),
+    "spec_ngram_max": _ints(1, 64),
 }
 DEFAULTS: dict[str, Any] = {
     "n_parallel": 4, "n_ctx": 8192, "n_batch": 512, "n_ubatch": None, "n_gpu_layers": -1,
     "threads": None, "flash_attn": "auto", "cache_type_k": "f16", "cache_type_v": "f16",
+    "speculation": "auto", "spec_draft_max": 16, "spec_ngram_min": 3, "spec_ngram_max": 8,
 }
 
 
@@ -63,6 +68,7 @@ def _combination_problems(v: dict[str, Any]) -> int:
         v["n_ubatch"] is not None and v["n_ubatch"] > v["n_batch"],
         v["cache_type_v"] != "f16" and v["flash_attn"] == "off",
         v["n_ctx"] < 64 * v["n_parallel"],
+        v["spec_ngram_min"] > v["spec_ngram_max"],
     ])
 
 

@@ -349,19 +349,29 @@ class Usage(_message.Message):
 
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    DRAFT_TOKENS_FIELD_NUMBER: _builtins.int
+    ACCEPTED_DRAFT_TOKENS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     """Tokens in the prompt (after truncation), processed once for all generations."""
     completion_tokens: _builtins.int
     """Tokens generated, summed over every generation."""
+    draft_tokens: _builtins.int
+    """Speculation: tokens drafted from the document and verified, summed over every
+    generation, and how many of them the model agreed with. Each accepted token is part of
+    completion_tokens and saved one decode step; 0 and 0 when nothing was drafted.
+    """
+    accepted_draft_tokens: _builtins.int
     def __init__(
         self,
         *,
         prompt_tokens: _builtins.int = ...,
         completion_tokens: _builtins.int = ...,
+        draft_tokens: _builtins.int = ...,
+        accepted_draft_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_draft_tokens", b"accepted_draft_tokens", "completion_tokens", b"completion_tokens", "draft_tokens", b"draft_tokens", "prompt_tokens", b"prompt_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -563,6 +573,7 @@ class GetModelInfoResponse(_message.Message):
     FLASH_ATTN_FIELD_NUMBER: _builtins.int
     CACHE_TYPE_K_FIELD_NUMBER: _builtins.int
     CACHE_TYPE_V_FIELD_NUMBER: _builtins.int
+    SPECULATION_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Name reported in responses' `model_name`, e.g. "genstruct-7b:Q4_K_M"."""
     model_file: _builtins.str
@@ -611,6 +622,10 @@ class GetModelInfoResponse(_message.Message):
     def build(self) -> Global___BuildInfo:
         """The llama.cpp build the model runs on; unset when the engine is not llama.cpp."""
 
+    @_builtins.property
+    def speculation(self) -> Global___Speculation:
+        """Speculative decoding as in force; unset when the engine has none."""
+
     def __init__(
         self,
         *,
@@ -636,14 +651,53 @@ class GetModelInfoResponse(_message.Message):
         flash_attn: _builtins.str = ...,
         cache_type_k: _builtins.str = ...,
         cache_type_v: _builtins.str = ...,
+        speculation: Global___Speculation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "default_sampling", b"default_sampling", "limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "default_sampling", b"default_sampling", "limits", b"limits", "speculation", b"speculation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "build", b"build", "cache_type_k", b"cache_type_k", "cache_type_v", b"cache_type_v", "context_length", b"context_length", "default_sampling", b"default_sampling", "flash_attn", b"flash_attn", "gpu_layers_offloaded", b"gpu_layers_offloaded", "limits", b"limits", "model_file", b"model_file", "model_name", b"model_name", "n_batch", b"n_batch", "n_parallel", b"n_parallel", "n_ubatch", b"n_ubatch", "parameter_count", b"parameter_count", "quantization", b"quantization", "service_version", b"service_version", "threads", b"threads", "threads_batch", b"threads_batch", "total_layers", b"total_layers", "train_context_length", b"train_context_length"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "build", b"build", "cache_type_k", b"cache_type_k", "cache_type_v", b"cache_type_v", "context_length", b"context_length", "default_sampling", b"default_sampling", "flash_attn", b"flash_attn", "gpu_layers_offloaded", b"gpu_layers_offloaded", "limits", b"limits", "model_file", b"model_file", "model_name", b"model_name", "n_batch", b"n_batch", "n_parallel", b"n_parallel", "n_ubatch", b"n_ubatch", "parameter_count", b"parameter_count", "quantization", b"quantization", "service_version", b"service_version", "speculation", b"speculation", "threads", b"threads", "threads_batch", b"threads_batch", "total_layers", b"total_layers", "train_context_length", b"train_context_length"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelInfoResponse: _TypeAlias = GetModelInfoResponse  # noqa: Y015
+
+@_typing.final
+class Speculation(_message.Message):
+    """Drafts from n-gram matches against the document (prompt lookup), verified in the decode
+    step. The engine drafts, step by step, only where its measured step times say it pays.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    DRAFT_MAX_FIELD_NUMBER: _builtins.int
+    NGRAM_MIN_FIELD_NUMBER: _builtins.int
+    NGRAM_MAX_FIELD_NUMBER: _builtins.int
+    mode: _builtins.str
+    """"auto" (drafts where the engine's measured step times say verifying pays), "always"
+    (wherever a match gives a draft) or "off" (server flag --speculation).
+    """
+    draft_max: _builtins.int
+    """Most tokens drafted per sequence per step."""
+    ngram_min: _builtins.int
+    """Shortest match of the sequence's last tokens that proposes a draft."""
+    ngram_max: _builtins.int
+    """Match lengths the engine tells apart, to learn how often each is accepted."""
+    def __init__(
+        self,
+        *,
+        mode: _builtins.str = ...,
+        draft_max: _builtins.int = ...,
+        ngram_min: _builtins.int = ...,
+        ngram_max: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draft_max", b"draft_max", "mode", b"mode", "ngram_max", b"ngram_max", "ngram_min", b"ngram_min"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Speculation: _TypeAlias = Speculation  # noqa: Y015
 
 @_typing.final
 class BuildInfo(_message.Message):

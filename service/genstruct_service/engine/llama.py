@@ -48,6 +48,17 @@ from genstruct_service.engine.gguf_info import engine_info
 from genstruct_service.engine.grammar import ANSWER_RESERVE, ASSISTANT_MARK, GENSTRUCT_GBNF
 from genstruct_service.engine.sampling import ConstrainedSampler, build_chain, build_grammar
 from genstruct_service.engine.scheduler import Scheduler, Ticket
+from genstruct_service.engine.speculation import (
+    Acceptance,
+    Candidate,
+    Draft,
+    History,
+    PromptNgrams,
+    SpeculationSettings,
+    StepCost,
+    compared,
+    plan_drafts,
+)
 from genstruct_service.engine.text import TextAssembler
 from genstruct_service.engine.tokenizer import LlamaTokenizer
 from genstruct_service.engine.types import (
@@ -80,18 +91,26 @@ FLASH_ATTN = {
 }
 CACHE_TYPES = {"f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0, "q4_0": ll.GGML_TYPE_Q4_0}
 _ASSISTANT_BYTES = ASSISTANT_MARK.encode()
+_CALIBRATE_ROWS = 32  # the largest step timed before serving
 
 
 class _Job:
     """One request as both threads see it; `queue` is read only by the asyncio side."""
 
-    __slots__ = ("cancelled", "done", "loop", "prompt", "queue", "request", "submitted")
+    __slots__ = (
+        "cancelled", "done", "loop", "ngrams", "prompt", "queue", "request", "submitted",
+    )
 
     def __init__(
-        self, request: GenerationRequest, prompt: FittedPrompt, loop: asyncio.AbstractEventLoop
+        self,
+        request: GenerationRequest,
+        prompt: FittedPrompt,
+        ngrams: PromptNgrams | None,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.request = request
         self.prompt = prompt  # the prompt's token ids, fitted before the engine thread
+        self.ngrams = ngrams  # its n-gram index for drafts, None without speculation
         self.loop = loop
         self.queue: asyncio.Queue[Sequence[EngineEvent] | BaseException] = asyncio.Queue()
         self.submitted = time.perf_counter()
@@ -122,6 +141,12 @@ class _Seq:
     constrained: bool = False
     question_visible: bool = False
     marker: bytes | None = None
+    # speculation: its tokens for drafting, this step's draft, and its record so far
+    history: History | None = None
+    draft: list[int] = field(default_factory=list)
+    draft_match: int = 0
+    spec_accepted: int = 0
+    spec_compared: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -141,6 +166,8 @@ class _Active:
     in_batch: bool = False  # tokens of it are in the step's batch
     stream: bool = True  # the caller reads text as it comes (else: the final result only)
     deltas: list[TokenDelta] = field(default_factory=list)  # this step's text, to stream
+    drafted: int = 0  # drafted tokens verified, over all its generations
+    accepted: int = 0  # of which the sampler agreed with
 
 
 def _emit(active: _Active, index: int, text: str) -> None:
@@ -180,6 +207,7 @@ class LlamaEngine:
         cache_type_k: str = "f16",
         cache_type_v: str = "f16",
         max_queue: int = 64,
+        speculation: SpeculationSettings | None = None,
         default_seed: int | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> None:
@@ -187,6 +215,9 @@ class LlamaEngine:
             raise ValueError("n_parallel must be at least 1")
         if n_batch < n_parallel:
             raise ValueError("n_batch must be at least n_parallel (one token per slot per step)")
+        speculation = speculation or SpeculationSettings()
+        if speculation.problems():
+            raise ValueError("; ".join(speculation.problems()))
         if n_ctx < 16 or max_queue < 0:
             raise ValueError("n_ctx must be at least 16 and max_queue non-negative")
         if flash_attn not in FLASH_ATTN:
@@ -207,6 +238,7 @@ class LlamaEngine:
         self._flash_attn = flash_attn
         self._cache_types = (cache_type_k, cache_type_v)
         self._max_queue = max_queue
+        self._spec = speculation
         self._default_seed = default_seed
         self._on_step = on_step
 
@@ -253,11 +285,8 @@ class LlamaEngine:
         self._validate(request)
         self._check_open()
         # rendering and tokenizing a long document takes a while: not on the engine thread
-        prompt = await asyncio.to_thread(
-            fit_prompt, self._tokenizer, self._format, request, n_ctx=self._n_ctx,
-            n_parallel=self._n_parallel,
-        )
-        job = self._submit(request, prompt)
+        prompt, ngrams = await asyncio.to_thread(self._prepare, request)
+        job = self._submit(request, prompt, ngrams)
         try:
             while True:
                 item = await job.queue.get()
@@ -314,8 +343,20 @@ class LlamaEngine:
                 f"{self._n_parallel} slots); retry later"
             )
 
-    def _submit(self, request: GenerationRequest, prompt: FittedPrompt) -> _Job:
-        job = _Job(request, prompt, asyncio.get_running_loop())
+    def _prepare(self, request: GenerationRequest) -> tuple[FittedPrompt, PromptNgrams | None]:
+        """The prompt's ids and their n-gram index (on a worker thread)."""
+        prompt = fit_prompt(
+            self._tokenizer, self._format, request, n_ctx=self._n_ctx,
+            n_parallel=self._n_parallel,
+        )
+        if not self._spec.enabled:
+            return prompt, None
+        return prompt, PromptNgrams(prompt.tokens, self._spec.ngram_min)
+
+    def _submit(
+        self, request: GenerationRequest, prompt: FittedPrompt, ngrams: PromptNgrams | None
+    ) -> _Job:
+        job = _Job(request, prompt, ngrams, asyncio.get_running_loop())
         with self._wake:
             self._check_open()
             self._n_waiting += 1
@@ -438,6 +479,10 @@ class LlamaEngine:
         self._marker_tokens = len(self._tokenizer.tokenize(ASSISTANT_MARK, add_special=False))
         self._min_constrained_tokens = self._marker_tokens + ANSWER_RESERVE + 4
         self._constrained = ConstrainedSampler(ctx, self._n_vocab)
+        self._cost = StepCost()
+        self._acceptance = Acceptance(self._spec.ngram_max)
+        self._sample_seconds = 0.0  # moving average per sampled token
+        self._n_sampled = 0
         build = read_build_info()
         log.info("llama.cpp build: %s", build.summary())
         if build.has_amx:
@@ -448,10 +493,13 @@ class LlamaEngine:
                 "LLAMA_ALLOW_AMX=1"
             )
         self._warm_up()
+        if self._spec.enabled:
+            self._calibrate()
         self._info = engine_info(
             model, ctx, model_name=self._model_name, model_path=self._model_path,
             n_parallel=self._n_parallel, n_gpu_layers=self._n_gpu_layers, build=build,
             flash_attn=self._flash_attn, cache_types=self._cache_types,
+            speculation=self._spec,
         )
 
     def _warm_up(self) -> None:
@@ -480,6 +528,37 @@ class LlamaEngine:
         if rc != 0:
             raise ModelError(f"the warm-up decode failed (llama_decode returned {rc})")
         log.info("warm-up done in %.2f s", time.perf_counter() - started)
+
+    def _calibrate(self) -> None:
+        """Time decode steps of 1, 2, 4, ... rows with logits at each, as drafts have them:
+        the first estimates of what verifying a draft costs (refined by every step after)."""
+        started = time.perf_counter()
+        rows = 1
+        while rows <= min(self._n_batch, _CALIBRATE_ROWS):
+            for i in range(rows):
+                self._b_token[i] = 0
+                self._b_pos[i] = i
+                self._b_seq[i][0] = 0
+                self._b_logits[i] = 1
+            self._batch.n_tokens = rows
+            t0 = time.perf_counter()
+            rc = ll.llama_decode(self._ctx, self._batch)
+            ll.llama_synchronize(self._ctx)
+            self._cost.observe(rows, time.perf_counter() - t0)
+            ll.llama_memory_clear(self._mem, True)
+            if rc != 0:
+                raise ModelError(f"a calibration decode failed (llama_decode returned {rc})")
+            rows *= 2
+        for i in range(self._n_batch):
+            self._b_logits[i] = 0
+        log.info(
+            "speculation: step time by batch rows measured in %.2f s (%s)",
+            time.perf_counter() - started,
+            ", ".join(
+                f"{r}: {self._cost.estimate(r) * 1000:.1f} ms"
+                for r in (1, 2, 4, 8, 16, 32) if r <= min(self._n_batch, _CALIBRATE_ROWS)
+            ),
+        )
 
     def _free(self) -> None:
         for active in self._active:
@@ -567,11 +646,13 @@ class LlamaEngine:
         banned = self._eog if sampling.ignore_eos else ()
         grammar = request.grammar or (GENSTRUCT_GBNF if request.constrained else None)
         seqs: list[_Seq] = []
+        ngram_max = self._spec.ngram_max
         try:
             for i in range(request.num_generations):
                 seq = _Seq(
                     index=i, seq_id=-1, chain=None, assembler=TextAssembler(stops),
                     max_tokens=sampling.max_tokens, constrained=request.constrained,
+                    history=None if job.ngrams is None else History(job.ngrams, ngram_max),
                 )
                 seqs.append(seq)
                 seq.chain = build_chain(
@@ -596,11 +677,62 @@ class LlamaEngine:
             )
         )
 
+    def _plan_drafts(self) -> None:
+        """Give this step's drafts to the sequences where verifying them pays (speculation.py).
+
+        A sequence drafts when it feeds one sampled token (not forced ones) and has at least
+        two tokens of budget left; its draft never takes rows a prompt chunk needs.
+        """
+        spec = self._spec
+        generating = rows = prefill = 0
+        found: list[tuple[_Seq, Draft]] = []
+        for active in self._active:
+            if active.n_prefilled < len(active.tokens):
+                prefill += len(active.tokens) - active.n_prefilled
+                continue
+            for seq in active.seqs:
+                if seq.finish is not None or not seq.feed:
+                    continue
+                generating += 1
+                rows += len(seq.feed)
+                if len(seq.feed) != 1 or seq.history is None:
+                    continue
+                budget = seq.max_tokens - seq.n_generated - 1  # the last token is sampled
+                draft = seq.history.draft(min(spec.draft_max, budget))
+                if draft is not None:
+                    found.append((seq, draft))
+        if not found:
+            return
+        base = min(self._n_batch, rows + prefill)
+        if spec.mode == "always":
+            free = self._n_batch - base
+            for seq, draft in found:
+                seq.draft = draft.tokens[: max(free, 0)]
+                seq.draft_match = draft.match
+                free -= len(seq.draft)
+            return
+        rate = self._acceptance.rate
+        take = plan_drafts(
+            [
+                Candidate(rate(d.match, s.spec_accepted, s.spec_compared), len(d.tokens))
+                for s, d in found
+            ],
+            generating=generating, base_rows=base, free_rows=self._n_batch - base,
+            cost=self._cost, sample_seconds=self._sample_seconds,
+        )
+        for (seq, draft), k in zip(found, take, strict=True):
+            if k:
+                seq.draft = draft.tokens[:k]
+                seq.draft_match = draft.match
+
     def _step(self) -> None:
         b_token, b_pos, b_logits, b_seq = self._b_token, self._b_pos, self._b_logits, self._b_seq
         cap = self._n_batch
+        speculating = self._spec.enabled
+        if speculating:
+            self._plan_drafts()
         n = 0
-        # one token (or a few forced ones) for every generating sequence
+        # one token (or a few forced ones) for every generating sequence, and its draft
         for active in self._active:
             active.in_batch = False
             if active.n_prefilled < len(active.tokens):
@@ -610,9 +742,23 @@ class LlamaEngine:
                 if seq.finish is not None or not feed:
                     seq.out_row = -1
                     continue
-                take = min(len(feed), cap - n)
                 sid = seq.seq_id
                 pos = seq.pos
+                draft = seq.draft
+                if draft:
+                    # the sampled token, then the draft: logits at every row (planned to fit)
+                    seq.out_row = n
+                    for j, token in enumerate((feed[0], *draft)):
+                        b_token[n] = token
+                        b_pos[n] = pos + j
+                        b_seq[n][0] = sid
+                        b_logits[n] = 1
+                        n += 1
+                    seq.pos = pos + 1 + len(draft)
+                    feed.clear()
+                    active.in_batch = True
+                    continue
+                take = min(len(feed), cap - n)
                 for j in range(take):
                     b_token[n] = feed[j]
                     b_pos[n] = pos + j
@@ -627,6 +773,7 @@ class LlamaEngine:
                 else:
                     b_logits[n - 1] = 1
                     seq.out_row = n - 1
+        decoding_rows = n
         # prompt chunks for requests still prefilling, first admitted first
         for active in self._active:
             active.prefill_row = -1
@@ -651,7 +798,12 @@ class LlamaEngine:
         if n == 0:
             return
         self._batch.n_tokens = n
+        started = time.perf_counter()
         rc = ll.llama_decode(self._ctx, self._batch)
+        if speculating and rc == 0:
+            ll.llama_synchronize(self._ctx)  # a GPU decodes asynchronously: time all of it
+            if n == decoding_rows:  # no prompt chunk: every row had logits, as drafts do
+                self._cost.observe(n, time.perf_counter() - started)
         if self._on_step is not None:
             self._on_step(n)
         if rc != 0:
@@ -663,6 +815,7 @@ class LlamaEngine:
             raise RuntimeError(f"llama_decode returned {rc}")
         now = time.perf_counter()
         sample = self._sample
+        self._n_sampled = 0
         for active in self._active:
             if active.prefill_row >= 0:
                 row = active.prefill_row
@@ -679,8 +832,15 @@ class LlamaEngine:
                 active.first_token = now
             else:
                 for seq in active.seqs:
-                    if seq.out_row >= 0 and seq.finish is None:
+                    if seq.out_row < 0 or seq.finish is not None:
+                        continue
+                    if seq.draft:
+                        self._verify(active, seq)
+                    else:
                         self._accept_token(active, seq, sample(seq, seq.out_row))
+        if speculating and self._n_sampled:
+            per_token = (time.perf_counter() - now) / self._n_sampled
+            self._sample_seconds += 0.2 * (per_token - self._sample_seconds)
         finished = []
         for active in self._active:
             if active.done == len(active.seqs):
@@ -691,12 +851,47 @@ class LlamaEngine:
         for active in finished:
             self._complete(active)
 
+    def _verify(self, active: _Active, seq: _Seq) -> None:
+        """Sample at the fed token's row and at each drafted row while the draft agrees.
+
+        Every sample is the sequence's own chain on the logits after the tokens accepted so
+        far, so the text is what decoding one token per step gives. The KV cells of the
+        rejected tail are removed; the first token that differed is fed next step.
+        """
+        draft = seq.draft
+        k = len(draft)
+        first = seq.pos - k - 1  # the fed token's position
+        accepted = 0
+        for i in range(k + 1):
+            token = self._sample(seq, seq.out_row + i)
+            hit = i < k and token == draft[i]
+            accepted += hit
+            self._accept_token(active, seq, token)
+            # a miss, the end of the generation, or forced tokens (constrained mode) queued
+            # behind this one: the draft's later rows no longer follow the sequence
+            if not hit or seq.finish is not None or len(seq.feed) != i + 1:
+                break
+        self._acceptance.record(seq.draft_match, k, accepted)
+        seq.spec_accepted += accepted
+        seq.spec_compared += compared(k, accepted)
+        active.drafted += k
+        active.accepted += accepted
+        seq.draft = []
+        if seq.finish is not None:
+            return  # its cells are gone already
+        del seq.feed[:accepted]  # in the cache already
+        seq.pos = first + 1 + accepted
+        if accepted < k:
+            ll.llama_memory_seq_rm(self._mem, seq.seq_id, seq.pos, -1)
+
     def _accept_token(self, active: _Active, seq: _Seq, token: int) -> None:
         """Take one sampled token: text out, stop checks, the next feed."""
         if token in self._eog_set:
             self._finish(active, seq, FinishReason.EOS)
             return
         seq.n_generated += 1
+        if seq.history is not None:
+            seq.history.append(token)
         piece = self._piece(token)
         text = seq.assembler.push(piece)
         if text:
@@ -738,6 +933,8 @@ class LlamaEngine:
             ll.llama_sampler_accept(seq.chain, token)
             ll.llama_sampler_accept(seq.grammar, token)
             seq.n_generated += 1
+            if seq.history is not None:
+                seq.history.append(token)
             text = seq.assembler.push(self._piece(token))
             if text:
                 _emit(active, seq.index, text)
@@ -780,6 +977,7 @@ class LlamaEngine:
             seq.grammar = None
 
     def _sample(self, seq: _Seq, row: int) -> int:
+        self._n_sampled += 1
         if seq.grammar is None:
             return int(ll.llama_sampler_sample(seq.chain, self._ctx, row))
         return self._constrained.sample(seq.chain, seq.grammar, row)
@@ -807,6 +1005,8 @@ class LlamaEngine:
                 ),
                 prompt_tokens=len(active.tokens),
                 truncated=active.truncated,
+                draft_tokens=active.drafted,
+                accepted_draft_tokens=active.accepted,
                 timings=Timings(
                     queue_seconds=active.admitted - submitted,
                     first_token_seconds=(active.first_token or now) - submitted,

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from genstruct_service.engine.speculation import SpeculationSettings
+
 
 class FinishReason(enum.Enum):
     """Why one generation stopped."""
@@ -102,6 +104,8 @@ class Completed:
     prompt_tokens: int
     truncated: bool
     timings: Timings
+    draft_tokens: int = 0  # speculation: drafted tokens verified, over every generation
+    accepted_draft_tokens: int = 0  # of which the sampler agreed with (each saved a step)
 
     @property
     def completion_tokens(self) -> int:
@@ -162,6 +166,7 @@ class EngineInfo:
     flash_attn: str = ""  # "auto", "on" or "off", as set
     cache_type_k: str = ""
     cache_type_v: str = ""
+    speculation: SpeculationSettings | None = None  # None for an engine that has none
 
 
 @dataclass(frozen=True, slots=True)

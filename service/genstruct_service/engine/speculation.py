@@ -1,0 +1,302 @@
+"""Grounded speculation: drafts from the document a sequence quotes, and when to verify them.
+
+A Genstruct answer restates its document. When the last tokens a sequence generated also
+occur in its prompt (or earlier in its own output), the tokens that followed them there are
+a likely continuation: a *draft*. The engine decodes the draft with the sequence's last
+token in one step, with logits at every position, and keeps the drafted tokens its sampler
+picks itself (engine/llama.py). Each accepted token is a decode step saved.
+
+Verifying costs batch rows. On a GPU at low concurrency they are nearly free; on a few CPU
+cores that already decode many sequences they are not. So each step is planned: the
+engine's measured step time by batch rows (`StepCost`) and each draft's expected accepted
+tokens (`Acceptance`) decide how many rows, if any, go to drafts (`plan_drafts`).
+
+Everything here is pure Python over token ids, tested without a model.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+MODES = ("auto", "always", "off")
+DRAFT_LIMIT = 64  # the most spec_draft_max may be
+NGRAM_MIN_LIMIT = 16
+NGRAM_MAX_LIMIT = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculationSettings:
+    """When to draft, and its limits.
+
+    `auto` drafts where the plan says it pays, `always` wherever a match gives a draft (as
+    llama-server does), `off` decodes one token per sequence per step.
+    """
+
+    mode: str = "auto"
+    draft_max: int = 16  # drafted tokens per sequence per step
+    ngram_min: int = 3  # the shortest suffix match that proposes a draft
+    ngram_max: int = 8  # matches are measured up to this length (longer counts as this)
+
+    def problems(self) -> list[str]:
+        """What is wrong with these limits, one sentence each (empty when they are valid)."""
+        found = []
+        if self.mode not in MODES:
+            found.append(f"speculation must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 1 <= self.draft_max <= DRAFT_LIMIT:
+            found.append(
+                f"spec_draft_max must be between 1 and {DRAFT_LIMIT}, got {self.draft_max}"
+            )
+        if not 1 <= self.ngram_min <= NGRAM_MIN_LIMIT:
+            found.append(
+                f"spec_ngram_min must be between 1 and {NGRAM_MIN_LIMIT}, got {self.ngram_min}"
+            )
+        if not self.ngram_min <= self.ngram_max <= NGRAM_MAX_LIMIT:
+            found.append(
+                f"spec_ngram_max must be between spec_ngram_min ({self.ngram_min}) and "
+                f"{NGRAM_MAX_LIMIT}, got {self.ngram_max}"
+            )
+        return found
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+# The most recent occurrences of an n-gram looked at when measuring a match: frequent
+# n-grams ("of the") have many, and the most recent ones are the likeliest continuation.
+_CANDIDATES = 8
+
+
+class PromptNgrams:
+    """Where each `n`-gram of a prompt occurs: n-gram -> the positions just after it.
+
+    Built once per request, before it reaches the engine thread, and shared read-only by
+    the request's generations.
+    """
+
+    __slots__ = ("n", "positions", "tokens")
+
+    def __init__(self, tokens: Sequence[int], n: int) -> None:
+        self.tokens = list(tokens)
+        self.n = n
+        positions: dict[tuple[int, ...], list[int]] = {}
+        toks = self.tokens
+        for end in range(n, len(toks) + 1):
+            key = tuple(toks[end - n : end])
+            found = positions.get(key)
+            if found is None:
+                positions[key] = [end]
+            else:
+                found.append(end)
+        self.positions = positions
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    tokens: list[int]
+    match: int  # length of the suffix match it came from, capped at ngram_max
+
+
+class History:
+    """One sequence's tokens (its prompt, then what it generated) and drafts from them."""
+
+    __slots__ = ("_generated", "_max", "_n", "_own", "_prompt", "_prompt_len")
+
+    def __init__(self, prompt: PromptNgrams, ngram_max: int) -> None:
+        self._prompt = prompt
+        self._prompt_len = len(prompt.tokens)
+        self._n = prompt.n
+        self._max = ngram_max
+        self._generated: list[int] = []
+        # n-grams that end in the generated part (positions in prompt + generated)
+        self._own: dict[tuple[int, ...], list[int]] = {}
+
+    def __len__(self) -> int:
+        return self._prompt_len + len(self._generated)
+
+    def _at(self, i: int) -> int:
+        p = self._prompt_len
+        return self._prompt.tokens[i] if i < p else self._generated[i - p]
+
+    def _slice(self, start: int, stop: int) -> list[int]:
+        p = self._prompt_len
+        if stop <= p:
+            return self._prompt.tokens[start:stop]
+        head = self._prompt.tokens[start:p] if start < p else []
+        return head + self._generated[max(start - p, 0) : stop - p]
+
+    def append(self, token: int) -> None:
+        self._generated.append(token)
+        end = len(self)
+        n = self._n
+        if end < n:
+            return
+        key = tuple(self._slice(end - n, end))
+        found = self._own.get(key)
+        if found is None:
+            self._own[key] = [end]
+        else:
+            found.append(end)
+
+    def draft(self, limit: int) -> Draft | None:
+        """The tokens that followed the longest recent match of this sequence's suffix."""
+        n = self._n
+        end = len(self)
+        if limit < 1 or end <= n:
+            return None
+        key = tuple(self._slice(end - n, end))
+        best_at, best_len = -1, 0
+        for source in (self._own.get(key), self._prompt.positions.get(key)):
+            if not source:
+                continue
+            for at in reversed(source[-_CANDIDATES:]):  # the most recent first
+                if at >= end:  # the suffix itself
+                    continue
+                length = n
+                while (
+                    length < self._max
+                    and at - length > 0
+                    and self._at(at - length - 1) == self._at(end - length - 1)
+                ):
+                    length += 1
+                if length > best_len:
+                    best_at, best_len = at, length
+                    if length == self._max:
+                        break
+            if best_len == self._max:
+                break
+        if best_at < 0:
+            return None
+        tokens = self._slice(best_at, min(best_at + limit, end))
+        return Draft(tokens, best_len) if tokens else None
+
+
+class Acceptance:
+    """The chance that a drafted token is accepted, given the one before it was.
+
+    Learned per match length over the engine's life (decaying, so it follows the workload),
+    and per sequence: a sequence's own record counts more as it grows.
+    """
+
+    _DECAY = 0.995  # per recorded draft
+    _PRIOR = 4.0  # a sequence's record weighs this many tokens of the engine's estimate
+    FLOOR = 0.02  # never quite zero, so a draft that costs nothing is still tried
+
+    def __init__(self, ngram_max: int) -> None:
+        # per match length: [accepted, tried], starting at one accepted of two
+        self._by_match = [[1.0, 2.0] for _ in range(ngram_max + 1)]
+
+    def rate(self, match: int, accepted: int, tried: int) -> float:
+        """The estimate for a draft from a `match`-long match, for a sequence whose drafts so
+        far had `accepted` of `tried` compared tokens accepted."""
+        acc, seen = self._by_match[match]
+        prior = acc / seen
+        rate = (accepted + self._PRIOR * prior) / (tried + self._PRIOR)
+        return max(rate, self.FLOOR)
+
+    def record(self, match: int, drafted: int, accepted: int) -> None:
+        stats = self._by_match[match]
+        stats[0] = stats[0] * self._DECAY + accepted
+        stats[1] = stats[1] * self._DECAY + compared(drafted, accepted)
+
+
+def compared(drafted: int, accepted: int) -> int:
+    """Drafted tokens the sampler was compared with: every accepted one and the first miss."""
+    return accepted + 1 if accepted < drafted else accepted
+
+
+class StepCost:
+    """Seconds of one decode step by its batch rows, measured as the engine runs.
+
+    Each row count keeps a moving average of the steps decoded with it; a count never seen
+    is interpolated between its neighbours, or extended from the two largest beyond them.
+    """
+
+    _ALPHA = 0.2
+
+    def __init__(self) -> None:
+        self._rows: list[int] = []
+        self._seconds: dict[int, float] = {}
+
+    def observe(self, rows: int, seconds: float) -> None:
+        old = self._seconds.get(rows)
+        if old is None:
+            bisect.insort(self._rows, rows)
+            self._seconds[rows] = seconds
+        else:
+            self._seconds[rows] = old + self._ALPHA * (seconds - old)
+
+    def known(self) -> bool:
+        return bool(self._rows)
+
+    def estimate(self, rows: int) -> float:
+        seconds = self._seconds
+        exact = seconds.get(rows)
+        if exact is not None:
+            return exact
+        known = self._rows
+        i = bisect.bisect_left(known, rows)
+        if i == 0:
+            return seconds[known[0]]
+        if i == len(known):
+            if len(known) == 1:
+                lo = hi = known[0]
+                return seconds[lo] * rows / lo
+            lo, hi = known[-2], known[-1]
+        else:
+            lo, hi = known[i - 1], known[i]
+        slope = max((seconds[hi] - seconds[lo]) / (hi - lo), 0.0)
+        return seconds[lo] + slope * (rows - lo)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A sequence that could verify a draft this step."""
+
+    rate: float  # Acceptance.rate for its draft
+    length: int  # tokens in its draft
+
+
+def plan_drafts(
+    candidates: Sequence[Candidate],
+    *,
+    generating: int,
+    base_rows: int,
+    free_rows: int,
+    cost: StepCost,
+    sample_seconds: float,
+) -> list[int]:
+    """How many drafted tokens each candidate verifies this step (0: none).
+
+    Each extra row for a sequence whose draft already has j - 1 rows is worth rate^j
+    expected tokens. Rows go to the best such gains first, and the step takes as many as
+    maximise expected tokens per second: (generating + gain) / (step time + sampling time).
+    `base_rows` is the step's batch without drafts, `free_rows` what the batch has left.
+    """
+    take = [0] * len(candidates)
+    if not candidates or free_rows <= 0 or not cost.known():
+        return take
+    gains: list[tuple[float, int]] = []
+    for i, c in enumerate(candidates):
+        g = 1.0
+        for _ in range(c.length):
+            g *= c.rate
+            gains.append((g, i))
+    gains.sort(key=lambda item: -item[0])
+    del gains[free_rows:]
+
+    def speed(rows: int, tokens: float) -> float:
+        return tokens / (cost.estimate(rows) + sample_seconds * tokens)
+
+    best_k, best = 0, speed(base_rows, generating)
+    gained = float(generating)
+    for k, (g, _) in enumerate(gains, start=1):
+        gained += g
+        value = speed(base_rows + k, gained)
+        if value > best:
+            best_k, best = k, value
+    for _, i in gains[:best_k]:
+        take[i] += 1
+    return take

@@ -1,0 +1,197 @@
+"""Drafting and planning for speculation, without a model: n-gram drafts from the prompt and
+the generated text, the acceptance estimate, the step-cost model and the per-step plan."""
+
+from __future__ import annotations
+
+import pytest
+from genstruct_service.engine.speculation import (
+    Acceptance,
+    Candidate,
+    History,
+    PromptNgrams,
+    SpeculationSettings,
+    StepCost,
+    compared,
+    plan_drafts,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+
+
+def history(prompt: list[int], generated: list[int], n: int = 3, n_max: int = 8) -> History:
+    h = History(PromptNgrams(prompt, n), n_max)
+    for token in generated:
+        h.append(token)
+    return h
+
+
+def test_a_suffix_found_in_the_prompt_drafts_what_followed_it() -> None:
+    prompt = [1, 2, 10, 11, 12, 13, 14, 15, 3, 4]
+    h = history(prompt, [7, 10, 11, 12])
+    draft = h.draft(limit=3)
+    assert draft is not None
+    assert draft.tokens == [13, 14, 15]
+    assert draft.match == 3
+
+
+def test_the_draft_is_cut_to_the_limit_and_may_run_into_generated_text() -> None:
+    prompt = [5, 6, 7, 8]
+    h = history(prompt, [9, 5, 6, 7])  # the prompt's tail is followed by 8, then 9 (generated)
+    draft = h.draft(limit=10)
+    assert draft is not None
+    assert draft.tokens == [8, 9, 5, 6, 7]  # up to the end of what exists
+    assert h.draft(limit=1).tokens == [8]  # type: ignore[union-attr]
+
+
+def test_the_longest_match_wins_over_a_more_recent_shorter_one() -> None:
+    # [20, 1, 2, 3] -> 30 occurs early; [1, 2, 3] -> 40 occurs later with a different lead
+    prompt = [20, 1, 2, 3, 30, 31, 99, 21, 1, 2, 3, 40, 41]
+    h = history(prompt, [20, 1, 2, 3])
+    draft = h.draft(limit=2)
+    assert draft is not None
+    assert draft.tokens == [30, 31]
+    assert draft.match == 4
+
+
+def test_matches_in_generated_text_count_and_the_suffix_itself_does_not() -> None:
+    h = history([100, 101, 102], [1, 2, 3, 4, 1, 2, 3])
+    draft = h.draft(limit=4)
+    assert draft is not None
+    assert draft.tokens == [4, 1, 2, 3]
+    assert history([100, 101, 102], [1, 2, 3]).draft(limit=4) is None  # only itself
+
+
+def test_no_draft_without_a_match_or_with_no_budget() -> None:
+    h = history([1, 2, 3, 4, 5], [6, 7, 8])
+    assert h.draft(limit=4) is None
+    assert history([1, 2, 3, 4, 5], [1, 2, 3]).draft(limit=0) is None
+
+
+def test_match_length_is_capped_at_ngram_max() -> None:
+    prompt = [*range(50), 999, *range(50)]
+    h = history(prompt, list(range(20)), n=3, n_max=6)
+    draft = h.draft(limit=2)
+    assert draft is not None
+    assert draft.match == 6
+    assert draft.tokens == [20, 21]
+
+
+@given(
+    st.lists(st.integers(0, 5), min_size=0, max_size=60),
+    st.lists(st.integers(0, 5), min_size=0, max_size=30),
+    st.integers(1, 4),
+    st.integers(1, 12),
+)
+def test_a_draft_is_always_a_true_continuation_of_an_earlier_match(
+    prompt: list[int], generated: list[int], n: int, limit: int
+) -> None:
+    h = history(prompt, generated, n=n, n_max=n + 3)
+    draft = h.draft(limit)
+    full = prompt + generated
+    if draft is None:
+        return
+    assert 1 <= len(draft.tokens) <= limit
+    assert n <= draft.match <= n + 3
+    # some earlier position `at` (not the end) is preceded by the last `match` tokens and
+    # followed by the draft
+    suffix = full[len(full) - draft.match :]
+    assert any(
+        full[at - draft.match : at] == suffix
+        and full[at : at + len(draft.tokens)] == draft.tokens
+        for at in range(draft.match, len(full))
+    )
+
+
+def test_acceptance_starts_even_learns_per_match_and_weighs_the_sequence() -> None:
+    a = Acceptance(ngram_max=8)
+    assert a.rate(3, 0, 0) == pytest.approx(0.5)
+    for _ in range(200):
+        a.record(3, drafted=8, accepted=0)  # short matches: always wrong
+        a.record(8, drafted=8, accepted=8)  # long matches: always right
+    assert a.rate(3, 0, 0) < 0.05
+    assert a.rate(8, 0, 0) > 0.95
+    # a sequence whose own drafts were all accepted pulls a poor prior up
+    assert a.rate(3, accepted=40, tried=40) > 0.85
+    assert a.rate(3, 0, 0) >= Acceptance.FLOOR
+
+
+def test_compared_counts_accepted_tokens_and_the_first_miss() -> None:
+    assert compared(drafted=5, accepted=2) == 3
+    assert compared(drafted=5, accepted=5) == 5
+    assert compared(drafted=4, accepted=0) == 1
+
+
+def test_step_cost_interpolates_extrapolates_and_follows_measurements() -> None:
+    c = StepCost()
+    assert not c.known()
+    c.observe(1, 0.010)
+    assert c.estimate(4) == pytest.approx(0.040)  # one point: proportional
+    c.observe(2, 0.012)
+    c.observe(8, 0.030)
+    assert c.estimate(1) == pytest.approx(0.010)
+    assert c.estimate(5) == pytest.approx(0.012 + 3 * 0.018 / 6)
+    assert c.estimate(16) == pytest.approx(0.030 + 8 * 0.018 / 6)
+    for _ in range(50):
+        c.observe(8, 0.050)
+    assert c.estimate(8) == pytest.approx(0.050, rel=1e-3)
+
+
+def flat_then_linear(knee: int, base: float, per_row: float) -> StepCost:
+    c = StepCost()
+    for rows in (1, 2, 4, 8, 16, 32, 64):
+        c.observe(rows, base + per_row * max(rows - knee, 0))
+    return c
+
+
+def test_free_rows_are_drafted_when_acceptance_is_good() -> None:
+    gpu = flat_then_linear(knee=64, base=0.020, per_row=0.001)
+    take = plan_drafts(
+        [Candidate(rate=0.6, length=8)], generating=1, base_rows=1, free_rows=100,
+        cost=gpu, sample_seconds=0.0,
+    )
+    assert take == [8]
+
+
+def test_costly_rows_with_poor_acceptance_are_not_drafted() -> None:
+    cpu = flat_then_linear(knee=1, base=0.020, per_row=0.004)  # each row +20%
+    take = plan_drafts(
+        [Candidate(rate=0.1, length=8)], generating=1, base_rows=1, free_rows=100,
+        cost=cpu, sample_seconds=0.0,
+    )
+    assert take == [0]
+
+
+def test_a_saturated_batch_drafts_less_than_a_small_one() -> None:
+    cost = flat_then_linear(knee=4, base=0.020, per_row=0.003)
+    one = plan_drafts(
+        [Candidate(0.7, 16)], generating=1, base_rows=1, free_rows=500, cost=cost,
+        sample_seconds=0.0,
+    )
+    many = plan_drafts(
+        [Candidate(0.7, 16)] * 16, generating=16, base_rows=16, free_rows=500, cost=cost,
+        sample_seconds=0.0,
+    )
+    assert sum(one) > 0
+    assert max(many) < one[0]
+
+
+def test_rows_go_to_the_likelier_drafts_first_and_respect_free_rows() -> None:
+    gpu = flat_then_linear(knee=64, base=0.020, per_row=0.001)
+    take = plan_drafts(
+        [Candidate(0.2, 8), Candidate(0.9, 8)], generating=2, base_rows=2, free_rows=6,
+        cost=gpu, sample_seconds=0.0,
+    )
+    assert take == [0, 6]
+    assert plan_drafts([Candidate(0.9, 8)], generating=1, base_rows=1, free_rows=0,
+                       cost=gpu, sample_seconds=0.0) == [0]
+    assert plan_drafts([Candidate(0.9, 8)], generating=1, base_rows=1, free_rows=8,
+                       cost=StepCost(), sample_seconds=0.0) == [0]  # nothing measured yet
+
+
+def test_settings_name_every_problem() -> None:
+    assert SpeculationSettings().problems() == []
+    problems = SpeculationSettings(mode="on", draft_max=0, ngram_min=5, ngram_max=4).problems()
+    assert len(problems) == 3
+    assert "speculation" in problems[0]
+    assert "spec_draft_max" in problems[1] and "spec_ngram_max" in problems[2]
+    assert not SpeculationSettings(mode="off").enabled
