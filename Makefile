@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 NODE_DIR := tests/node
 PYTEST_ARGS ?=
 
-.PHONY: run test test-short test-full lint protos bench bench-e2e clean llama-cpp
+.PHONY: run test test-short test-full lint protos bench bench-e2e bench-spec clean llama-cpp
 
 # llama.cpp is compiled by tools/llama_build.py, never taken from pip's cache (which keys a
 # wheel by version alone, whatever flags built it). LLAMA_PROFILE=native|portable,
@@ -82,6 +82,10 @@ bench: $(VENV)/.dev llama-cpp
 # The gRPC service end to end, from a client process, against the same peers.
 bench-e2e: $(VENV)/.dev llama-cpp
 	$(PY) -m bench.e2e --out bench/results/e2e.json --plot bench/results/e2e.png $(ARGS)
+
+# Speculation on and off, against llama-server's ngram speculation, on real text.
+bench-spec: $(VENV)/.dev llama-cpp
+	$(PY) -m bench.speculation --out bench/results/speculation.json $(ARGS)
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -12,6 +12,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from genstruct_service.engine.speculation import SpeculationSettings
+
 FLASH_ATTN = ("auto", "on", "off")
 # The sampling every peer uses, as Genstruct is usually run.
 SAMPLING: dict[str, Any] = {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
@@ -41,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, n_ctx: int | None) -> None
     parser.add_argument("--n-batch", type=int, default=512)
     parser.add_argument("--n-ubatch", type=int, default=None, help="default: min(512, n-batch)")
     parser.add_argument("--flash-attn", choices=FLASH_ATTN, default="auto")
+    parser.add_argument("--speculation", choices=("auto", "always", "off"), default="off",
+                        help="the engine's drafts (default off: every peer decodes one token "
+                        "per sequence per step; bench.speculation measures drafts against "
+                        "llama-server's)")
 
 
 def resolve(args: argparse.Namespace) -> None:
@@ -76,7 +82,7 @@ def worker_flags(args: argparse.Namespace) -> list[str]:
         "--model", args.model, "--n-gpu-layers", str(args.n_gpu_layers),
         "--threads", str(args.threads), "--n-ctx", str(args.n_ctx),
         "--n-batch", str(args.n_batch), "--n-ubatch", str(args.n_ubatch),
-        "--flash-attn", args.flash_attn,
+        "--flash-attn", args.flash_attn, "--speculation", args.speculation,
     ]
 
 
@@ -85,6 +91,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "n_ctx": args.n_ctx, "n_batch": args.n_batch, "n_ubatch": args.n_ubatch,
         "n_threads": args.threads, "n_threads_batch": args.threads,
         "n_gpu_layers": args.n_gpu_layers, "flash_attn": args.flash_attn,
+        "speculation": SpeculationSettings(mode=args.speculation),
     }
 
 

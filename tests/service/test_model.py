@@ -74,7 +74,7 @@ async def test_generate_stream_and_info_with_the_real_engine(
         assert info.build.llama_cpp_python_version and "CPU" in info.build.backends
         assert info.build.system_info.startswith("CPU : ") and info.build.cpu_features
         spec = info.speculation
-        assert (spec.mode, spec.draft_max, spec.ngram_min) == ("always", 8, 3)
+        assert (spec.mode, spec.draft_max, spec.ngram_min) == ("always", 8, 2)
         response = await stub.Generate(
             _request(id="r", constrained=True, sampling=SP(temperature=0, seed=1, max_tokens=24)),
             timeout=120,

@@ -57,7 +57,7 @@ FIELDS: dict[str, st.SearchStrategy[_Value]] = {
 DEFAULTS: dict[str, Any] = {
     "n_parallel": 4, "n_ctx": 8192, "n_batch": 512, "n_ubatch": None, "n_gpu_layers": -1,
     "threads": None, "flash_attn": "auto", "cache_type_k": "f16", "cache_type_v": "f16",
-    "speculation": "auto", "spec_draft_max": 16, "spec_ngram_min": 3, "spec_ngram_max": 8,
+    "speculation": "auto", "spec_draft_max": 16, "spec_ngram_min": 2, "spec_ngram_max": 8,
 }
 
 

@@ -36,7 +36,7 @@ class SpeculationSettings:
 
     mode: str = "auto"
     draft_max: int = 16  # drafted tokens per sequence per step
-    ngram_min: int = 3  # the shortest suffix match that proposes a draft
+    ngram_min: int = 2  # the shortest suffix match that proposes a draft
     ngram_max: int = 8  # matches are measured up to this length (longer counts as this)
 
     def problems(self) -> list[str]:

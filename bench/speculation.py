@@ -1,0 +1,284 @@
+"""Speculation: the engine with and without drafts, against llama-server's ngram speculation.
+
+    python -m bench.speculation [--levels 1,8] [--repeat 3] [--server-specs none,ngram-mod]
+
+Acceptance depends on what the model writes, so this runs real text: greedy decoding (or,
+with `--sampled`, the sampling of bench/settings.py), the end of sequence allowed, the
+Genstruct stop `[[[User]]]` for every system, and the same documents (bench/corpus.py,
+then examples/documents.jsonl) at every level. Systems:
+
+- `engine:off`, `engine:auto`, `engine:always`: LlamaEngine with `--speculation` so set
+  (each in a fresh process);
+- `server:none` and `server:<spec>`: llama-server, with no speculation or one of its
+  `--spec-type ngram-*` settings (SERVER_SPECS; `--server-specs` picks), on the very
+  libraries the bindings load (bench/llama_server.py).
+
+Every system gets the same model, threads, context and batch sizes (bench/settings.py).
+Peers run one after another, never together, and `--repeat` interleaves whole rounds; the
+table gives each one's median round, generated tokens per second, and drafted / accepted
+tokens. With `--check-text` it also counts the documents whose text `engine:auto` and
+`engine:off` write alike. This is a benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from genstruct_service.engine.speculation import SpeculationSettings
+
+from bench import settings
+from bench.corpus import DOCUMENTS, Document
+from bench.throughput import drive
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "documents.jsonl"
+STOP = "[[[User]]]"
+# llama-server's ngram settings: its defaults, and ones sized like the engine's drafts
+SERVER_SPECS: dict[str, list[str]] = {
+    "none": [],
+    "ngram-simple": ["--spec-type", "ngram-simple"],
+    "ngram-mod": ["--spec-type", "ngram-mod"],
+    "ngram-map-k": ["--spec-type", "ngram-map-k"],
+    "ngram-simple-3-16": ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
+                          "--spec-ngram-simple-size-m", "16"],
+    "ngram-mod-8-16": ["--spec-type", "ngram-mod", "--spec-ngram-mod-n-match", "8",
+                       "--spec-ngram-mod-n-min", "1", "--spec-ngram-mod-n-max", "16"],
+}
+
+
+@dataclass
+class Run:
+    system: str
+    in_flight: int
+    documents: int
+    generated_tokens: int
+    seconds: float
+    drafted: int
+    accepted: int
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds
+
+
+def documents(n: int) -> list[Document]:
+    docs = list(DOCUMENTS)
+    for line in EXAMPLES.read_text().splitlines():
+        record = json.loads(line)
+        docs.append(Document(record["title"], record["content"]))
+    return docs[:n]
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """Greedy, or with --sampled the sampling every benchmark uses (bench/settings.py)."""
+    return dict(settings.SAMPLING) if args.sampled else {"temperature": 0.0}
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def run_engine(mode: str, in_flight: int, args: argparse.Namespace) -> Run:
+    from genstruct_service.engine import GenerationRequest, Sampling
+    from genstruct_service.engine.llama import LlamaEngine
+    from genstruct_service.prompt import GENSTRUCT_FORMAT
+
+    docs = documents(args.docs)
+    kwargs = settings.engine_kwargs(args)
+    kwargs["speculation"] = SpeculationSettings(
+        mode=mode, draft_max=args.spec_draft_max, ngram_min=args.spec_ngram_min,
+        ngram_max=args.spec_ngram_max,
+    )
+    engine = LlamaEngine(
+        args.model, prompt_format=GENSTRUCT_FORMAT, n_parallel=in_flight,
+        max_queue=len(docs), **kwargs,
+    )
+    sampling = Sampling(max_tokens=args.max_tokens, **_sampling(args))
+    requests = [GenerationRequest(d.title, d.content, sampling, stream=False) for d in docs]
+    done, seconds = asyncio.run(drive(engine, requests, in_flight))
+    return Run(
+        f"engine:{mode}", in_flight, len(docs), sum(d.completion_tokens for d in done), seconds,
+        sum(d.draft_tokens for d in done), sum(d.accepted_draft_tokens for d in done),
+        sorted(d.generations[0].text for d in done),  # as a set: drive() ends out of order
+    )
+
+
+def _engine_in_subprocess(mode: str, in_flight: int, args: argparse.Namespace) -> Run:
+    command = [
+        sys.executable, "-m", "bench.speculation", "--worker", mode, "--in-flight",
+        str(in_flight), "--max-tokens", str(args.max_tokens), "--docs", str(args.docs),
+        *(["--sampled"] if args.sampled else []),
+        "--spec-draft-max", str(args.spec_draft_max), "--spec-ngram-min",
+        str(args.spec_ngram_min), "--spec-ngram-max", str(args.spec_ngram_max),
+        *settings.worker_flags(args),
+    ]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return Run(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+# ---------------------------------------------------------------- llama-server
+
+
+def run_server(binary: Path, spec: str, in_flight: int, args: argparse.Namespace) -> Run:
+    from genstruct_service.prompt import render_prompt
+
+    from bench import llama_server
+
+    prompts = [render_prompt(d.title, d.content) for d in documents(args.docs)]
+    body = {"n_predict": args.max_tokens, "stop": [STOP], "cache_prompt": False,
+            "repeat_penalty": 1.0, "stream": False, **_sampling(args)}
+    if args.sampled:
+        body["samplers"] = ["top_k", "top_p", "min_p", "temperature"]
+    with llama_server.serve(
+        binary, args.model, n_parallel=in_flight, settings=settings.server_flags(args),
+        extra=["--cache-ram", "0", *SERVER_SPECS[spec]],
+    ) as server:
+        server.post("/completion", {**body, "prompt": prompts[0], "n_predict": 2})  # warm
+
+        def call(prompt: str) -> dict[str, Any]:
+            return server.post("/completion", {**body, "prompt": prompt})
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(in_flight) as pool:
+            results = list(pool.map(call, prompts))
+        seconds = time.perf_counter() - start
+    timings = [r.get("timings", {}) for r in results]
+    return Run(
+        f"server:{spec}", in_flight, len(prompts),
+        sum(int(r.get("tokens_predicted", 0)) for r in results), seconds,
+        sum(int(t.get("draft_n", 0)) for t in timings),
+        sum(int(t.get("draft_n_accepted", 0)) for t in timings),
+        sorted(str(r.get("content", "")) for r in results),
+    )
+
+
+# ---------------------------------------------------------------- the table
+
+
+def median_run(runs: list[Run], system: str, in_flight: int) -> Run | None:
+    mine = sorted((r for r in runs if r.system == system and r.in_flight == in_flight),
+                  key=lambda r: r.tokens_per_second)
+    return mine[(len(mine) - 1) // 2] if mine else None
+
+
+def table(runs: list[Run], systems: list[str], levels: list[int]) -> str:
+    lines = [f"{'system':<26}{'in flight':>10}{'tok/s':>9}{'runs':>16}{'vs engine:off':>15}"
+             f"{'vs server:none':>16}{'drafted':>9}{'accepted':>10}"]
+    for level in levels:
+        off = median_run(runs, "engine:off", level)
+        none = median_run(runs, "server:none", level)
+        for system in systems:
+            run = median_run(runs, system, level)
+            if run is None:
+                continue
+            every = sorted(r.tokens_per_second for r in runs
+                           if r.system == system and r.in_flight == level)
+            spread = "/".join(f"{x:.1f}" for x in every)
+
+            def ratio(base: Run | None, run: Run = run) -> str:
+                return f"{run.tokens_per_second / base.tokens_per_second:.2f}x" if base else "-"
+
+            lines.append(
+                f"{system:<26}{level:>10}{run.tokens_per_second:>9.1f}{spread:>16}"
+                f"{ratio(off):>15}{ratio(none):>16}{run.drafted:>9}{run.accepted:>10}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    settings.add_arguments(parser, n_ctx=None)
+    parser.add_argument("--levels", default="1,8", help="documents in flight, comma-separated")
+    parser.add_argument("--docs", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--engine-modes", default="off,auto")
+    defaults = SpeculationSettings()
+    parser.add_argument("--spec-draft-max", type=int, default=defaults.draft_max)
+    parser.add_argument("--spec-ngram-min", type=int, default=defaults.ngram_min)
+    parser.add_argument("--spec-ngram-max", type=int, default=defaults.ngram_max)
+    parser.add_argument("--server-specs", default="none,ngram-mod",
+                        help="comma-separated subset of " + ",".join(SERVER_SPECS))
+    parser.add_argument("--sampled", action="store_true",
+                        help="sample as Genstruct is usually run (temperature 0.7, top_k 40, "
+                        "top_p 0.95, min_p 0.05, one seed) instead of greedy decoding")
+    parser.add_argument("--check-text", action="store_true",
+                        help="count documents whose text engine:auto and engine:off share")
+    parser.add_argument("--out", type=Path, help="write every run as JSON here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--in-flight", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",")]
+    requested_ctx = args.n_ctx
+    settings.resolve(args)
+
+    def sized(level: int) -> argparse.Namespace:
+        # a corpus prompt and its answer fit in 1,024 tokens per slot
+        return argparse.Namespace(**{**vars(args), "n_ctx": requested_ctx or 1024 * level})
+
+    if args.worker:
+        run = run_engine(args.worker, args.in_flight, args)
+        print(json.dumps(asdict(run)))
+        return 0
+
+    modes = [m for m in args.engine_modes.split(",") if m]
+    specs = [s for s in args.server_specs.split(",") if s]
+    print(f"model {args.model}\nthreads {args.threads}, n_batch {args.n_batch}, n_ubatch "
+          f"{args.n_ubatch}, n_gpu_layers {args.n_gpu_layers}, flash attention "
+          f"{args.flash_attn}, {'sampled' if args.sampled else 'greedy'}, up to "
+          f"{args.max_tokens} tokens, {args.docs} documents, "
+          f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    binary = None
+    if specs:
+        from bench import llama_server
+
+        binary = llama_server.ensure_built()
+    runs: list[Run] = []
+    for round_ in range(args.repeat):
+        for level in levels:
+            level_args = sized(level)
+            todo = [("engine", m) for m in modes]
+            if binary is not None:
+                todo += [("server", s) for s in specs]
+            for kind, name in todo:
+                if kind == "engine":
+                    run = _engine_in_subprocess(name, level, level_args)
+                else:
+                    assert binary is not None
+                    run = run_server(binary, name, level, level_args)
+                runs.append(run)
+                print(f"round {round_ + 1} {run.system:<26} {level} in flight: "
+                      f"{run.tokens_per_second:6.1f} tok/s ({run.generated_tokens} tokens in "
+                      f"{run.seconds:.1f} s, drafted {run.drafted}, accepted {run.accepted})",
+                      flush=True)
+                if args.out:
+                    args.out.write_text(json.dumps([asdict(r) for r in runs], indent=1))
+    systems = [f"engine:{m}" for m in modes] + [f"server:{s}" for s in specs]
+    print()
+    print(table(runs, systems, levels))
+    if args.check_text and {"off", "auto"} <= set(modes):
+        for level in levels:
+            off = median_run(runs, "engine:off", level)
+            auto = median_run(runs, "engine:auto", level)
+            if off and auto:
+                same = len(set(off.texts) & set(auto.texts))
+                print(f"{level} in flight: {same} of {off.documents} texts alike with and "
+                      "without speculation")
+    print(f"median of {args.repeat} interleaved rounds; load average at the end: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
