@@ -177,6 +177,12 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         return EngineStats(busy_slots=self.busy, queued=self.queued, n_parallel=self.n_parallel)
 
+    def count_tokens(self, text: str) -> int:
+        return len(text)  # one token per character, as `context_chars` counts them
+
+    def content_budget(self, request: GenerationRequest) -> int:
+        return self.context_chars
+
     def _admit(self) -> None:
         assert self._scheduler is not None
         for ticket in self._scheduler.admit():

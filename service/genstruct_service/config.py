@@ -164,6 +164,19 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Most bytes in one gRPC message, each way."
     )
+    chunk_tokens: int = Field(
+        1024, ge=16, le=C_INT_MAX,
+        description="TRUNCATION_CHUNK: content tokens per part when a request does not say.",
+    )
+    chunk_overlap_tokens: int = Field(
+        64, ge=0, le=C_INT_MAX,
+        description="TRUNCATION_CHUNK: tokens of whole sentences repeated from one part to the "
+        "next when a request does not say (at most a quarter of the part).",
+    )
+    max_chunks: int = Field(
+        64, ge=1, le=4096,
+        description="TRUNCATION_CHUNK: most parts of one document; longer content is refused.",
+    )
     max_batch_in_flight: int = Field(
         64,
         ge=1,

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from genstruct.v1 import genstruct_pb2
 from google.rpc import status_pb2
 
+from .chunking import Chunk
 from .engine.speculation import SpeculationSettings
 from .engine.types import BuildInfo, Completed, FinishReason
 from .prompt import parse_completion
@@ -17,10 +21,14 @@ _FINISH = {
 }
 
 
-def to_response(
-    request_id: str, completed: Completed, model_name: str
-) -> genstruct_pb2.GenerateResponse:
-    """The response for one finished document: one parsed pair per generation, by index."""
+@dataclass(frozen=True, slots=True)
+class Chunked:
+    """A document split into parts (TRUNCATION_CHUNK): each part and what it gave."""
+
+    parts: tuple[tuple[Chunk, Completed], ...]
+
+
+def _pairs(completed: Completed, chunk: Chunk | None) -> list[genstruct_pb2.Pair]:
     pairs = []
     for generation in sorted(completed.generations, key=lambda g: g.index):
         parsed = parse_completion(generation.text)
@@ -33,25 +41,42 @@ def to_response(
                 finish_reason=_FINISH[generation.finish_reason],
                 completion_tokens=generation.completion_tokens,
                 index=generation.index,
+                chunk_index=chunk.index if chunk else 0,
+                chunk_start=chunk.start if chunk else 0,
+                chunk_end=chunk.end if chunk else 0,
             )
         )
-    timings = completed.timings
+    return pairs
+
+
+def to_response(
+    request_id: str, result: Completed | Chunked, model_name: str
+) -> genstruct_pb2.GenerateResponse:
+    """The response for one finished document: one parsed pair per generation, by index
+    (by part first when it was chunked), usage summed over the parts."""
+    parts: Sequence[tuple[Chunk | None, Completed]] = (
+        result.parts if isinstance(result, Chunked) else [(None, result)]
+    )
+    done = [completed for _, completed in parts]
     return genstruct_pb2.GenerateResponse(
         id=request_id,
-        pairs=pairs,
+        pairs=[pair for chunk, completed in parts for pair in _pairs(completed, chunk)],
         model_name=model_name,
         usage=genstruct_pb2.Usage(
-            prompt_tokens=completed.prompt_tokens,
-            completion_tokens=completed.completion_tokens,
-            draft_tokens=completed.draft_tokens,
-            accepted_draft_tokens=completed.accepted_draft_tokens,
+            prompt_tokens=sum(c.prompt_tokens for c in done),
+            completion_tokens=sum(c.completion_tokens for c in done),
+            draft_tokens=sum(c.draft_tokens for c in done),
+            accepted_draft_tokens=sum(c.accepted_draft_tokens for c in done),
         ),
+        # the parts ran side by side: the first to leave the queue and to write, the last
+        # to end
         timings=genstruct_pb2.Timings(
-            queue_ms=timings.queue_seconds * 1000.0,
-            time_to_first_token_ms=timings.first_token_seconds * 1000.0,
-            total_ms=timings.total_seconds * 1000.0,
+            queue_ms=min(c.timings.queue_seconds for c in done) * 1000.0,
+            time_to_first_token_ms=min(c.timings.first_token_seconds for c in done) * 1000.0,
+            total_ms=max(c.timings.total_seconds for c in done) * 1000.0,
         ),
-        truncated=completed.truncated,
+        truncated=any(c.truncated for c in done),
+        chunks=len(parts),
     )
 
 

@@ -15,12 +15,26 @@ import grpc.aio
 from genstruct.v1 import genstruct_pb2, genstruct_pb2_grpc
 
 from . import __version__
+from .chunking import Chunk, split
 from .config import Settings
-from .engine.types import Completed, Engine, EngineEvent, GenerationRequest, TokenDelta
-from .errors import InvalidRequest, Unavailable
+from .engine.types import (
+    Completed,
+    Engine,
+    EngineEvent,
+    GenerationRequest,
+    TokenDelta,
+    Truncation,
+)
+from .errors import ContextOverflow, InvalidRequest, Unavailable
 from .interceptors import current_call, domain_status
 from .metrics import Metrics
-from .responses import build_message, error_response, speculation_message, to_response
+from .responses import (
+    Chunked,
+    build_message,
+    error_response,
+    speculation_message,
+    to_response,
+)
 from .validation import default_sampling, limits, to_generation_request
 
 log = logging.getLogger("genstruct_service.servicer")
@@ -140,6 +154,12 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
     ) -> AsyncIterator[genstruct_pb2.GenerateStreamResponse]:
         with self._state.work() as engine:
             work = self._validate(request)
+            if work.truncation is Truncation.CHUNK:
+                raise InvalidRequest(
+                    "truncation",
+                    "TRUNCATION_CHUNK is for Generate and GenerateBatch, which return every "
+                    "part's pairs together; stream the parts as documents of their own instead",
+                )
             completed: Completed | None = None
             async with engine_events(engine, work) as events:
                 # The first event is awaited before anything is sent, so a refusal (queue
@@ -214,7 +234,61 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
             )
         return work
 
-    async def _complete(self, engine: Engine, work: GenerationRequest) -> Completed:
+    async def _complete(self, engine: Engine, work: GenerationRequest) -> Completed | Chunked:
+        if work.truncation is Truncation.CHUNK:
+            return await self._complete_chunks(engine, work)
+        return await self._complete_one(engine, work)
+
+    async def _complete_chunks(self, engine: Engine, work: GenerationRequest) -> Chunked:
+        """Every part of a chunked document, decoded side by side on whatever slots are free."""
+        chunks = await asyncio.to_thread(self._chunks, engine, work)
+        content = work.content
+        tasks = [
+            asyncio.ensure_future(self._complete_one(engine, dataclasses.replace(
+                work, content=content[c.start : c.end], truncation=Truncation.REFUSE,
+            )))
+            for c in chunks
+        ]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:  # one part refused or failed, so the document did: stop the rest
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return Chunked(tuple(zip(chunks, results, strict=True)))
+
+    def _chunks(self, engine: Engine, work: GenerationRequest) -> list[Chunk]:
+        """The parts of a document to chunk (on a worker thread: it tokenizes)."""
+        settings = self._settings
+        budget = engine.content_budget(work)
+        if budget < 16:
+            raise ContextOverflow(
+                "document",
+                f"the title and max_tokens {work.sampling.max_tokens:,} x "
+                f"{work.num_generations} leave {max(budget, 0)} tokens of the context for "
+                "content; lower max_tokens or num_generations",
+            )
+        size = work.chunk_tokens or min(settings.chunk_tokens, budget)
+        if size > budget:
+            raise InvalidRequest(
+                "chunk_tokens",
+                f"is {size:,}; with max_tokens {work.sampling.max_tokens:,} x "
+                f"{work.num_generations} a prompt holds at most {budget:,} content tokens",
+            )
+        overlap = work.chunk_overlap if work.chunk_overlap >= 0 else min(
+            settings.chunk_overlap_tokens, size // 4
+        )
+        chunks = split(work.content, engine.count_tokens, budget=size, overlap=overlap)
+        if len(chunks) > settings.max_chunks:
+            raise InvalidRequest(
+                "document.content",
+                f"splits into {len(chunks)} parts of up to {size:,} tokens; the server's "
+                f"limit is {settings.max_chunks} (raise chunk_tokens or send less content)",
+            )
+        return chunks
+
+    async def _complete_one(self, engine: Engine, work: GenerationRequest) -> Completed:
         # only the final result is read: the engine sends no text as it goes
         async with engine_events(engine, dataclasses.replace(work, stream=False)) as events:
             async for event in events:
@@ -223,26 +297,27 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
         raise RuntimeError("the engine ended a request without a Completed event")
 
     def _respond(
-        self, request_id: str, completed: Completed, engine: Engine
+        self, request_id: str, result: Completed | Chunked, engine: Engine
     ) -> genstruct_pb2.GenerateResponse:
-        response = to_response(request_id, completed, engine.info.model_name)
+        response = to_response(request_id, result, engine.info.model_name)
+        usage = response.usage
         call = current_call()
         if call is not None:
-            call.prompt_tokens += completed.prompt_tokens
-            call.completion_tokens += completed.completion_tokens
-            call.draft_tokens += completed.draft_tokens
-            call.accepted_draft_tokens += completed.accepted_draft_tokens
+            call.prompt_tokens += usage.prompt_tokens
+            call.completion_tokens += usage.completion_tokens
+            call.draft_tokens += usage.draft_tokens
+            call.accepted_draft_tokens += usage.accepted_draft_tokens
         metrics = self._metrics
         if metrics is not None:
-            metrics.prompt_tokens.inc(completed.prompt_tokens)
-            metrics.generated_tokens.inc(completed.completion_tokens)
-            metrics.spec_drafted_tokens.inc(completed.draft_tokens)
-            metrics.spec_accepted_tokens.inc(completed.accepted_draft_tokens)
-            metrics.time_to_first_token.observe(completed.timings.first_token_seconds)
+            metrics.prompt_tokens.inc(usage.prompt_tokens)
+            metrics.generated_tokens.inc(usage.completion_tokens)
+            metrics.spec_drafted_tokens.inc(usage.draft_tokens)
+            metrics.spec_accepted_tokens.inc(usage.accepted_draft_tokens)
+            metrics.time_to_first_token.observe(response.timings.time_to_first_token_ms / 1000)
             failures = sum(1 for pair in response.pairs if not pair.parsed)
             if failures:
                 metrics.parse_failures.inc(failures)
-            if completed.truncated:
+            if response.truncated:
                 metrics.truncations.inc()
         return response
 

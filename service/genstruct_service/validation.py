@@ -16,6 +16,7 @@ _TRUNCATION = {
     genstruct_pb2.TRUNCATION_UNSPECIFIED: Truncation.REFUSE,
     genstruct_pb2.TRUNCATION_REFUSE: Truncation.REFUSE,
     genstruct_pb2.TRUNCATION_TRUNCATE: Truncation.TRUNCATE,
+    genstruct_pb2.TRUNCATION_CHUNK: Truncation.CHUNK,
 }
 
 
@@ -149,6 +150,13 @@ def to_generation_request(
     truncation = _TRUNCATION.get(request.truncation)
     if truncation is None:
         raise InvalidRequest("truncation", f"{request.truncation} is not a Truncation value")
+    # 0 and -1: the server's defaults, sized to the context when the document is split
+    overlap = request.chunk_overlap_tokens if request.HasField("chunk_overlap_tokens") else -1
+    if request.chunk_tokens and not 2 * overlap < request.chunk_tokens:
+        raise InvalidRequest(
+            "chunk_overlap_tokens",
+            f"is {overlap}; it must be less than half of chunk_tokens ({request.chunk_tokens})",
+        )
     return GenerationRequest(
         title=title,
         content=content,
@@ -156,6 +164,8 @@ def to_generation_request(
         num_generations=num_generations,
         constrained=request.constrained,
         truncation=truncation,
+        chunk_tokens=request.chunk_tokens,
+        chunk_overlap=overlap,
     )
 
 
@@ -184,4 +194,7 @@ def limits(settings: Settings) -> genstruct_pb2.Limits:
         max_stop_chars=settings.max_stop_chars,
         max_message_bytes=settings.max_message_bytes,
         max_batch_in_flight=settings.max_batch_in_flight,
+        max_chunks=settings.max_chunks,
+        default_chunk_tokens=settings.chunk_tokens,
+        default_chunk_overlap_tokens=settings.chunk_overlap_tokens,
     )

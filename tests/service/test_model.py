@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import sys
@@ -178,3 +179,34 @@ async def test_genstruct_server_serves_a_model_file_and_drains(model_path: str) 
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_a_document_longer_than_the_context_gives_pairs_from_every_part(
+    real: tuple[RunningServer, Any],
+) -> None:
+    from bench.corpus import DOCUMENTS
+
+    # about three times the 2,048-token context, in paragraphs of the corpus
+    content = "\n\n".join(d.content for d in DOCUMENTS * 3)
+    request = doc(
+        content=content, title="Notes", id="long", truncation=genstruct_pb2.TRUNCATION_CHUNK,
+        sampling=SP(temperature=0, seed=1, max_tokens=6),
+    )
+    server, _ = real
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = Stub(channel)
+        response = await stub.Generate(request, timeout=300)
+        batched = [r async for r in stub.GenerateBatch(iter([request]), timeout=300)]
+    assert response.usage.prompt_tokens > 2 * 2048  # every part was read, not one context
+    assert response.chunks >= 3
+    assert [p.chunk_index for p in response.pairs] == list(range(response.chunks))
+    spans = [(p.chunk_start, p.chunk_end) for p in response.pairs]
+    assert spans[0][0] == 0 and spans[-1][1] == len(content.rstrip())
+    for (start, end), (next_start, next_end) in itertools.pairwise(spans):
+        assert start < next_start and end < next_end  # in order
+        assert not content[end:next_start].strip()  # overlapping, or only a break between
+    for start, end in spans:  # each part is a run of whole paragraphs (they fit)
+        assert content[start:end].split("\n\n")[0] in content.split("\n\n")
+    (again,) = batched
+    assert again.id == "long" and again.chunks == response.chunks
+    assert [(p.chunk_start, p.chunk_end) for p in again.pairs] == spans

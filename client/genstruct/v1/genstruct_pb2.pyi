@@ -40,6 +40,12 @@ class _TruncationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Truncation
     """Refuse the document with INVALID_ARGUMENT, naming the token counts."""
     TRUNCATION_TRUNCATE: _Truncation.ValueType  # 2
     """Cut the content's end so the prompt and `max_tokens` fit; the response says `truncated`."""
+    TRUNCATION_CHUNK: _Truncation.ValueType  # 3
+    """Split the content into parts of at most `chunk_tokens` tokens (at paragraph breaks,
+    then sentences, then words) and make each part a prompt of its own with the title;
+    `num_generations` pairs come from every part. Content that fits is one part. Generate
+    and GenerateBatch only.
+    """
 
 class Truncation(_Truncation, metaclass=_TruncationEnumTypeWrapper):
     """What to do with content that does not fit the model's context."""
@@ -50,6 +56,12 @@ TRUNCATION_REFUSE: Truncation.ValueType  # 1
 """Refuse the document with INVALID_ARGUMENT, naming the token counts."""
 TRUNCATION_TRUNCATE: Truncation.ValueType  # 2
 """Cut the content's end so the prompt and `max_tokens` fit; the response says `truncated`."""
+TRUNCATION_CHUNK: Truncation.ValueType  # 3
+"""Split the content into parts of at most `chunk_tokens` tokens (at paragraph breaks,
+then sentences, then words) and make each part a prompt of its own with the title;
+`num_generations` pairs come from every part. Content that fits is one part. Generate
+and GenerateBatch only.
+"""
 Global___Truncation: _TypeAlias = Truncation  # noqa: Y015
 
 class _FinishReason:
@@ -238,6 +250,8 @@ class GenerateRequest(_message.Message):
     TRUNCATION_FIELD_NUMBER: _builtins.int
     CONSTRAINED_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    CHUNK_TOKENS_FIELD_NUMBER: _builtins.int
+    CHUNK_OVERLAP_TOKENS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The caller's identifier for this document, echoed in the response. Up to 256 characters.
     Required in GenerateBatch (to match results to documents) and unique among the documents
@@ -262,6 +276,15 @@ class GenerateRequest(_message.Message):
     stream and its other documents go on. 0 means no limit. (A whole call's deadline is
     gRPC's own; this one is per document, as one stream carries many.)
     """
+    chunk_tokens: _builtins.int
+    """TRUNCATION_CHUNK: the most content tokens in one part (0: the server's default, see
+    Limits). At most what one prompt with `max_tokens` for every generation can hold.
+    """
+    chunk_overlap_tokens: _builtins.int
+    """TRUNCATION_CHUNK: up to this many tokens of whole sentences from the end of a part are
+    repeated at the start of the next (unset: the server's default, see Limits; 0: none).
+    Less than half of the part size.
+    """
     @_builtins.property
     def document(self) -> Global___Document:
         """The document."""
@@ -280,12 +303,16 @@ class GenerateRequest(_message.Message):
         truncation: Global___Truncation.ValueType = ...,
         constrained: _builtins.bool = ...,
         timeout_ms: _builtins.int = ...,
+        chunk_tokens: _builtins.int = ...,
+        chunk_overlap_tokens: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_chunk_overlap_tokens", b"_chunk_overlap_tokens", "chunk_overlap_tokens", b"chunk_overlap_tokens", "document", b"document", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["constrained", b"constrained", "document", b"document", "id", b"id", "num_generations", b"num_generations", "sampling", b"sampling", "timeout_ms", b"timeout_ms", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_chunk_overlap_tokens", b"_chunk_overlap_tokens", "chunk_overlap_tokens", b"chunk_overlap_tokens", "chunk_tokens", b"chunk_tokens", "constrained", b"constrained", "document", b"document", "id", b"id", "num_generations", b"num_generations", "sampling", b"sampling", "timeout_ms", b"timeout_ms", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__chunk_overlap_tokens: _TypeAlias = _typing.Literal["chunk_overlap_tokens"]  # noqa: Y015
+    _WhichOneofArgType__chunk_overlap_tokens: _TypeAlias = _typing.Literal["_chunk_overlap_tokens", b"_chunk_overlap_tokens"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__chunk_overlap_tokens) -> _WhichOneofReturnType__chunk_overlap_tokens | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
@@ -302,6 +329,9 @@ class Pair(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
+    CHUNK_INDEX_FIELD_NUMBER: _builtins.int
+    CHUNK_START_FIELD_NUMBER: _builtins.int
+    CHUNK_END_FIELD_NUMBER: _builtins.int
     user: _builtins.str
     """The user's question (distilabel's `user` column), trimmed. Empty when `parsed` is false."""
     assistant: _builtins.str
@@ -321,7 +351,16 @@ class Pair(_message.Message):
     completion_tokens: _builtins.int
     """Tokens generated for this pair."""
     index: _builtins.int
-    """Which generation of the document this is, 0 to num_generations - 1."""
+    """Which generation of the document this is, 0 to num_generations - 1 (per part when
+    chunked).
+    """
+    chunk_index: _builtins.int
+    """TRUNCATION_CHUNK: the part this pair came from, 0 to `chunks` - 1, and where that part
+    is in `document.content`: characters (Unicode code points) [chunk_start, chunk_end).
+    All 0 when the document was not chunked.
+    """
+    chunk_start: _builtins.int
+    chunk_end: _builtins.int
     def __init__(
         self,
         *,
@@ -332,10 +371,13 @@ class Pair(_message.Message):
         finish_reason: Global___FinishReason.ValueType = ...,
         completion_tokens: _builtins.int = ...,
         index: _builtins.int = ...,
+        chunk_index: _builtins.int = ...,
+        chunk_start: _builtins.int = ...,
+        chunk_end: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "index", b"index", "parsed", b"parsed", "raw_text", b"raw_text", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "chunk_end", b"chunk_end", "chunk_index", b"chunk_index", "chunk_start", b"chunk_start", "completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "index", b"index", "parsed", b"parsed", "raw_text", b"raw_text", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -352,7 +394,9 @@ class Usage(_message.Message):
     DRAFT_TOKENS_FIELD_NUMBER: _builtins.int
     ACCEPTED_DRAFT_TOKENS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
-    """Tokens in the prompt (after truncation), processed once for all generations."""
+    """Tokens in the prompt (after truncation), processed once for all generations; summed
+    over every part when chunked.
+    """
     completion_tokens: _builtins.int
     """Tokens generated, summed over every generation."""
     draft_tokens: _builtins.int
@@ -420,6 +464,7 @@ class GenerateResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The request's `id`."""
     model_name: _builtins.str
@@ -428,9 +473,13 @@ class GenerateResponse(_message.Message):
     """
     truncated: _builtins.bool
     """True when the content was cut to fit the context (TRUNCATION_TRUNCATE)."""
+    chunks: _builtins.int
+    """How many parts the content was split into (TRUNCATION_CHUNK; 1 otherwise)."""
     @_builtins.property
     def pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Pair]:
-        """One pair per generation, ordered by `index`. Empty when `error` is set."""
+        """One pair per generation, ordered by `index` (by part, then `index`, when chunked).
+        Empty when `error` is set.
+        """
 
     @_builtins.property
     def usage(self) -> Global___Usage:
@@ -457,10 +506,11 @@ class GenerateResponse(_message.Message):
         timings: Global___Timings | None = ...,
         truncated: _builtins.bool = ...,
         error: _status_pb2.Status | None = ...,
+        chunks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "model_name", b"model_name", "pairs", b"pairs", "timings", b"timings", "truncated", b"truncated", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "error", b"error", "id", b"id", "model_name", b"model_name", "pairs", b"pairs", "timings", b"timings", "truncated", b"truncated", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -773,6 +823,9 @@ class Limits(_message.Message):
     MAX_STOP_CHARS_FIELD_NUMBER: _builtins.int
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     MAX_BATCH_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    MAX_CHUNKS_FIELD_NUMBER: _builtins.int
+    DEFAULT_CHUNK_TOKENS_FIELD_NUMBER: _builtins.int
+    DEFAULT_CHUNK_OVERLAP_TOKENS_FIELD_NUMBER: _builtins.int
     max_title_chars: _builtins.int
     """Most characters in `document.title`."""
     max_content_chars: _builtins.int
@@ -789,6 +842,12 @@ class Limits(_message.Message):
     """Most bytes in one request message."""
     max_batch_in_flight: _builtins.int
     """Most documents of one GenerateBatch stream worked on at a time."""
+    max_chunks: _builtins.int
+    """TRUNCATION_CHUNK: the most parts one document may be split into, and the defaults of
+    `chunk_tokens` and `chunk_overlap_tokens`.
+    """
+    default_chunk_tokens: _builtins.int
+    default_chunk_overlap_tokens: _builtins.int
     def __init__(
         self,
         *,
@@ -800,10 +859,13 @@ class Limits(_message.Message):
         max_stop_chars: _builtins.int = ...,
         max_message_bytes: _builtins.int = ...,
         max_batch_in_flight: _builtins.int = ...,
+        max_chunks: _builtins.int = ...,
+        default_chunk_tokens: _builtins.int = ...,
+        default_chunk_overlap_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_in_flight", b"max_batch_in_flight", "max_content_chars", b"max_content_chars", "max_message_bytes", b"max_message_bytes", "max_num_generations", b"max_num_generations", "max_stop_chars", b"max_stop_chars", "max_stop_strings", b"max_stop_strings", "max_title_chars", b"max_title_chars", "max_tokens", b"max_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_chunk_overlap_tokens", b"default_chunk_overlap_tokens", "default_chunk_tokens", b"default_chunk_tokens", "max_batch_in_flight", b"max_batch_in_flight", "max_chunks", b"max_chunks", "max_content_chars", b"max_content_chars", "max_message_bytes", b"max_message_bytes", "max_num_generations", b"max_num_generations", "max_stop_chars", b"max_stop_chars", "max_stop_strings", b"max_stop_strings", "max_title_chars", b"max_title_chars", "max_tokens", b"max_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,6 +26,20 @@ class FittedPrompt:
     truncated: bool
 
 
+# re-tokenizing content inside the template can merge a token or two differently at its
+# edges: a part sized to the budget keeps this many tokens spare
+_EDGE_TOKENS = 4
+
+
+def content_budget(
+    tokenizer: Tokenizer, fmt: PromptFormat, request: GenerationRequest, *, n_ctx: int
+) -> int:
+    """The most content tokens a prompt of `request` holds beside every generation's
+    max_tokens in n_ctx (below 1 when not even the title fits)."""
+    base = len(tokenizer.tokenize(fmt.render(request.title, ""), add_special=True))
+    return n_ctx - request.num_generations * request.sampling.max_tokens - base - _EDGE_TOKENS
+
+
 def fit_prompt(
     tokenizer: Tokenizer, fmt: PromptFormat, request: GenerationRequest, *, n_ctx: int,
     n_parallel: int,

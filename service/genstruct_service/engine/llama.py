@@ -43,7 +43,7 @@ import llama_cpp as ll
 
 from genstruct_service.engine.build_info import load_backends, read_build_info
 from genstruct_service.engine.cpus import available_cpus
-from genstruct_service.engine.fitting import FittedPrompt, fit_prompt
+from genstruct_service.engine.fitting import FittedPrompt, content_budget, fit_prompt
 from genstruct_service.engine.gguf_info import engine_info
 from genstruct_service.engine.grammar import ANSWER_RESERVE, ASSISTANT_MARK, GENSTRUCT_GBNF
 from genstruct_service.engine.sampling import ConstrainedSampler, build_chain, build_grammar
@@ -72,6 +72,7 @@ from genstruct_service.engine.types import (
     PromptFormat,
     Timings,
     TokenDelta,
+    Truncation,
 )
 from genstruct_service.errors import (
     InvalidRequest,
@@ -281,6 +282,12 @@ class LlamaEngine:
                 busy_slots=self._busy, queued=self._n_waiting, n_parallel=self._n_parallel
             )
 
+    def count_tokens(self, text: str) -> int:
+        return len(self._tokenizer.tokenize(text, add_special=False))
+
+    def content_budget(self, request: GenerationRequest) -> int:
+        return content_budget(self._tokenizer, self._format, request, n_ctx=self._n_ctx)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         self._validate(request)
         self._check_open()
@@ -366,6 +373,10 @@ class LlamaEngine:
 
     def _validate(self, request: GenerationRequest) -> None:
         s = request.sampling
+        if request.truncation is Truncation.CHUNK:
+            raise InvalidRequest(
+                "truncation", "the engine takes one part of a chunked document at a time"
+            )
         if not 1 <= request.num_generations <= self._n_parallel:
             raise InvalidRequest(
                 "num_generations",

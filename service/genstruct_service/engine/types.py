@@ -24,6 +24,7 @@ class Truncation(enum.Enum):
 
     REFUSE = "refuse"
     TRUNCATE = "truncate"
+    CHUNK = "chunk"  # split into parts by the servicer; the engine takes one part at a time
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,8 @@ class GenerationRequest:
     truncation: Truncation = Truncation.REFUSE
     grammar: str | None = None  # GBNF (root rule `root`) the output must match, if any
     stream: bool = True  # TokenDeltas as text comes; False: only the Completed event
+    chunk_tokens: int = 0  # Truncation.CHUNK: content tokens per part (0: the default)
+    chunk_overlap: int = -1  # Truncation.CHUNK: tokens of sentences repeated (-1: default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +188,15 @@ class Engine(Protocol):
     def info(self) -> EngineInfo: ...
 
     def stats(self) -> EngineStats: ...
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` alone in the model's vocabulary (thread-safe, may be slow)."""
+        ...
+
+    def content_budget(self, request: GenerationRequest) -> int:
+        """The most content tokens a prompt of `request` can hold with room for every
+        generation's max_tokens (thread-safe, may be slow; below 1: none fits)."""
+        ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         """Yield TokenDeltas as they are made, then exactly one Completed.
