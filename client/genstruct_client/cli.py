@@ -156,6 +156,19 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument(
         "--truncate", action="store_true", help="cut over-long content instead of failing it"
     )
+    sampling.add_argument(
+        "--chunk", action="store_true",
+        help="split over-long content into parts, each a prompt of its own with the title: "
+        "pairs from every part, rows with chunk_index, chunk_start, chunk_end and chunks",
+    )
+    sampling.add_argument(
+        "--chunk-tokens", type=int, help="with --chunk: tokens per part (default: the server's)"
+    )
+    sampling.add_argument(
+        "--chunk-overlap", type=int,
+        help="with --chunk: tokens of whole sentences repeated from one part in the next "
+        "(default: the server's)",
+    )
     flow = gen.add_argument_group("flow")
     flow.add_argument(
         "--concurrency", type=int, default=32, help="documents in flight per stream (default 32)"
@@ -235,7 +248,14 @@ def _generate(args: argparse.Namespace) -> int:
         num_generations=args.num_generations,
         constrained=args.constrained,
         truncate=args.truncate,
+        chunk=args.chunk,
+        chunk_tokens=args.chunk_tokens,
+        chunk_overlap=args.chunk_overlap,
     )
+    if args.chunk and args.truncate:
+        raise UsageError("--chunk and --truncate exclude each other: choose one")
+    if (args.chunk_tokens is not None or args.chunk_overlap is not None) and not args.chunk:
+        raise UsageError("--chunk-tokens and --chunk-overlap go with --chunk")
     config = _config(args)
     shard = Shard.parse(args.shard) if args.shard else Shard.from_env()
     output = output_for(args.output, shard)

@@ -35,6 +35,11 @@ class GenerationOptions:
     # Cut over-long content to fit the context (the response says `truncated`) instead of
     # having the server refuse the document.
     truncate: bool = False
+    # Split over-long content into parts, each a prompt of its own (TRUNCATION_CHUNK); None
+    # takes the server's default size and overlap.
+    chunk: bool = False
+    chunk_tokens: int | None = None
+    chunk_overlap: int | None = None
 
     def sampling(self) -> pb.SamplingParams:
         """The SamplingParams message, with only the fields that were set."""
@@ -61,14 +66,20 @@ class GenerationOptions:
 
     def request(self, document: Document) -> pb.GenerateRequest:
         """The GenerateRequest for one document."""
-        return pb.GenerateRequest(
+        request = pb.GenerateRequest(
             id=document.id,
             document=pb.Document(title=document.title, content=document.content),
             sampling=self.sampling(),
             num_generations=self.num_generations,
-            truncation=pb.TRUNCATION_TRUNCATE if self.truncate else pb.TRUNCATION_UNSPECIFIED,
+            truncation=pb.TRUNCATION_CHUNK if self.chunk
+            else pb.TRUNCATION_TRUNCATE if self.truncate else pb.TRUNCATION_UNSPECIFIED,
             constrained=self.constrained,
         )
+        if self.chunk_tokens is not None:
+            request.chunk_tokens = self.chunk_tokens
+        if self.chunk_overlap is not None:
+            request.chunk_overlap_tokens = self.chunk_overlap
+        return request
 
 
 RequestLike = pb.GenerateRequest | Document

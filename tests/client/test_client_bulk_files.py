@@ -214,12 +214,25 @@ def test_ledger() -> None:
          {"id": "b", "generation_index": 0}],
         [{"id": "c", "retryable": False}, {"id": "d", "retryable": True}],
     )
-    assert ledger.missing("a", 3) == [1]
+    assert ledger.missing("a", 3) == [(0, 1)]
     assert ledger.is_done("b", 1) and not ledger.is_done("b", 2)
     assert ledger.is_done("c", 4)  # failed for good
     assert not ledger.is_done("d", 1)  # a transient failure is tried again
     ledger.record("a", 1)
-    assert ledger.is_done("a", 3) and ledger.missing("a", 4) == [3]
+    assert ledger.is_done("a", 3) and ledger.missing("a", 4) == [(0, 3)]
+
+
+def test_ledger_of_chunked_documents_counts_every_part() -> None:
+    rows = [{"id": "long", "generation_index": g, "chunk_index": c, "chunks": 3}
+            for c, g in [(0, 0), (0, 1), (2, 1)]]
+    ledger = Ledger.from_records(rows)
+    assert ledger.missing("long", 2) == [(1, 0), (1, 1), (2, 0)]
+    assert not ledger.is_done("long", 2)
+    assert ledger.has("long", 1, 2) and not ledger.has("long", 0, 2)
+    for c, g in [(1, 0), (1, 1), (2, 0)]:
+        ledger.record("long", g, c)
+    assert ledger.is_done("long", 2)
+    assert not ledger.is_done("unseen", 1)  # parts unknown until the server answers
 
 
 def test_progress_lines_when_not_a_terminal() -> None:

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.model
 # corpus documents whose greedy text has no near-tie, per model: random weights give flat
 # logits, where even another request in the batch changes the text of most documents
 STABLE = {GEMMA: (0, 1, 2, 3, 4, 5)}
-STABLE_RANDOM = (0, 1, 2, 3)
+STABLE_RANDOM = (0,)
 
 
 @pytest.fixture(scope="module")
@@ -175,12 +175,12 @@ async def test_streamed_text_is_the_final_text(drafting: Any) -> None:
 
 
 async def test_cancelling_a_drafting_request_leaves_the_other_intact(
-    drafting: Any, plain: Any
+    drafting: Any, plain: Any, stable: tuple[int, ...]
 ) -> None:
-    _, expected = await collect(plain, req(3))
+    _, expected = await collect(plain, req(stable[0]))
     victim = drafting.generate(req(4, stream=True, max_tokens=200))
     await anext(victim)  # it is generating (and drafting) now
-    survivor = asyncio.ensure_future(collect(drafting, req(3)))
+    survivor = asyncio.ensure_future(collect(drafting, req(stable[0])))
     await asyncio.sleep(0)
     await victim.aclose()
     _, done = await asyncio.wait_for(survivor, 60)

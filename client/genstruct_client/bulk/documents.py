@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from genstruct_client.bulk.errors import UsageError
-from genstruct_client.bulk.writers import COLUMNS
+from genstruct_client.bulk.writers import CHUNK_COLUMNS, COLUMNS
 from genstruct_client.types import Document
 
 log = logging.getLogger("genstruct_client.bulk")
 # The pair's own output columns: an input column passed through must not take one's name.
-RESERVED = frozenset(COLUMNS)
+RESERVED = frozenset(COLUMNS + CHUNK_COLUMNS)
 ALL = "*"  # in `columns`: every input column not named otherwise
 
 

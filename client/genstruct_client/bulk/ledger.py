@@ -1,4 +1,4 @@
-"""The resume ledger: which (id, generation) pairs are already written, which ids failed for good.
+"""The resume ledger: which (id, part, generation) rows are written, which ids failed for good.
 
 It is rebuilt from the output journal and the errors file at the start of every run, so the
 files themselves are the only state: nothing to get out of step with them.
@@ -10,13 +10,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+# bits per part in a mask: a document has at most this many generations (the server's limit)
+_PART_BITS = 64
+
 
 @dataclass(slots=True)
 class Ledger:
-    """Generation indices written per id (as a bit mask), and ids that failed for good."""
+    """Rows written per id (as a bit mask over part x generation), the parts of each chunked
+    id, and ids that failed for good. An id that is not chunked has one part, number 0."""
 
     written: dict[str, int] = field(default_factory=dict)
     failed: set[str] = field(default_factory=set)
+    parts: dict[str, int] = field(default_factory=dict)  # chunked ids only
 
     @classmethod
     def from_records(
@@ -24,20 +29,31 @@ class Ledger:
     ) -> Ledger:
         ledger = cls()
         for record in outputs:
-            ledger.record(str(record["id"]), int(record["generation_index"]))
+            doc_id = str(record["id"])
+            ledger.record(doc_id, int(record["generation_index"]), record.get("chunk_index") or 0)
+            if record.get("chunks"):
+                ledger.parts[doc_id] = int(record["chunks"])
         for error in errors:
             if not error.get("retryable", False):
                 ledger.failed.add(str(error["id"]))
         return ledger
 
-    def record(self, doc_id: str, index: int) -> None:
-        self.written[doc_id] = self.written.get(doc_id, 0) | (1 << index)
+    def record(self, doc_id: str, index: int, part: int = 0) -> None:
+        self.written[doc_id] = self.written.get(doc_id, 0) | (1 << (part * _PART_BITS + index))
 
-    def missing(self, doc_id: str, num_generations: int) -> list[int]:
-        """Generation indices of `doc_id` not written yet."""
-        mask = self.written.get(doc_id, 0)
-        return [index for index in range(num_generations) if not mask >> index & 1]
+    def has(self, doc_id: str, index: int, part: int = 0) -> bool:
+        return bool(self.written.get(doc_id, 0) >> (part * _PART_BITS + index) & 1)
+
+    def missing(self, doc_id: str, num_generations: int) -> list[tuple[int, int]]:
+        """(part, generation) of `doc_id` not written yet, as far as its parts are known (a
+        chunked document not seen yet counts as one part)."""
+        return [
+            (part, index)
+            for part in range(self.parts.get(doc_id, 1))
+            for index in range(num_generations)
+            if not self.has(doc_id, index, part)
+        ]
 
     def is_done(self, doc_id: str, num_generations: int) -> bool:
-        """Every generation written, or the document failed for good."""
+        """Every row written, or the document failed for good."""
         return doc_id in self.failed or not self.missing(doc_id, num_generations)

@@ -103,8 +103,15 @@ def fingerprint(
         "sampling": sampling,
         "num_generations": options.num_generations,
         "constrained": options.constrained,
-        "truncation": "truncate" if options.truncate else "refuse",
+        "truncation": "chunk" if options.chunk else "truncate" if options.truncate
+        else "refuse",
         "id_column": id_column,  # other ids: every document would be written again
+        # the parts a document is split into: another size would write other parts
+        **({"chunking": {
+            "chunk_tokens": options.chunk_tokens or info.limits.default_chunk_tokens,
+            "chunk_overlap": options.chunk_overlap,  # None: the server's default for the size
+            "server_default_overlap": info.limits.default_chunk_overlap_tokens,
+        }} if options.chunk else {}),
     }
 
 

@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -154,15 +154,22 @@ def output_rows(
     response: pb.GenerateResponse,
     title: str,
     content: str,
-    indices: set[int] | None = None,
+    keep: Callable[[pb.Pair], bool] | None = None,
     extras: Mapping[str, Any] | None = None,
+    *,
+    chunked: bool = False,
 ) -> list[dict[str, Any]]:
-    """The output records of one result (only generations in `indices`, if given), each
-    with the input columns passed through (`extras`) after the pair's own."""
+    """The output records of one result (only pairs `keep` takes, if given), each with the
+    part it came from when `chunked`, then the input columns passed through (`extras`)."""
     rows = []
     for pair in response.pairs:
-        if indices is not None and pair.index not in indices:
+        if keep is not None and not keep(pair):
             continue
+        part = (
+            {"chunk_index": pair.chunk_index, "chunk_start": pair.chunk_start,
+             "chunk_end": pair.chunk_end, "chunks": response.chunks}
+            if chunked else {}
+        )
         rows.append(
             {
                 "id": response.id,
@@ -179,6 +186,7 @@ def output_rows(
                 "completion_tokens": pair.completion_tokens,
                 "truncated": response.truncated,
                 "raw_text": pair.raw_text,
+                **part,
                 **(extras or {}),
             }
         )
@@ -477,11 +485,20 @@ async def _generate(
                                 "its pairs were not written; point --target at servers of "
                                 f"{model_name!r} to go on, or pass --new-run"
                             )
-                        missing = set(ledger.missing(response.id, n))
-                        records = output_rows(response, title, content, missing, extras)
+                        doc_id = response.id
+
+                        def new(pair: pb.Pair, doc_id: str = doc_id) -> bool:
+                            return not ledger.has(doc_id, pair.index, pair.chunk_index)
+
+                        records = output_rows(
+                            response, title, content, new, extras, chunked=options.chunk
+                        )
+                        if options.chunk:
+                            ledger.parts[doc_id] = response.chunks
                         for record in records:
                             output.journal.append(record)
-                            ledger.record(response.id, record["generation_index"])
+                            ledger.record(doc_id, record["generation_index"],
+                                          record.get("chunk_index", 0))
                         output.journal.flush()
                         parsed = sum(1 for record in records if record["parsed"])
                         summary.succeeded += 1

@@ -205,11 +205,12 @@ def merge(
     for stale in (partial, journal_path(partial, fmt)):
         stale.unlink(missing_ok=True)
     out = Output(partial, fmt)
-    seen: set[tuple[str, int]] = set()
+    seen: set[tuple[str, int, int]] = set()
     try:
         for shard_output in outputs:
             for row in _rows(shard_output):
-                key = (str(row["id"]), int(row["generation_index"]))
+                key = (str(row["id"]), int(row.get("chunk_index") or 0),
+                       int(row["generation_index"]))
                 if key in seen:
                     summary.duplicates += 1
                     continue

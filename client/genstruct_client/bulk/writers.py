@@ -45,6 +45,8 @@ COLUMNS = (
     "truncated",
     "raw_text",
 )
+# With --chunk, after the pair's columns: the part of the content a pair came from.
+CHUNK_COLUMNS = ("chunk_index", "chunk_start", "chunk_end", "chunks")
 
 
 def _json_value(value: Any) -> Any:
