@@ -112,15 +112,15 @@ def _level(system: str, concurrency: int, n_docs: int, tokens: int, seconds: flo
 class GrpcService:
     """`genstruct-server` with the model, as a subprocess; its address from its log."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, n_parallel: int = max(LEVELS)) -> None:
         command = [
             str(SERVER), "--model", args.model, "--port", "0", "--metrics-port", "0",
-            "--n-parallel", str(max(LEVELS)), "--n-ctx", str(args.n_ctx),
+            "--n-parallel", str(n_parallel), "--n-ctx", str(args.n_ctx),
             "--n-batch", str(args.n_batch), "--n-ubatch", str(args.n_ubatch),
             "--threads", str(args.threads), "--threads-batch", str(args.threads),
             "--n-gpu-layers", str(args.n_gpu_layers), "--flash-attn", args.flash_attn,
             "--speculation", args.speculation,
-            "--max-batch-in-flight", str(max(LEVELS)),
+            "--max-batch-in-flight", str(n_parallel),
             "--log-format", "json", "--log-level", "INFO",
         ]
         self.process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL,

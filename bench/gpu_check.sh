@@ -9,10 +9,11 @@
 # profile, the detected GPU's compute capability only) and the project ('.[dev]'); (2)
 # llama-server with the same flags (bench.llama_server); (3) the Genstruct-7B-shaped synthetic
 # model (bench.synthetic_model), written while (2) compiles; (4) bench.throughput at 1, 8 and
-# 32 documents in flight, all layers on the GPU. Results: throughput.json, machine.json (GPU,
-# driver, memory, compute capability, nproc, the llama.cpp build report), nvidia-smi.csv
-# (memory and utilisation sampled during the benchmark), timings.json (seconds per step) and
-# gpu_check.log, in one folder. Reruns reuse the venv, the keyed builds and the model.
+# 32 documents in flight, all layers on the GPU; (4b) bench.verify_cost, what verifying a
+# draft of k tokens costs against one row. Results: throughput.json, verify_cost.txt,
+# machine.json (GPU, driver, memory, compute capability, nproc, the llama.cpp build report),
+# nvidia-smi.csv (memory and utilisation sampled during the benchmark), timings.json (seconds
+# per step) and gpu_check.log, in one folder. Reruns reuse the venv, the keyed builds and the model.
 #
 # Settings (environment variables; defaults in brackets, the CPU form's after a slash):
 #   GPU_CHECK_CPU=1          the CPU form: no nvidia-smi, no CUDA; LLAMA_CMAKE_ARGS is not set
@@ -36,6 +37,8 @@
 #   GPU_CHECK_N_BATCH        --n-batch [2048]
 #   GPU_CHECK_N_UBATCH       --n-ubatch [512]
 #   GPU_CHECK_FLASH_ATTN     --flash-attn [on / auto]
+#   GPU_CHECK_VERIFY_COST    1: also time a decode step of 1 + k drafted rows against one row
+#                            on the model (bench.verify_cost, verify_cost.txt) [1]; 0: skip
 #   GPU_CHECK_NVIDIA_SMI     the nvidia-smi command [nvidia-smi]
 #   WHEELS_DIR               a folder of wheels and sdists: every pip call, the build tool's
 #                            included, then uses it and no index (PIP_NO_INDEX, PIP_FIND_LINKS)
@@ -179,6 +182,9 @@ BENCH=("$PY" -m bench.throughput --model "$MODEL" --systems "$SYSTEMS"
 [[ -n ${GPU_CHECK_MAX_TOKENS:-} ]] && BENCH+=(--max-tokens "$GPU_CHECK_MAX_TOKENS")
 [[ -n ${GPU_CHECK_DOCS:-} ]] && BENCH+=(--docs "$GPU_CHECK_DOCS")
 BENCH+=(--out "$OUT/throughput.json")
+VERIFY_COST=${GPU_CHECK_VERIFY_COST:-1}
+COST=("$PY" -m bench.verify_cost --model "$MODEL" --n-gpu-layers "$N_GPU_LAYERS"
+      --threads "$THREADS" --n-batch "$N_BATCH" --n-ubatch "$N_UBATCH" --flash-attn "$FLASH_ATTN")
 
 quoted() {  # a command as it would be typed (quotes only where the shell needs them)
     local arg out=()
@@ -190,6 +196,7 @@ quoted() {  # a command as it would be typed (quotes only where the shell needs 
 log "settings: venv $VENV; results $OUT; nproc $NPROC; LLAMA_CMAKE_ARGS=${LLAMA_CMAKE_ARGS:-}" \
     "LLAMA_CUDA_ARCHITECTURES=${LLAMA_CUDA_ARCHITECTURES:-}; WHEELS_DIR=${WHEELS_DIR:-}"
 log "benchmark: $(quoted "${BENCH[@]}")"
+(( VERIFY_COST )) && log "draft verification cost: $(quoted "${COST[@]}")"
 if (( DRY_RUN )); then
     log "dry run (GPU_CHECK_DRY_RUN=1): nothing installed, built or measured"
     exit 0
@@ -352,6 +359,12 @@ if [[ -n $SMI_PID ]]; then
     SMI_PID=""
 fi
 step_done
+
+if (( VERIFY_COST )); then
+    step 4b "the cost of verifying a draft of k tokens (speculation)"
+    "${COST[@]}" | tee "$OUT/verify_cost.txt"
+    step_done
+fi
 
 # ------------------------------------------------------------------------ 5b. check, summary
 

@@ -240,15 +240,22 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
         return await self._complete_one(engine, work)
 
     async def _complete_chunks(self, engine: Engine, work: GenerationRequest) -> Chunked:
-        """Every part of a chunked document, decoded side by side on whatever slots are free."""
+        """Every part of a chunked document, decoded side by side on whatever slots are free.
+
+        At most n_parallel parts of one document are queued or decoding at a time, so a long
+        document never fills the engine's queue by itself.
+        """
         chunks = await asyncio.to_thread(self._chunks, engine, work)
         content = work.content
-        tasks = [
-            asyncio.ensure_future(self._complete_one(engine, dataclasses.replace(
-                work, content=content[c.start : c.end], truncation=Truncation.REFUSE,
-            )))
-            for c in chunks
-        ]
+        slots = asyncio.Semaphore(max(engine.info.n_parallel // work.num_generations, 1))
+
+        async def part(chunk: Chunk) -> Completed:
+            async with slots:
+                return await self._complete_one(engine, dataclasses.replace(
+                    work, content=content[chunk.start : chunk.end], truncation=Truncation.REFUSE,
+                ))
+
+        tasks = [asyncio.ensure_future(part(c)) for c in chunks]
         try:
             results = await asyncio.gather(*tasks)
         except BaseException:  # one part refused or failed, so the document did: stop the rest

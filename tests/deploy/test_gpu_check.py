@@ -103,4 +103,8 @@ def test_cpu_form_runs_the_benchmark_and_describes_the_machine(tmp_path: Path) -
     assert machine["model"] == "synthetic:tiny" and machine["model_bytes"] > 0
     assert (tmp_path / "gpu_check.log").is_file()
     assert set(json.loads((tmp_path / "timings.json").read_text())["steps_seconds"]) == {
-        "1", "3", "4"}
+        "1", "3", "4", "4b"}
+    cost = (tmp_path / "verify_cost.txt").read_text().splitlines()
+    rows = [line.split() for line in cost if line.split() and line.split()[0].isdigit()]
+    assert [int(r[0]) for r in rows] == [0, 1, 2, 4, 8, 16]  # draft lengths, each timed
+    assert all(float(r[2]) > 0 for r in rows)
