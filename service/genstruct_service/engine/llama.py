@@ -46,7 +46,13 @@ from genstruct_service.engine.cpus import available_cpus
 from genstruct_service.engine.fitting import FittedPrompt, content_budget, fit_prompt
 from genstruct_service.engine.gguf_info import engine_info
 from genstruct_service.engine.grammar import ANSWER_RESERVE, ASSISTANT_MARK, GENSTRUCT_GBNF
-from genstruct_service.engine.sampling import ConstrainedSampler, build_chain, build_grammar
+from genstruct_service.engine.sampling import (
+    ConstrainedSampler,
+    build_chain,
+    build_grammar,
+    greedy_token,
+    is_plain_greedy,
+)
 from genstruct_service.engine.scheduler import Scheduler, Ticket
 from genstruct_service.engine.speculation import (
     Acceptance,
@@ -133,6 +139,7 @@ class _Seq:
     assembler: TextAssembler
     max_tokens: int
     grammar: Any = None  # constrained mode: the grammar sampler, apart from the chain
+    greedy: bool = False  # the chain is a greedy sampler alone: take the argmax directly
     pos: int = 0
     feed: list[int] = field(default_factory=list)  # tokens to decode next, in order
     n_generated: int = 0
@@ -671,6 +678,8 @@ class LlamaEngine:
                 )
                 if grammar is not None:
                     seq.grammar = build_grammar(self._vocab, grammar)
+                else:
+                    seq.greedy = is_plain_greedy(sampling, banned=banned)
         except BaseException:
             for seq in seqs:
                 self._free_samplers(seq)
@@ -989,6 +998,8 @@ class LlamaEngine:
 
     def _sample(self, seq: _Seq, row: int) -> int:
         self._n_sampled += 1
+        if seq.greedy:
+            return greedy_token(self._ctx, row, self._n_vocab)
         if seq.grammar is None:
             return int(ll.llama_sampler_sample(seq.chain, self._ctx, row))
         return self._constrained.sample(seq.chain, seq.grammar, row)

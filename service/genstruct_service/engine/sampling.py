@@ -22,6 +22,26 @@ def dist_seed(seed: int) -> int:
     return seed % RANDOM_SEED
 
 
+def _penalized(sampling: Sampling) -> bool:
+    return (
+        sampling.repeat_penalty != 1.0
+        or sampling.presence_penalty != 0.0
+        or sampling.frequency_penalty != 0.0
+    )
+
+
+def is_plain_greedy(sampling: Sampling, *, banned: Sequence[int]) -> bool:
+    """True when `build_chain` makes a greedy sampler alone, so the token is the first
+    largest logit (`greedy_token`): nothing to copy into a candidate list first."""
+    return sampling.temperature <= 0.0 and not banned and not _penalized(sampling)
+
+
+def greedy_token(ctx: Any, row: int, n_vocab: int) -> int:
+    """The first largest logit of a batch row, as llama.cpp's greedy sampler picks it."""
+    logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx, row), shape=(n_vocab,))
+    return int(np.argmax(logits))
+
+
 def build_chain(
     vocab: Any,
     n_vocab: int,
@@ -53,11 +73,7 @@ def build_chain(
         for i, token in enumerate(banned):
             biases[i] = ll.llama_logit_bias(token, float("-inf"))
         add(ll.llama_sampler_init_logit_bias(n_vocab, len(banned), biases), "logit bias")
-    if (
-        sampling.repeat_penalty != 1.0
-        or sampling.presence_penalty != 0.0
-        or sampling.frequency_penalty != 0.0
-    ):
+    if _penalized(sampling):
         add(
             ll.llama_sampler_init_penalties(
                 n_vocab,
