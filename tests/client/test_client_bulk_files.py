@@ -18,9 +18,12 @@ from genstruct_client.bulk.writers import (
     JsonlJournal,
     Output,
     read_jsonl_records,
+    read_row_keys,
     repair_torn_tail,
 )
 from genstruct_client.progress import Progress
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 RECORDS = [
     {"title": "Tides", "content": "The moon pulls the sea.", "key": "a"},
@@ -249,3 +252,49 @@ def test_progress_lines_when_not_a_terminal() -> None:
     assert "4/10 documents (40%)" in line
     assert "5 tok/s" in line and "parsed 50%" in line and "1 failed" in line and "ETA" in line
     progress.close()
+
+
+_TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rows=st.lists(st.tuples(_TEXT, st.integers(0, 63), st.integers(0, 999), _TEXT), max_size=8),
+    chunked=st.booleans(),
+)
+def test_resume_keys_are_what_decoding_each_row_gives(
+    tmp_path: Path, rows: list[tuple[str, int, int, str]], chunked: bool
+) -> None:
+    # ids and text with quotes, backslashes and any character; an extra column that holds
+    # the part's field names as keys of its own
+    path = tmp_path / f"keys-{chunked}.jsonl"
+    path.unlink(missing_ok=True)
+    journal = JsonlJournal(path)
+    for doc_id, index, part, text in rows:
+        record: dict[str, Any] = {"id": doc_id, "generation_index": index, "title": text,
+                                  "content": f'"chunk_index": {part}', "raw_text": text}
+        if chunked:
+            record |= {"chunk_index": part, "chunk_start": 0, "chunk_end": 5, "chunks": part + 1}
+        record["meta"] = {"chunk_index": 7, "chunks": 9, "text": text}
+        journal.append(record)
+    journal.commit()
+    journal.close()
+    decoded = [
+        (str(r["id"]), int(r["generation_index"]), int(r.get("chunk_index") or 0),
+         int(r.get("chunks") or 0))
+        for r in read_jsonl_records(path)
+    ]
+    assert list(read_row_keys(path, chunked=chunked)) == decoded
+
+
+def test_resume_keys_of_a_line_in_another_shape_or_a_bad_one(tmp_path: Path) -> None:
+    path = tmp_path / "other.jsonl"
+    path.write_text(
+        '{"generation_index": 2, "id": "x"}\n\n{"id": "y", "generation_index": 0, "a": 1}\n'
+    )
+    assert list(read_row_keys(path, chunked=False)) == [("x", 2, 0, 0), ("y", 0, 0, 0)]
+    path.write_text('{"id": "z", "generation_index": 1, "title": "cut off\n')
+    with pytest.raises(CorruptFile):
+        list(read_row_keys(path, chunked=False))

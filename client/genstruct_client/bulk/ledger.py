@@ -27,12 +27,25 @@ class Ledger:
     def from_records(
         cls, outputs: Iterable[dict[str, Any]], errors: Iterable[dict[str, Any]] = ()
     ) -> Ledger:
+        """From output rows as dicts (see from_keys for what is read of them)."""
+        keys = (
+            (str(r["id"]), int(r["generation_index"]), int(r.get("chunk_index") or 0),
+             int(r.get("chunks") or 0))
+            for r in outputs
+        )
+        return cls.from_keys(keys, errors)
+
+    @classmethod
+    def from_keys(
+        cls, outputs: Iterable[tuple[str, int, int, int]], errors: Iterable[dict[str, Any]] = ()
+    ) -> Ledger:
+        """From (id, generation, part, parts) of every output row (parts 0: not chunked) and
+        the errors file's records."""
         ledger = cls()
-        for record in outputs:
-            doc_id = str(record["id"])
-            ledger.record(doc_id, int(record["generation_index"]), record.get("chunk_index") or 0)
-            if record.get("chunks"):
-                ledger.parts[doc_id] = int(record["chunks"])
+        for doc_id, index, part, parts in outputs:
+            ledger.record(doc_id, index, part)
+            if parts:
+                ledger.parts[doc_id] = parts
         for error in errors:
             if not error.get("retryable", False):
                 ledger.failed.add(str(error["id"]))

@@ -294,7 +294,7 @@ async def arun(
             run_record.mark_finished(summary.record, False)
         summary.repaired_bytes = output.journal.repaired_bytes + errors.repaired_bytes
         previous_errors = list(errors.records())
-        ledger = Ledger.from_records(output.journal.records(), previous_errors)
+        ledger = Ledger.from_keys(output.journal.row_keys(chunked=options.chunk), previous_errors)
         permanent = [error for error in previous_errors if not error.get("retryable", False)]
         if len(permanent) != len(previous_errors):  # those are tried again now
             errors.rewrite(permanent)

@@ -17,6 +17,7 @@ import datetime
 import decimal
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -119,6 +120,51 @@ def read_jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
             yield record
 
 
+# What resume needs of a row, read from the start of its line as encode_line writes it: the id
+# and generation (the first two keys), and with --chunk the part fields that follow the
+# pair's columns. A quote inside a string value is escaped, so these cannot match text.
+_ROW_KEY = re.compile(rb'\{"id": ("(?:[^"\\]|\\.)*"), "generation_index": (\d+), ')
+_PART_KEY = re.compile(
+    rb', "chunk_index": (\d+), "chunk_start": \d+, "chunk_end": \d+, "chunks": (\d+)'
+)
+
+RowKey = tuple[str, int, int, int]  # id, generation_index, chunk_index, chunks (0: not chunked)
+
+
+def read_row_keys(path: Path, *, chunked: bool) -> Iterator[RowKey]:
+    """The (id, generation, part, parts) of every row of a repaired journal, without decoding
+    the text of the rows; a line in another shape is decoded whole (CorruptFile if bad)."""
+    if not path.exists():
+        return
+    with path.open("rb") as file:
+        for number, line in enumerate(file, start=1):
+            match = _ROW_KEY.match(line)
+            if match is None or not line.rstrip().endswith(b"}"):
+                if not line.strip():
+                    continue
+                yield _decoded_key(path, number, line)
+                continue
+            part, parts = 0, 0
+            if chunked:
+                found = _PART_KEY.search(line, match.end())
+                if found is None:
+                    yield _decoded_key(path, number, line)
+                    continue
+                part, parts = int(found.group(1)), int(found.group(2))
+            yield json.loads(match.group(1)), int(match.group(2)), part, parts
+
+
+def _decoded_key(path: Path, number: int, line: bytes) -> RowKey:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFile(f"{path} line {number} is not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise CorruptFile(f"{path} line {number} is not a JSON object")
+    return (str(record["id"]), int(record["generation_index"]),
+            int(record.get("chunk_index") or 0), int(record.get("chunks") or 0))
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -158,6 +204,10 @@ class JsonlJournal:
     def records(self) -> Iterator[dict[str, Any]]:
         """What the file already holds."""
         return read_jsonl_records(self.path)
+
+    def row_keys(self, *, chunked: bool) -> Iterator[RowKey]:
+        """What resume needs of the rows the file holds (read_row_keys)."""
+        return read_row_keys(self.path, chunked=chunked)
 
     def append(self, record: dict[str, Any]) -> None:
         """Queues one line; it reaches the file at the next flush or commit."""
