@@ -111,13 +111,17 @@ def read_jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
         for number, line in enumerate(file, start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise CorruptFile(f"{path} line {number} is not valid JSON ({exc})") from None
-            if not isinstance(record, dict):
-                raise CorruptFile(f"{path} line {number} is not a JSON object")
-            yield record
+            yield _decoded(path, number, line)
+
+
+def _decoded(path: Path, number: int, line: bytes) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFile(f"{path} line {number} is not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise CorruptFile(f"{path} line {number} is not a JSON object")
+    return record
 
 
 # What resume needs of a row, read from the start of its line as encode_line writes it: the id
@@ -155,12 +159,7 @@ def read_row_keys(path: Path, *, chunked: bool) -> Iterator[RowKey]:
 
 
 def _decoded_key(path: Path, number: int, line: bytes) -> RowKey:
-    try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptFile(f"{path} line {number} is not valid JSON ({exc})") from None
-    if not isinstance(record, dict):
-        raise CorruptFile(f"{path} line {number} is not a JSON object")
+    record = _decoded(path, number, line)
     return (str(record["id"]), int(record["generation_index"]),
             int(record.get("chunk_index") or 0), int(record.get("chunks") or 0))
 
