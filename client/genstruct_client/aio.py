@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -14,7 +13,7 @@ import grpc
 import grpc.aio
 from genstruct.v1 import genstruct_pb2 as pb
 from genstruct.v1 import genstruct_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from genstruct_client._batching import (
     ITEM_RETRY_CODES,
@@ -25,7 +24,14 @@ from genstruct_client._batching import (
     error_response,
     stream_failure_is_transient,
 )
-from genstruct_client.channel import ChannelConfig, create_aio_channel, resolve_target
+from genstruct_client._calls import (
+    StreamAttempts,
+    Target,
+    client_config,
+    health_request,
+    status_name,
+)
+from genstruct_client.channel import ChannelConfig, create_aio_channel
 from genstruct_client.types import GenerationOptions, RequestLike, to_request
 
 log = logging.getLogger("genstruct_client")
@@ -45,17 +51,8 @@ class AsyncGenstructClient:
     RetryPolicy).
     """
 
-    def __init__(
-        self,
-        target: str | Sequence[str] | None = None,
-        *,
-        config: ChannelConfig | None = None,
-    ) -> None:
-        if config is None:
-            config = ChannelConfig() if target is None else ChannelConfig(resolve_target(target))
-        elif target is not None:
-            raise TypeError("give either a target or a config, not both")
-        self.config = config
+    def __init__(self, target: Target = None, *, config: ChannelConfig | None = None) -> None:
+        self.config = config = client_config(target, config)
         self._channel = create_aio_channel(config)
         self._stub = pb_grpc.GenstructServiceStub(self._channel)  # typed as the async stub
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -103,29 +100,18 @@ class AsyncGenstructClient:
         retried here until the first message: gRPC's retry ends at the stream's headers.
         """
         request = to_request(document, options)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        attempt = 0
-        while True:
-            attempt += 1
-            call = self._stub.GenerateStream(
-                request, timeout=_remaining(deadline), metadata=self._metadata
-            )
-            received = False
+        attempts = StreamAttempts(self.config, timeout)
+        async for left in attempts:
+            call = self._stub.GenerateStream(request, timeout=left, metadata=self._metadata)
             try:
                 async for message in call:
-                    received = True
+                    attempts.received = True
                     yield message
                 return
             except grpc.aio.AioRpcError as exc:
-                retry = self.config.retry
-                delay = None if received or retry is None else retry.delay(
-                    exc.code(), attempt, deadline
-                )
-                if delay is None:
-                    raise
+                attempts.failed(exc)
             finally:
                 call.cancel()
-            await asyncio.sleep(delay)
 
     async def generate_batch(
         self,
@@ -153,12 +139,9 @@ class AsyncGenstructClient:
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The health status name ("SERVING", "NOT_SERVING", ...) of `service` ("" = server)."""
-        response = await self._health.Check(
-            health_pb2.HealthCheckRequest(service=service),
-            timeout=timeout,
-            metadata=self._metadata,
-        )
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+        request = health_request(service)
+        response = await self._health.Check(request, timeout=timeout, metadata=self._metadata)
+        return status_name(response)
 
     async def generate_many(
         self,
@@ -387,10 +370,6 @@ class AsyncGenstructClient:
                 )
         scheduler.done(item)
         await out.put(response)
-
-
-def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _timeout_ms(deadline: float | None) -> int:

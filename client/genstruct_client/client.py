@@ -6,25 +6,27 @@ import asyncio
 import contextlib
 import queue
 import threading
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 
 import grpc
 from genstruct.v1 import genstruct_pb2 as pb
 from genstruct.v1 import genstruct_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from genstruct_client._batching import ResubmitPolicy
+from genstruct_client._calls import (
+    StreamAttempts,
+    Target,
+    client_config,
+    health_request,
+    status_name,
+)
 from genstruct_client.aio import AsyncGenstructClient
-from genstruct_client.channel import ChannelConfig, create_channel, resolve_target
+from genstruct_client.channel import ChannelConfig, create_channel
 from genstruct_client.types import GenerationOptions, RequestLike, to_request
 
 _Outcome = pb.GenerateResponse | BaseException | None
-
-
-def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class GenstructClient:
@@ -35,21 +37,12 @@ class GenstructClient:
     each in one layer (see RetryPolicy).
     """
 
-    def __init__(
-        self,
-        target: str | Sequence[str] | None = None,
-        *,
-        config: ChannelConfig | None = None,
-    ) -> None:
-        if config is None:
-            config = ChannelConfig() if target is None else ChannelConfig(resolve_target(target))
-        elif target is not None:
-            raise TypeError("give either a target or a config, not both")
-        self.config = config
+    def __init__(self, target: Target = None, *, config: ChannelConfig | None = None) -> None:
+        self.config = config = client_config(target, config)
+        self._metadata = config.metadata()
         self._channel = create_channel(config)
         self._stub = pb_grpc.GenstructServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._metadata = config.metadata()
 
     def __enter__(self) -> GenstructClient:
         return self
@@ -93,28 +86,18 @@ class GenstructClient:
         retried here until the first message: gRPC's retry ends at the stream's headers.
         """
         request = to_request(document, options)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        attempt = 0
-        while True:
-            attempt += 1
-            call = self._stub.GenerateStream(
-                request, timeout=_remaining(deadline), metadata=self._metadata
-            )
-            received = False
+        attempts = StreamAttempts(self.config, timeout)
+        for left in attempts:
+            call = self._stub.GenerateStream(request, timeout=left, metadata=self._metadata)
             try:
                 for message in call:
-                    received = True
+                    attempts.received = True
                     yield message
                 return
             except grpc.RpcError as exc:
-                retry = self.config.retry
-                code = exc.code()
-                delay = None if received or retry is None else retry.delay(code, attempt, deadline)
-                if delay is None:
-                    raise
+                attempts.failed(exc)
             finally:
                 call.cancel()  # type: ignore[no-untyped-call]
-            time.sleep(delay)
 
     def generate_batch(
         self, requests: Iterable[pb.GenerateRequest], *, timeout: float | None = None
@@ -137,12 +120,9 @@ class GenstructClient:
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The health status name ("SERVING", "NOT_SERVING", ...) of `service` ("" = server)."""
-        response = self._health.Check(
-            health_pb2.HealthCheckRequest(service=service),
-            timeout=timeout,
-            metadata=self._metadata,
-        )
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+        request = health_request(service)
+        response = self._health.Check(request, timeout=timeout, metadata=self._metadata)
+        return status_name(response)
 
     def generate_many(
         self,
