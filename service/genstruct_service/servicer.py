@@ -129,101 +129,14 @@ _EOF = _Marker()  # the caller closed its request stream
 _DRAIN = _Marker()  # the server started draining
 
 
-class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
-    """Translates between the contract and the engine; never blocks the event loop."""
+class Documents:
+    """The steps every RPC takes with a document: validate it, complete it, build the response."""
 
-    def __init__(
-        self, settings: Settings, state: ServiceState, metrics: Metrics | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self._settings = settings
-        self._state = state
         self._metrics = metrics
 
-    # --- the four RPCs ------------------------------------------------------------------
-
-    async def Generate(
-        self, request: genstruct_pb2.GenerateRequest, context: Context
-    ) -> genstruct_pb2.GenerateResponse:
-        with self._state.work() as engine:
-            work = self._validate(request)
-            completed = await self._complete(engine, work)
-            return self._respond(request.id, completed, engine)
-
-    async def GenerateStream(
-        self, request: genstruct_pb2.GenerateRequest, context: Context
-    ) -> AsyncIterator[genstruct_pb2.GenerateStreamResponse]:
-        with self._state.work() as engine:
-            work = self._validate(request)
-            if work.truncation is Truncation.CHUNK:
-                raise InvalidRequest(
-                    "truncation",
-                    "TRUNCATION_CHUNK is for Generate and GenerateBatch, which return every "
-                    "part's pairs together; stream the parts as documents of their own instead",
-                )
-            completed: Completed | None = None
-            async with engine_events(engine, work) as events:
-                # The first event is awaited before anything is sent, so a refusal (queue
-                # full, too long) becomes the call's status rather than a broken stream.
-                async for event in events:
-                    if isinstance(event, TokenDelta):
-                        if event.text:
-                            yield genstruct_pb2.GenerateStreamResponse(
-                                id=request.id,
-                                delta=genstruct_pb2.TextDelta(index=event.index, text=event.text),
-                            )
-                    else:
-                        completed = event
-            if completed is None:
-                raise RuntimeError("the engine ended a request without a Completed event")
-            yield genstruct_pb2.GenerateStreamResponse(
-                id=request.id, result=self._respond(request.id, completed, engine)
-            )
-
-    async def GenerateBatch(
-        self, request_iterator: AsyncIterator[genstruct_pb2.GenerateRequest], context: Context
-    ) -> AsyncIterator[genstruct_pb2.GenerateResponse]:
-        with self._state.work() as engine:
-            batch = _Batch(self, engine, request_iterator)
-            with self._state.drain_listener(batch.drain):
-                async for response in batch.run():
-                    yield response
-
-    async def GetModelInfo(
-        self, request: genstruct_pb2.GetModelInfoRequest, context: Context
-    ) -> genstruct_pb2.GetModelInfoResponse:
-        engine = self._state.engine
-        if engine is None:
-            raise Unavailable("the model is still loading; retry in a moment")
-        info = engine.info
-        return genstruct_pb2.GetModelInfoResponse(
-            model_name=info.model_name,
-            model_file=info.model_path.replace("\\", "/").rsplit("/", 1)[-1],
-            quantization=info.quantization,
-            parameter_count=info.parameter_count,
-            architecture=info.architecture,
-            context_length=info.context_length,
-            train_context_length=info.train_context_length,
-            n_parallel=info.n_parallel,
-            gpu_layers_offloaded=info.gpu_layers_offloaded,
-            total_layers=info.total_layers,
-            backend=info.backend,
-            service_version=__version__,
-            default_sampling=default_sampling(self._settings),
-            limits=limits(self._settings),
-            build=build_message(info.build),
-            n_batch=info.n_batch,
-            n_ubatch=info.n_ubatch,
-            threads=info.threads,
-            threads_batch=info.threads_batch,
-            flash_attn=info.flash_attn,
-            cache_type_k=info.cache_type_k,
-            cache_type_v=info.cache_type_v,
-            speculation=speculation_message(info.speculation),
-        )
-
-    # --- shared steps -------------------------------------------------------------------
-
-    def _validate(
+    def validate(
         self, request: genstruct_pb2.GenerateRequest, *, id_required: bool = False
     ) -> GenerationRequest:
         work = to_generation_request(request, self._settings, id_required=id_required)
@@ -234,7 +147,7 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
             )
         return work
 
-    async def _complete(self, engine: Engine, work: GenerationRequest) -> Completed | Chunked:
+    async def complete(self, engine: Engine, work: GenerationRequest) -> Completed | Chunked:
         if work.truncation is Truncation.CHUNK:
             return await self._complete_chunks(engine, work)
         return await self._complete_one(engine, work)
@@ -303,7 +216,7 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
                     return event
         raise RuntimeError("the engine ended a request without a Completed event")
 
-    def _respond(
+    def respond(
         self, request_id: str, result: Completed | Chunked, engine: Engine
     ) -> genstruct_pb2.GenerateResponse:
         response = to_response(request_id, result, engine.info.model_name)
@@ -328,6 +241,104 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
                 metrics.truncations.inc()
         return response
 
+    def count_batch_item(self, code: grpc.StatusCode) -> None:
+        if self._metrics is not None:
+            self._metrics.batch_items.labels(code.name).inc()
+
+
+class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
+    """Translates between the contract and the engine; never blocks the event loop."""
+
+    def __init__(
+        self, settings: Settings, state: ServiceState, metrics: Metrics | None = None
+    ) -> None:
+        self._settings = settings
+        self._state = state
+        self._documents = Documents(settings, metrics)
+
+    # --- the four RPCs ------------------------------------------------------------------
+
+    async def Generate(
+        self, request: genstruct_pb2.GenerateRequest, context: Context
+    ) -> genstruct_pb2.GenerateResponse:
+        with self._state.work() as engine:
+            work = self._documents.validate(request)
+            completed = await self._documents.complete(engine, work)
+            return self._documents.respond(request.id, completed, engine)
+
+    async def GenerateStream(
+        self, request: genstruct_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[genstruct_pb2.GenerateStreamResponse]:
+        with self._state.work() as engine:
+            work = self._documents.validate(request)
+            if work.truncation is Truncation.CHUNK:
+                raise InvalidRequest(
+                    "truncation",
+                    "TRUNCATION_CHUNK is for Generate and GenerateBatch, which return every "
+                    "part's pairs together; stream the parts as documents of their own instead",
+                )
+            completed: Completed | None = None
+            async with engine_events(engine, work) as events:
+                # The first event is awaited before anything is sent, so a refusal (queue
+                # full, too long) becomes the call's status rather than a broken stream.
+                async for event in events:
+                    if isinstance(event, TokenDelta):
+                        if event.text:
+                            yield genstruct_pb2.GenerateStreamResponse(
+                                id=request.id,
+                                delta=genstruct_pb2.TextDelta(index=event.index, text=event.text),
+                            )
+                    else:
+                        completed = event
+            if completed is None:
+                raise RuntimeError("the engine ended a request without a Completed event")
+            yield genstruct_pb2.GenerateStreamResponse(
+                id=request.id, result=self._documents.respond(request.id, completed, engine)
+            )
+
+    async def GenerateBatch(
+        self, request_iterator: AsyncIterator[genstruct_pb2.GenerateRequest], context: Context
+    ) -> AsyncIterator[genstruct_pb2.GenerateResponse]:
+        with self._state.work() as engine:
+            batch = _Batch(
+                self._documents, engine, request_iterator, self._settings.max_batch_in_flight
+            )
+            with self._state.drain_listener(batch.drain):
+                async for response in batch.run():
+                    yield response
+
+    async def GetModelInfo(
+        self, request: genstruct_pb2.GetModelInfoRequest, context: Context
+    ) -> genstruct_pb2.GetModelInfoResponse:
+        engine = self._state.engine
+        if engine is None:
+            raise Unavailable("the model is still loading; retry in a moment")
+        info = engine.info
+        return genstruct_pb2.GetModelInfoResponse(
+            model_name=info.model_name,
+            model_file=info.model_path.replace("\\", "/").rsplit("/", 1)[-1],
+            quantization=info.quantization,
+            parameter_count=info.parameter_count,
+            architecture=info.architecture,
+            context_length=info.context_length,
+            train_context_length=info.train_context_length,
+            n_parallel=info.n_parallel,
+            gpu_layers_offloaded=info.gpu_layers_offloaded,
+            total_layers=info.total_layers,
+            backend=info.backend,
+            service_version=__version__,
+            default_sampling=default_sampling(self._settings),
+            limits=limits(self._settings),
+            build=build_message(info.build),
+            n_batch=info.n_batch,
+            n_ubatch=info.n_ubatch,
+            threads=info.threads,
+            threads_batch=info.threads_batch,
+            flash_attn=info.flash_attn,
+            cache_type_k=info.cache_type_k,
+            cache_type_v=info.cache_type_v,
+            speculation=speculation_message(info.speculation),
+        )
 
 class _Batch:
     """One GenerateBatch stream: reads documents while fewer than the limit are in flight.
@@ -339,14 +350,15 @@ class _Batch:
 
     def __init__(
         self,
-        servicer: GenstructServicer,
+        documents: Documents,
         engine: Engine,
         requests: AsyncIterator[genstruct_pb2.GenerateRequest],
+        max_in_flight: int,
     ) -> None:
-        self._servicer = servicer
+        self._documents = documents
         self._engine = engine
         self._requests = requests
-        self._permits = asyncio.Semaphore(servicer._settings.max_batch_in_flight)
+        self._permits = asyncio.Semaphore(max_in_flight)
         self._out: asyncio.Queue[genstruct_pb2.GenerateResponse | _Marker | _Failure] = (
             asyncio.Queue()
         )
@@ -410,7 +422,7 @@ class _Batch:
             call.documents += 1
         self._owed += 1
         try:
-            work = self._servicer._validate(request, id_required=True)
+            work = self._documents.validate(request, id_required=True)
             if request.id in self._in_flight:
                 raise InvalidRequest(
                     "id",
@@ -432,9 +444,9 @@ class _Batch:
         try:
             scope = asyncio.timeout(timeout)
             try:
-                # leaving _complete early closes the engine's events, which frees the slot
+                # leaving complete() early closes the engine's events, which frees the slot
                 async with scope:
-                    completed = await self._servicer._complete(self._engine, work)
+                    completed = await self._documents.complete(self._engine, work)
             except TimeoutError:
                 if not scope.expired():
                     raise
@@ -445,7 +457,7 @@ class _Batch:
                     f"the document's timeout_ms ({round((timeout or 0) * 1000)}) ran out",
                 )
                 return
-            response = self._servicer._respond(request_id, completed, self._engine)
+            response = self._documents.respond(request_id, completed, self._engine)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -457,15 +469,10 @@ class _Batch:
             self._put_error(request_id, *mapped)
             return
         self._in_flight.discard(request_id)
-        self._count(grpc.StatusCode.OK)
+        self._documents.count_batch_item(grpc.StatusCode.OK)
         self._out.put_nowait(response)
 
     def _put_error(self, request_id: str, code: grpc.StatusCode, message: str) -> None:
-        self._count(code)
+        self._documents.count_batch_item(code)
         status_code: int = code.value[0]
         self._out.put_nowait(error_response(request_id, status_code, message))
-
-    def _count(self, code: grpc.StatusCode) -> None:
-        metrics = self._servicer._metrics
-        if metrics is not None:
-            metrics.batch_items.labels(code.name).inc()
