@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
+import annotated_types
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from .engine import speculation as spec
+from .engine.types import SAMPLING_BOUNDS
 
 _SPEC = spec.SpeculationSettings()
+
+
+def _bounded(name: str) -> annotated_types.Interval:
+    """The bound of sampling value `name`: the defaults obey the requests' bounds."""
+    return SAMPLING_BOUNDS[name].interval()
+
 
 DEFAULT_MODEL = "genstruct-7b:Q4_K_M"
 # llama.cpp takes the engine's sizes as 32-bit C integers, and ctypes would wrap larger ones
@@ -132,15 +140,21 @@ class Settings(BaseSettings):
     )
 
     # Defaults for sampling fields a request leaves unset
-    temperature: float = Field(0.7, ge=0.0, le=5.0, description="Default temperature.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Default top_p (1 = off).")
-    top_k: int = Field(0, ge=0, le=1000, description="Default top_k (0 = off).")
-    min_p: float = Field(0.05, ge=0.0, lt=1.0, description="Default min_p (0 = off).")
-    repeat_penalty: float = Field(
-        1.0, gt=0.0, le=5.0, description="Default repeat penalty (1 = off)."
+    temperature: Annotated[float, _bounded("temperature")] = Field(
+        0.7, description="Default temperature."
     )
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Default presence penalty.")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Default frequency penalty.")
+    top_p: Annotated[float, _bounded("top_p")] = Field(1.0, description="Default top_p (1 = off).")
+    top_k: Annotated[int, _bounded("top_k")] = Field(0, description="Default top_k (0 = off).")
+    min_p: Annotated[float, _bounded("min_p")] = Field(0.05, description="Default min_p (0 = off).")
+    repeat_penalty: Annotated[float, _bounded("repeat_penalty")] = Field(
+        1.0, description="Default repeat penalty (1 = off)."
+    )
+    presence_penalty: Annotated[float, _bounded("presence_penalty")] = Field(
+        0.0, description="Default presence penalty."
+    )
+    frequency_penalty: Annotated[float, _bounded("frequency_penalty")] = Field(
+        0.0, description="Default frequency penalty."
+    )
     default_max_tokens: int = Field(
         512, ge=1, description="Tokens to generate per pair when a request does not say."
     )

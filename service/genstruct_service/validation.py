@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 from genstruct.v1 import genstruct_pb2
 
 from .config import Settings
-from .engine.types import GenerationRequest, Sampling, Truncation
+from .engine.types import SAMPLING_BOUNDS, GenerationRequest, Sampling, Truncation
 from .errors import InvalidRequest
 
 _MAX_SEED = 2**32 - 1
@@ -32,57 +30,24 @@ def check_id(request_id: str, settings: Settings, *, required: bool) -> None:
         )
 
 
-def _check_float(field: str, value: float, low: float, high: float, *, low_open: bool = False,
-                 high_open: bool = False) -> float:
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if not math.isfinite(value) or too_low or too_high:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        raise InvalidRequest(field, f"is {value}; it must be in {left}{low:g}, {high:g}{right}")
-    return value
-
-
 def _sampling(params: genstruct_pb2.SamplingParams, settings: Settings) -> Sampling:
-    def given(name: str) -> bool:
-        return params.HasField(name)  # type: ignore[arg-type]
-
-    temperature = settings.temperature
-    if given("temperature"):
-        temperature = _check_float("sampling.temperature", params.temperature, 0.0, 5.0)
-    top_p = settings.top_p
-    if given("top_p"):
-        top_p = _check_float("sampling.top_p", params.top_p, 0.0, 1.0, low_open=True)
-    top_k = settings.top_k
-    if given("top_k"):
-        if not 0 <= params.top_k <= 1000:
-            raise InvalidRequest("sampling.top_k", f"is {params.top_k}; it must be 0 to 1000")
-        top_k = params.top_k
-    min_p = settings.min_p
-    if given("min_p"):
-        min_p = _check_float("sampling.min_p", params.min_p, 0.0, 1.0, high_open=True)
-    repeat_penalty = settings.repeat_penalty
-    if given("repeat_penalty"):
-        repeat_penalty = _check_float(
-            "sampling.repeat_penalty", params.repeat_penalty, 0.0, 5.0, low_open=True
-        )
-    presence_penalty = settings.presence_penalty
-    if given("presence_penalty"):
-        presence_penalty = _check_float(
-            "sampling.presence_penalty", params.presence_penalty, -2.0, 2.0
-        )
-    frequency_penalty = settings.frequency_penalty
-    if given("frequency_penalty"):
-        frequency_penalty = _check_float(
-            "sampling.frequency_penalty", params.frequency_penalty, -2.0, 2.0
-        )
+    values: dict[str, float] = {}
+    for name, bound in SAMPLING_BOUNDS.items():
+        if not params.HasField(name):  # type: ignore[arg-type]
+            values[name] = getattr(settings, name)
+            continue
+        value = getattr(params, name)
+        why = bound.problem(value)
+        if why is not None:
+            raise InvalidRequest(f"sampling.{name}", why)
+        values[name] = value
     seed: int | None = None
-    if given("seed"):
+    if params.HasField("seed"):
         if params.seed > _MAX_SEED:
             raise InvalidRequest("sampling.seed", f"is {params.seed}; it must be 0 to 2^32 - 1")
         seed = params.seed
     max_tokens = settings.default_max_tokens
-    if given("max_tokens"):
+    if params.HasField("max_tokens"):
         if not 1 <= params.max_tokens <= settings.max_tokens_limit:
             raise InvalidRequest(
                 "sampling.max_tokens",
@@ -104,13 +69,13 @@ def _sampling(params: genstruct_pb2.SamplingParams, settings: Settings) -> Sampl
                 f"has {len(stop)} characters; the limit is {settings.max_stop_chars}",
             )
     return Sampling(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repeat_penalty=repeat_penalty,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
+        temperature=values["temperature"],
+        top_p=values["top_p"],
+        top_k=int(values["top_k"]),
+        min_p=values["min_p"],
+        repeat_penalty=values["repeat_penalty"],
+        presence_penalty=values["presence_penalty"],
+        frequency_penalty=values["frequency_penalty"],
         seed=seed,
         max_tokens=max_tokens,
         stop=tuple(params.stop),

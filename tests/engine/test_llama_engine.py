@@ -261,6 +261,9 @@ async def test_invalid_requests_fail_before_the_first_event(engine: Any) -> None
         await anext(engine.generate(request(0, num_generations=5)))
     with pytest.raises(InvalidRequest, match="top_p"):
         await anext(engine.generate(request(0, top_p=0.0)))
+    # the bounds the service's edge enforces, not looser ones of the engine's own
+    with pytest.raises(InvalidRequest, match="temperature"):
+        await anext(engine.generate(request(0, temperature=5.5)))
 
 
 @pytest.fixture(scope="module")

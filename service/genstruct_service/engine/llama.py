@@ -79,6 +79,7 @@ from genstruct_service.engine.types import (
     Timings,
     TokenDelta,
     Truncation,
+    sampling_problem,
 )
 from genstruct_service.errors import (
     InvalidRequest,
@@ -390,25 +391,14 @@ class LlamaEngine:
                 f"must be between 1 and {self._n_parallel} (the engine's slots), "
                 f"got {request.num_generations}",
             )
-        if s.max_tokens < 1:
-            raise InvalidRequest("sampling.max_tokens", f"must be at least 1, got {s.max_tokens}")
+        problem = sampling_problem(s)
+        if problem is not None:
+            raise InvalidRequest(*problem)
         if request.constrained and s.max_tokens < self._min_constrained_tokens:
             raise InvalidRequest(
                 "sampling.max_tokens",
                 f"constrained output needs at least {self._min_constrained_tokens} tokens, "
                 f"got {s.max_tokens}",
-            )
-        if not s.temperature >= 0.0:
-            raise InvalidRequest("sampling.temperature", f"must be >= 0, got {s.temperature}")
-        if not 0.0 < s.top_p <= 1.0:
-            raise InvalidRequest("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
-        if not 0.0 <= s.min_p <= 1.0:
-            raise InvalidRequest("sampling.min_p", f"must be in [0, 1], got {s.min_p}")
-        if s.top_k < 0:
-            raise InvalidRequest("sampling.top_k", f"must be >= 0, got {s.top_k}")
-        if not s.repeat_penalty > 0.0:
-            raise InvalidRequest(
-                "sampling.repeat_penalty", f"must be > 0, got {s.repeat_penalty}"
             )
 
     # ---------------------------------------------------------------- engine thread

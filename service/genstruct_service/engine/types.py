@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Callable
+import math
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import annotated_types
 
 from genstruct_service.engine.speculation import SpeculationSettings
 
@@ -42,6 +45,56 @@ class Sampling:
     max_tokens: int = 512
     stop: tuple[str, ...] = ()  # the caller's stop strings, on top of the Genstruct stop
     ignore_eos: bool = False  # benchmarks only: generate exactly max_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """The range a sampling value must lie in; `low_open` / `high_open` exclude the ends."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def problem(self, value: float) -> str | None:
+        """Why `value` is out of range, or None when it is in it."""
+        too_low = value <= self.low if self.low_open else value < self.low
+        too_high = value >= self.high if self.high_open else value > self.high
+        if math.isfinite(value) and not too_low and not too_high:
+            return None
+        left = "(" if self.low_open else "["
+        right = ")" if self.high_open else "]"
+        return f"is {value}; it must be in {left}{self.low:g}, {self.high:g}{right}"
+
+    def interval(self) -> annotated_types.Interval:
+        """The bound as an annotated-types constraint, for pydantic fields."""
+        low = {"gt": self.low} if self.low_open else {"ge": self.low}
+        high = {"lt": self.high} if self.high_open else {"le": self.high}
+        return annotated_types.Interval(**low, **high)
+
+
+# The one table of what each sampling value may be: requests are checked against it at the
+# service's edge and by the engine, and the server's defaults when the settings are read.
+SAMPLING_BOUNDS: Mapping[str, Bound] = {
+    "temperature": Bound(0.0, 5.0),
+    "top_p": Bound(0.0, 1.0, low_open=True),
+    "top_k": Bound(0, 1000),
+    "min_p": Bound(0.0, 1.0, high_open=True),
+    "repeat_penalty": Bound(0.0, 5.0, low_open=True),
+    "presence_penalty": Bound(-2.0, 2.0),
+    "frequency_penalty": Bound(-2.0, 2.0),
+}
+
+
+def sampling_problem(sampling: Sampling) -> tuple[str, str] | None:
+    """(field, why) for the first value of `sampling` out of its bound; None when all are in."""
+    for name, bound in SAMPLING_BOUNDS.items():
+        why = bound.problem(getattr(sampling, name))
+        if why is not None:
+            return f"sampling.{name}", why
+    if sampling.max_tokens < 1:
+        return "sampling.max_tokens", f"is {sampling.max_tokens}; it must be at least 1"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
