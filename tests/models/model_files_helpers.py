@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import sys
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -88,6 +89,9 @@ class FakeHub:
     corrupt_body: bool = False  # the CDN flips a byte of what it sends
     ignore_range: bool = False  # the CDN answers Range requests with the whole file
     etag_override: str | None = None  # report this sha256 instead of the real one
+    expire_cut_links: bool = False  # a signed link whose GET was cut answers 403 from then on
+    links_signed: int = 0
+    expired: set[str] = field(default_factory=set)
     endpoint: str = ""
     cdn: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -149,8 +153,12 @@ def hub_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._error(404, "EntryNotFound", "Entry not found")
                 return
             sha = hub.etag_override or hashlib.sha256(content).hexdigest()
+            with hub.lock:
+                hub.links_signed += 1
+                signature = hub.links_signed
             self.send_response(302)
-            self.send_header("Location", f"{hub.cdn}/blobs/{hashlib.sha256(content).hexdigest()}")
+            blob = hashlib.sha256(content).hexdigest()
+            self.send_header("Location", f"{hub.cdn}/blobs/{blob}?signature={signature}")
             self.send_header("X-Repo-Commit", COMMIT)
             self.send_header("X-Linked-Etag", f'"{sha}"')
             self.send_header("X-Linked-Size", str(len(content)))
@@ -175,7 +183,13 @@ def cdn_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             hub.record(
                 Recorded("cdn", "GET", self.path, {k.lower(): v for k, v in self.headers.items()})
             )
-            content = hub.blob(self.path.rsplit("/", 1)[-1])
+            path, _, signature = self.path.partition("?signature=")
+            content = hub.blob(path.rsplit("/", 1)[-1])
+            if signature in hub.expired:
+                self.send_response(403)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if content is None:
                 self.send_response(404)
                 self.send_header("Content-Length", "0")
@@ -207,6 +221,8 @@ def cdn_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 cut = hub.cut_next_gets > 0
                 hub.cut_next_gets -= 1 if cut else 0
             if cut:
+                if hub.expire_cut_links:
+                    hub.expired.add(signature)
                 self.wfile.write(body[: len(body) // 2])
                 self.wfile.flush()
                 self.close_connection = True
@@ -217,8 +233,15 @@ def cdn_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        # a client that hangs up mid-body (a test of an aborted download) is not an error
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
 def serve(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, threading.Thread]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = _QuietServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.daemon = True

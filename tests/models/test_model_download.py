@@ -13,6 +13,7 @@ from model_files_helpers import FakeHub, make_gguf
 
 REPO = "TestOrg/Genstruct-7B-GGUF"
 FILE = "Genstruct-7B.Q4_K_M.gguf"
+TAIL = 4096  # bytes of a partial file downloaded again and compared before resuming it
 
 
 @pytest.fixture
@@ -21,7 +22,7 @@ def content() -> bytes:
 
 
 def _download(models: Path, **kwargs: object) -> download.DownloadResult:
-    options: dict[str, object] = {"retry_wait": 0, "progress": False}
+    options: dict[str, object] = {"retry_wait": 0, "progress": False, "tail_check": TAIL}
     options.update(kwargs)
     return download_file(REPO, FILE, models / FILE, **options)  # type: ignore[arg-type]
 
@@ -37,7 +38,7 @@ def test_download_succeeds_and_is_verified(
     assert result.commit is not None
     head = fake_hub.requests[0]
     assert (head.server, head.method, head.path) == ("hub", "HEAD", f"/{REPO}/resolve/main/{FILE}")
-    assert [r.path for r in fake_hub.gets()] == [f"/blobs/{sha}"]
+    assert [r.path.split("?")[0] for r in fake_hub.gets()] == [f"/blobs/{sha}"]
     assert "range" not in fake_hub.gets()[0].headers
     # Verified once: a restart needn't hash it again.
     assert integrity.recorded_sha256(result.path, tmp_path) == sha
@@ -63,7 +64,7 @@ def test_cut_connection_is_resumed_with_a_range_request(
     result = _download(tmp_path)
     first, second = fake_hub.gets()
     assert "range" not in first.headers
-    assert second.headers["range"] == f"bytes={len(content) // 2}-"
+    assert second.headers["range"] == f"bytes={len(content) // 2 - TAIL}-"
     assert result.path.read_bytes() == content
 
 
@@ -79,7 +80,7 @@ def test_interrupted_download_is_kept_and_resumed_by_the_next_call(
     assert part.stat().st_size == len(content) // 2
 
     result = _download(tmp_path)
-    assert fake_hub.gets()[-1].headers["range"] == f"bytes={len(content) // 2}-"
+    assert fake_hub.gets()[-1].headers["range"] == f"bytes={len(content) // 2 - TAIL}-"
     assert result.path.read_bytes() == content
     assert not part.exists()
 
@@ -196,3 +197,59 @@ def test_disk_full_is_known_from_the_registry_size_before_any_request(
     with pytest.raises(ModelError, match=r"needs 4\.37 GB and .* has 1\.00 GB free"):
         _download(tmp_path, expected_size=4_370_000_000)
     assert fake_hub.requests == []
+
+
+def test_an_expired_download_link_is_replaced_by_a_fresh_one_from_the_hub(
+    fake_hub: FakeHub, tmp_path: Path, content: bytes
+) -> None:
+    fake_hub.add(REPO, FILE, content)
+    fake_hub.cut_next_gets = 1
+    fake_hub.expire_cut_links = True  # the link of the cut GET answers 403 from then on
+    result = _download(tmp_path)
+    assert result.path.read_bytes() == content
+    heads = [r for r in fake_hub.requests if r.server == "hub"]
+    first, second = fake_hub.gets()[0], fake_hub.gets()[-1]
+    assert len(heads) == 2 and first.path != second.path  # asked again, for a new signature
+    assert second.headers["range"] == f"bytes={len(content) // 2 - TAIL}-"
+
+
+def test_a_garbage_tail_of_a_partial_file_is_found_and_downloaded_again(
+    fake_hub: FakeHub, tmp_path: Path, content: bytes
+) -> None:
+    sha = fake_hub.add(REPO, FILE, content)
+    part = partial_path(tmp_path / FILE, sha)
+    part.parent.mkdir(parents=True)
+    kept = len(content) // 2
+    # the last 1000 bytes kept were allocated but never written (a power loss)
+    part.write_bytes(content[: kept - 1000] + bytes(1000))
+    result = _download(tmp_path)
+    assert result.path.read_bytes() == content
+    (only,) = fake_hub.gets()  # resumed, not restarted: one GET, from just before the tail
+    assert only.headers["range"] == f"bytes={kept - TAIL}-"
+
+
+def test_a_partial_file_whose_tail_matches_is_resumed_as_it_is(
+    fake_hub: FakeHub, tmp_path: Path, content: bytes
+) -> None:
+    sha = fake_hub.add(REPO, FILE, content)
+    part = partial_path(tmp_path / FILE, sha)
+    part.parent.mkdir(parents=True)
+    part.write_bytes(content[:1000])  # shorter than the check: compared from byte 0
+    result = _download(tmp_path)
+    assert result.path.read_bytes() == content
+    assert fake_hub.gets()[0].headers["range"] == "bytes=0-"
+
+
+def test_a_disk_that_fills_during_the_download_says_so_with_the_sizes(
+    fake_hub: FakeHub, tmp_path: Path, content: bytes
+) -> None:
+    sha = fake_hub.add(REPO, FILE, content)
+    part = partial_path(tmp_path / FILE, sha)
+    part.parent.mkdir(parents=True)
+    part.symlink_to("/dev/full")  # every write fails with ENOSPC, as on a full disk
+    with pytest.raises(ModelError) as err:
+        _download(tmp_path)
+    message = str(err.value)
+    assert "the disk filled up while downloading" in message
+    assert f"{len(content) / 1e9:.2f} GB" in message and "GENSTRUCT_MODELS_DIR" in message
+    assert "resumes where it stopped" in message

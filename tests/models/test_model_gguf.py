@@ -68,7 +68,7 @@ def test_git_lfs_pointer_is_named_as_such(tmp_path: Path) -> None:
     path = tmp_path / "Genstruct-7B.Q4_K_M.gguf"
     path.write_text(
         "version https://git-lfs.github.com/spec/v1\n"
-        "oid sha256:5bacc510893543b30c33c3df83b644fa165abc9f654dce2181cb4a6924735e27\n"
+        "oid sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n"
         "size 4370000000\n"
     )
     with pytest.raises(ModelError, match="Git LFS pointer"):

@@ -21,8 +21,8 @@ def test_shipped_registry_parses_with_the_genstruct_builds_and_the_demo() -> Non
         assert entry.source == "hf"
         assert entry.quant == quant
         assert entry.file is not None and entry.file.endswith(f".{quant}.gguf")
-        assert entry.size is not None and entry.size > 4_000_000_000
-        assert entry.sha256 is not None and len(entry.sha256) == 64
+        # no pin without a source to show for it: the Hub's sha256 is checked instead
+        assert entry.sha256 is None and entry.size is None
         assert not entry.stand_in
     assert reg.default == "genstruct-7b:Q4_K_M"
     demo = reg.get("demo")

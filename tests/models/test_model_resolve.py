@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 from genstruct_service.errors import ModelError
 from genstruct_service.model_files.registry import Registry, load_registry
-from genstruct_service.model_files.resolve import ResolvedModel, parse_hf_uri, resolve_model
+from genstruct_service.model_files.resolve import (
+    ResolvedModel,
+    hf_local_path,
+    parse_hf_uri,
+    resolve_model,
+)
 from model_files_helpers import FakeHub, make_gguf
 
 REPO = "TestOrg/Genstruct-7B-GGUF"
@@ -151,10 +156,63 @@ def test_hf_uri_downloads_with_the_hub_s_sha256(
 ) -> None:
     sha = fake_hub.add(REPO, "sub/dir/" + FILE, content)
     model = resolve_model(f"hf://{REPO}/sub/dir/{FILE}", models, progress=False)
-    assert model.path == models / FILE
+    assert model.path == models / "hf" / "TestOrg--Genstruct-7B-GGUF" / "main" / "sub/dir" / FILE
     assert model.sha256 == sha
     assert model.source == "hf"
     assert model.display_name == f"{REPO}/sub/dir/{FILE}"
+
+
+def test_hf_files_of_one_name_from_other_repos_or_revisions_never_stand_in(
+    fake_hub: FakeHub, models: Path, content: bytes
+) -> None:
+    other = make_gguf(n_floats=1024)
+    fake_hub.add(REPO, FILE, content)
+    fake_hub.add("Someone/Else", FILE, other)
+    first = resolve_model(f"hf://{REPO}/{FILE}", models, progress=False)
+    second = resolve_model(f"hf://Someone/Else/{FILE}", models, progress=False)
+    pinned = resolve_model(f"hf://{REPO}@v1/{FILE}", models, progress=False)
+    assert len({first.path, second.path, pinned.path}) == 3
+    assert second.path.read_bytes() == other and second.sha256 == hashlib.sha256(other).hexdigest()
+    assert pinned.path == hf_local_path(models, parse_hf_uri(f"hf://{REPO}@v1/{FILE}"))
+    requests = len(fake_hub.requests)
+    assert resolve_model(f"hf://{REPO}/{FILE}", models, allow_download=False).path == first.path
+    assert len(fake_hub.requests) == requests  # verified when downloaded: no request
+
+
+def test_an_hf_file_copied_in_by_hand_is_checked_against_the_hub(
+    fake_hub: FakeHub, models: Path, content: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sha = fake_hub.add(REPO, FILE, content)
+    local = hf_local_path(models, parse_hf_uri(f"hf://{REPO}/{FILE}"))
+    local.parent.mkdir(parents=True)
+    local.write_bytes(content[:-1] + b"\x00")
+    with pytest.raises(ModelError, match="checksum mismatch"):
+        resolve_model(f"hf://{REPO}/{FILE}", models, allow_download=False)
+    local.write_bytes(content)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match=r"not downloaded here.*offline mode is on.*--model"):
+        resolve_model(f"hf://{REPO}/{FILE}", models)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    model = resolve_model(f"hf://{REPO}/{FILE}", models, allow_download=False)
+    assert model.sha256 == sha
+    assert not fake_hub.gets()  # checked with a HEAD request; nothing downloaded
+
+
+def test_a_registry_file_without_a_pinned_sha256_is_checked_against_the_hub(
+    fake_hub: FakeHub, tmp_path: Path, models: Path, content: bytes, stand_in_module: Path
+) -> None:
+    unpinned = tmp_path / "unpinned.toml"
+    text = _registry(tmp_path, content, stand_in_module).path.read_text()  # type: ignore[union-attr]
+    unpinned.write_text(re.sub(r'(?m)^sha256 = "[0-9a-f]+"\n(?=\n\[models.demo)', "", text))
+    registry = load_registry(unpinned)
+    assert registry.get("genstruct-7b:Q4_K_M").sha256 is None
+    sha = fake_hub.add(REPO, FILE, content)
+    (models / FILE).write_bytes(content[:-1] + b"\x00")
+    with pytest.raises(ModelError, match="checksum mismatch"):
+        resolve_model("genstruct-7b:Q4_K_M", models, registry=registry, allow_download=False)
+    (models / FILE).write_bytes(content)
+    model = resolve_model("genstruct-7b:Q4_K_M", models, registry=registry, allow_download=False)
+    assert model.sha256 == sha
 
 
 def test_hf_uri_parsing() -> None:

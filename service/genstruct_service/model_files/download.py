@@ -12,13 +12,16 @@ sha256 and its GGUF header have been checked.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import httpx2
@@ -52,6 +55,9 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHA1 = re.compile(r"[0-9a-f]{40}")
 # Free space kept beyond the file itself, so a download never fills the disk to the last byte.
 DISK_MARGIN = 64 * 1024 * 1024
+# How much of a partial file is downloaded again and compared before resuming it: a file cut
+# by a power loss can end in blocks that were allocated but never written.
+TAIL_CHECK = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -120,11 +126,13 @@ def download_file(
     max_attempts: int = 5,
     retry_wait: float = 1.0,
     progress: bool = True,
+    tail_check: int = TAIL_CHECK,
 ) -> DownloadResult:
     """Download `repo`/`filename` to `dest`, verified; resume any earlier partial download.
 
     The sha256 checked is `expected_sha256` (the registry's) if given, else the one the Hub
-    reports for the file (its LFS ETag). `token` defaults to huggingface_hub's (HF_TOKEN, or
+    reports for the file (its LFS ETag). A resumed partial file has its last `tail_check`
+    bytes downloaded again and compared first. `token` defaults to huggingface_hub's (HF_TOKEN, or
     the saved login). Raises ModelError saying what went wrong and what to do.
     """
     what = f"{repo}/{filename}"
@@ -147,9 +155,12 @@ def download_file(
         check_disk_space(dest.parent, max(expected_size - have, 0), what=what)
     endpoint = hub_endpoint()
     url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
-    meta = _head(
-        url, token=token, endpoint=endpoint, what=what, revision=revision, fix_offline=fix_offline
-    )
+
+    def head() -> HfFileMetadata:
+        return _head(url, token=token, endpoint=endpoint, what=what, revision=revision,
+                     fix_offline=fix_offline)  # fmt: skip
+
+    meta = head()
     etag = meta.etag or ""
     hub_sha256 = etag if _SHA256.fullmatch(etag) else None
     if expected_sha256 and hub_sha256 and hub_sha256 != expected_sha256:
@@ -180,6 +191,7 @@ def download_file(
             check_disk_space(dest.parent, max(size - have, 0), what=what)
         return _fetch_and_install(
             meta,
+            head,
             url,
             part,
             dest,
@@ -191,11 +203,28 @@ def download_file(
             max_attempts=max_attempts,
             retry_wait=retry_wait,
             progress=progress,
+            tail_check=tail_check,
         )
+
+
+def hub_sha256(repo: str, filename: str, *, revision: str = "main") -> str:
+    """The sha256 the Hub reports for `repo`/`filename` at `revision` (its LFS ETag)."""
+    what = f"{repo}/{filename}"
+    endpoint = hub_endpoint()
+    url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
+    meta = _head(url, token=None, endpoint=endpoint, what=what, revision=revision,
+                 fix_offline=f"copy a verified {filename} here")  # fmt: skip
+    etag = meta.etag or ""
+    if not _SHA256.fullmatch(etag):
+        raise ModelError(
+            f"the Hub reports no sha256 for {what} (ETag {etag!r}): it is not an LFS file."
+        )
+    return etag
 
 
 def _fetch_and_install(
     meta: HfFileMetadata,
+    head: Callable[[], HfFileMetadata],
     url: str,
     part: Path,
     dest: Path,
@@ -208,23 +237,29 @@ def _fetch_and_install(
     max_attempts: int,
     retry_wait: float,
     progress: bool,
+    tail_check: int,
 ) -> DownloadResult:
     """Transfer into `part`, verify it, and only then move it to `dest`."""
 
-    # The Hub redirects LFS files to a CDN; the token must not leave the Hub's own hosts.
-    headers = {"Accept-Encoding": "identity"}
-    secret = _token(token)
-    if secret and _origin(meta.location) == _origin(url):
-        headers["Authorization"] = f"Bearer {secret}"
+    def locate(fresh: bool) -> tuple[str, dict[str, str]]:
+        """The URL to GET and its headers; `fresh` asks the Hub again (signed URLs expire)."""
+        location = head().location if fresh else meta.location
+        # The Hub redirects LFS files to a CDN; the token must not leave the Hub's own hosts.
+        headers = {"Accept-Encoding": "identity"}
+        secret = _token(token)
+        if secret and _origin(location) == _origin(url):
+            headers["Authorization"] = f"Bearer {secret}"
+        return location, headers
+
     _transfer(
-        meta.location,
+        locate,
         part,
         size=size,
-        headers=headers,
         what=what,
         max_attempts=max_attempts,
         retry_wait=retry_wait,
         progress=progress,
+        tail_check=tail_check,
     )
 
     got = part.stat().st_size
@@ -325,20 +360,26 @@ def repo_of(what: str) -> str:
     return "/".join(what.split("/")[:2])
 
 
+# Statuses a signed CDN URL answers once it has expired: ask the Hub for a new one.
+_EXPIRED_LINK = frozenset({401, 403, 410})
+
+
 def _transfer(
-    url: str,
+    locate: Callable[[bool], tuple[str, dict[str, str]]],
     part: Path,
     *,
     size: int | None,
-    headers: dict[str, str],
     what: str,
     max_attempts: int,
     retry_wait: float,
     progress: bool,
+    tail_check: int,
 ) -> None:
-    """GET `url` into `part`, resuming from its current length, for at most `max_attempts` tries."""
+    """GET the file into `part`, resuming from its current length, for at most `max_attempts`
+    tries; `locate(fresh)` gives the URL (fresh: asked of the Hub again) and its headers."""
     have = part.stat().st_size if part.exists() else 0
     last_error: Exception | None = None
+    fresh = False
     bar_options = {"unit": "B", "unit_scale": True, "unit_divisor": 1024}
     # tqdm ships no type hints.
     with hf_tqdm(  # type: ignore[no-untyped-call]
@@ -352,28 +393,34 @@ def _transfer(
                     bar.reset(total=size)
                     continue
                 return
-            request_headers = dict(headers)
-            if have:
-                request_headers["Range"] = f"bytes={have}-"
-                logger.info("resuming %s at %s of %s", what, have, size)
+            location, headers = locate(fresh)
+            fresh = False
             try:
-                _get_once(url, part, have=have, headers=request_headers, bar=bar)
+                start = max(have - tail_check, 0)
+                _get_once(location, part, start=start, have=have, headers=headers, bar=bar,
+                          what=what, size=size)  # fmt: skip
                 if size is None or part.stat().st_size >= size:
                     return
                 last_error = None
             except httpx2.TransportError as exc:
                 last_error = exc
             except HfHubHTTPError as exc:
-                if exc.response.status_code == 416:  # our partial file doesn't fit: restart
+                status = exc.response.status_code
+                if status == 416:  # our partial file doesn't fit: restart
                     part.unlink(missing_ok=True)
                     bar.reset(total=size)
                     last_error = exc
+                elif status in _EXPIRED_LINK and attempt < max_attempts:
+                    logger.info("the download link of %s was refused (HTTP %d); asking the Hub "
+                                "for a new one", what, status)  # fmt: skip
+                    fresh, last_error = True, exc
+                    continue
                 else:
                     kept = part.stat().st_size if part.exists() else 0
                     raise ModelError(
-                        f"download of {what} failed: HTTP {exc.response.status_code} (a signed "
-                        f"download link may have expired). {kept} bytes are kept in {part}; run "
-                        "the same command again to resume where it stopped."
+                        f"download of {what} failed: HTTP {status}, even with a new download "
+                        f"link from the Hub. {kept} bytes are kept in {part}; run the same "
+                        "command again to resume where it stopped."
                     ) from exc
             logger.warning(
                 "download of %s interrupted at %s of %s bytes (attempt %d of %d): %s",
@@ -395,7 +442,17 @@ def _transfer(
     )
 
 
-def _get_once(url: str, part: Path, *, have: int, headers: dict[str, str], bar: hf_tqdm) -> None:
+def _get_once(
+    url: str, part: Path, *, start: int, have: int, headers: dict[str, str], bar: hf_tqdm,
+    what: str, size: int | None,
+) -> None:  # fmt: skip
+    """One GET into `part` of the bytes from `start`. A resume starts before the `have` bytes
+    kept and compares the overlap with the file's tail; from the first byte that differs, the
+    file is rewritten with what arrives."""
+    if have:
+        headers = {**headers, "Range": f"bytes={start}-"}
+        logger.info("resuming %s at %s of %s (checking the %s bytes before)", what, have, size,
+                    have - start)  # fmt: skip
     with get_session().stream(
         "GET", url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT
     ) as response:
@@ -403,17 +460,82 @@ def _get_once(url: str, part: Path, *, have: int, headers: dict[str, str], bar: 
         if have and response.status_code != 206:
             # The server ignored the Range header: rewrite the file from the start.
             logger.info("server ignored the Range request; restarting the download")
-            have = 0
+            start = have = 0
             bar.reset(total=bar.total)
         elif have:
             content_range = response.headers.get("Content-Range", "")
-            if not content_range.startswith(f"bytes {have}-"):
+            if not content_range.startswith(f"bytes {start}-"):
                 raise httpx2.RemoteProtocolError(
-                    f"unexpected Content-Range {content_range!r} for a resume at byte {have}"
+                    f"unexpected Content-Range {content_range!r} for a resume at byte {start}"
                 )
         with part.open("r+b" if have else "wb") as fh:
-            fh.seek(have)
-            fh.truncate()
+            fh.seek(start)
+            writer = _TailChecked(fh, start, have, what=what, size=size, bar=bar)
             for chunk in response.iter_bytes():
-                fh.write(chunk)
-                bar.update(len(chunk))
+                writer.write(chunk)
+
+
+class _TailChecked:
+    """Writes a download into its partial file at `start`, first comparing what arrives with
+    the bytes the file already has up to `have`; at the first difference the file is cut
+    there and the rest is written over it."""
+
+    def __init__(
+        self, fh: BinaryIO, start: int, have: int, *, what: str, size: int | None, bar: hf_tqdm
+    ) -> None:
+        self._fh, self._pos, self._have = fh, start, have
+        self._what, self._size, self._bar = what, size, bar
+
+    def write(self, chunk: bytes) -> None:
+        if self._pos < self._have:
+            ours = self._fh.read(min(len(chunk), self._have - self._pos))
+            same = _common_prefix(ours, chunk)
+            self._pos += same
+            chunk = chunk[same:]
+            if not chunk:
+                return
+            if self._pos < self._have:
+                logger.warning(
+                    "the partial download of %s differs from the Hub's file at byte %d of the "
+                    "%d kept (an unfinished write?); downloading again from there",
+                    self._what, self._pos, self._have,
+                )  # fmt: skip
+                self._bar.update(self._pos - self._have)
+                self._have = self._pos
+            self._fh.seek(self._pos)
+            self._fh.truncate()
+        try:
+            self._fh.write(chunk)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _disk_full(self._what, self._pos, self._size, self._fh.name) from exc
+            raise
+        self._pos += len(chunk)
+        self._bar.update(len(chunk))
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    """How many leading bytes `a` and `b` share."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n  # a[:low] == b[:low], a[:high] != b[:high]
+    while high - low > 1:
+        mid = (low + high) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def _disk_full(what: str, written: int, size: int | None, part: object) -> ModelError:
+    folder = Path(str(part)).parent
+    free = free_bytes(folder)
+    need = f"; {_gb(size - written)} more are needed" if size is not None else ""
+    return ModelError(
+        f"the disk filled up while downloading {what}: {_gb(written)} of "
+        f"{_gb(size) if size is not None else '?'} are in {part}{need} and {folder} has "
+        f"{_gb(free)} free. Free that much space (or point GENSTRUCT_MODELS_DIR at a bigger "
+        "disk) and run the same command again: it resumes where it stopped."
+    )

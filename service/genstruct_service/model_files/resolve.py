@@ -11,7 +11,12 @@ from typing import Literal
 
 from genstruct_service.errors import ModelError
 from genstruct_service.model_files import integrity
-from genstruct_service.model_files.download import download_file, is_offline, partial_path
+from genstruct_service.model_files.download import (
+    download_file,
+    hub_sha256,
+    is_offline,
+    partial_path,
+)
 from genstruct_service.model_files.gguf import GGUFInfo, read_gguf
 from genstruct_service.model_files.registry import ModelEntry, Registry, load_registry
 
@@ -128,33 +133,58 @@ def resolve_entry(
     return _resolved(result.path, entry.label, "registry", result.sha256, entry)
 
 
-def _verify_local(local: Path, entry: ModelEntry, models_dir: Path) -> str | None:
+def _verify_local(local: Path, entry: ModelEntry, models_dir: Path) -> str:
     if entry.sha256:
         integrity.verify_sha256(local, entry.sha256, models_dir, what=entry.name)
         return entry.sha256
-    recorded = integrity.recorded_sha256(local, models_dir)
-    if recorded is None:
-        logger.warning(
-            "%s: the registry has no sha256 for %s and it was not downloaded here; only its "
-            "GGUF header is checked",
-            entry.name,
-            local,
+    assert entry.repo is not None and entry.file is not None
+    return _verify_with_hub(local, HfFile(entry.repo, entry.file, entry.revision))
+
+
+def _verify_with_hub(local: Path, ref: HfFile) -> str:
+    """The sha256 `local` was verified against: recorded when it was downloaded here, else the
+    one the Hub reports for the file now (asked of the Hub, never assumed)."""
+    folder = local.parent  # where download_file records what it verified
+    recorded = integrity.recorded_sha256(local, folder)
+    if recorded is not None:
+        return recorded
+    what = f"{ref.repo}@{ref.revision}/{ref.file}"
+    unverified = (
+        f"{local} was not downloaded here, so there is nothing to check it against but the "
+        f"sha256 the Hub reports for {what}"
+    )
+    if is_offline():
+        raise ModelError(
+            f"{unverified}, and offline mode is on (HF_HUB_OFFLINE=1). Unset it once to verify "
+            "the file, or pass the file's path as --model to load it unverified."
         )
-    return recorded
+    try:
+        expected = hub_sha256(ref.repo, ref.file, revision=ref.revision)
+    except ModelError as exc:
+        raise ModelError(
+            f"{unverified}, which cannot be had now: {exc} Or pass the file's path as --model "
+            "to load it unverified."
+        ) from exc
+    integrity.verify_sha256(local, expected, folder, what=what)
+    return expected
+
+
+def hf_local_path(models_dir: Path, ref: HfFile) -> Path:
+    """Where hf://OWNER/REPO@REVISION/FILE is kept: one folder per repository and revision, so
+    files of the same name from other repositories or revisions never stand in for it."""
+    owner, name = ref.repo.split("/", 1)
+    revision = ref.revision.replace("/", "--")
+    return Path(models_dir) / "hf" / f"{owner}--{name}" / revision / ref.file
 
 
 def _resolve_hf(
     ref: HfFile, models_dir: Path, allow_download: bool, progress: bool
 ) -> ResolvedModel:
     name = f"{ref.repo}/{ref.file}"
-    local = Path(models_dir) / Path(ref.file).name
+    local = hf_local_path(models_dir, ref)
     if local.is_file():
-        recorded = integrity.recorded_sha256(local, models_dir)
-        if recorded is None:
-            logger.warning(
-                "%s: using %s, which was not downloaded here (not verified)", name, local
-            )
-        return _resolved(local, name, "hf", recorded, None)
+        sha = _verify_with_hub(local, ref)
+        return _resolved(local, name, "hf", sha, None)
     if not allow_download:
         raise ModelError(
             f"{name} is not in {models_dir} and downloads are off. Download it on a machine "
