@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import sys
 import struct
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
