@@ -61,3 +61,49 @@ async def collect(
 
 def joined(deltas: list[TokenDelta], index: int) -> str:
     return "".join(d.text for d in deltas if d.index == index)
+
+
+class GreedyReference:
+    """The argmax chain of a model decoded one token per step (llama-cpp-python's Llama),
+    with the margin of each choice: the top logit minus the runner-up.
+
+    A batch of several rows (a verified draft) can compute logits a hair apart from one row
+    alone, so greedy text with drafts may leave the chain where its top two logits all but
+    tie; `departure` finds where a text leaves the chain and with what margin.
+    """
+
+    def __init__(self, model_path: str, *, n_ctx: int, n_batch: int, flash_attn: bool) -> None:
+        import llama_cpp
+
+        self._llm = llama_cpp.Llama(
+            model_path, n_ctx=n_ctx, n_batch=n_batch, n_threads=2, n_threads_batch=2,
+            flash_attn=flash_attn, verbose=False,
+        )  # fmt: skip
+
+    def chain(self, prompt: list[int], steps: int) -> list[tuple[int, float]]:
+        """(token, margin) of `steps` greedy steps after `prompt`."""
+        import numpy as np
+
+        llm = self._llm
+        llm.reset()
+        llm.eval(prompt)
+        out: list[tuple[int, float]] = []
+        for _ in range(steps):
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+            top, second = np.partition(logits, -2)[-1:-3:-1]
+            token = int(np.argmax(logits))
+            out.append((token, float(top - second)))
+            llm.eval([token])
+        return out
+
+    def departure(self, prompt: list[int], text: str, steps: int) -> float | None:
+        """The margin of the chain's step where `text` leaves it; None if it never does."""
+        want = text.encode()
+        have = b""
+        for token, margin in self.chain(prompt, steps):
+            if len(have) >= len(want):
+                return None
+            have += self._llm.detokenize([token])
+            if not want.startswith(have[: len(want)]):
+                return margin
+        return None
