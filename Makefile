@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 NODE_DIR := tests/node
 PYTEST_ARGS ?=
 
-.PHONY: run test test-short test-full lint protos bench bench-e2e bench-spec clean llama-cpp
+.PHONY: run test test-short test-full lint protos bench bench-e2e bench-spec bench-bulk clean llama-cpp
 
 # llama.cpp is compiled by tools/llama_build.py, never taken from pip's cache (which keys a
 # wheel by version alone, whatever flags built it). LLAMA_PROFILE=native|portable,
@@ -86,6 +86,10 @@ bench-e2e: $(VENV)/.dev llama-cpp
 # Speculation on and off, against llama-server's ngram speculation, on real text.
 bench-spec: $(VENV)/.dev llama-cpp
 	$(PY) -m bench.speculation --out bench/results/speculation.json $(ARGS)
+
+# The bulk client at corpus scale: documents/s with an instant engine, resume over 1M rows.
+bench-bulk: $(VENV)/.dev
+	$(PY) -m bench.bulk_scale $(ARGS)
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
