@@ -43,6 +43,7 @@ def test_info_reads_the_gguf_metadata(engine: Any, model_name: str) -> None:
         assert info.architecture == "llama" and info.total_layers == 2
         assert info.train_context_length == 4096
     assert info.backend == "CPU" and info.gpu_layers_offloaded == 0
+    assert info.flash_attn == "on"  # "auto", resolved: the CPU backend has flash attention
     assert info.context_length == 2048 and info.n_parallel == 4
     assert info.train_context_length >= 2048 and info.total_layers > 0
 

@@ -70,7 +70,8 @@ async def test_generate_stream_and_info_with_the_real_engine(
         assert info.model_name == "demo" and info.architecture and info.n_parallel == 1
         # what is in force: the context's own settings and the build
         assert (info.n_batch, info.n_ubatch, info.threads, info.threads_batch) == (256, 256, 2, 2)
-        assert info.flash_attn == "auto" and info.cache_type_k == info.cache_type_v == "f16"
+        # "auto" resolved: the CPU backend has flash attention
+        assert info.flash_attn == "on" and info.cache_type_k == info.cache_type_v == "f16"
         assert info.gpu_layers_offloaded == 0 and info.backend == "CPU"
         assert info.build.llama_cpp_python_version and "CPU" in info.build.backends
         assert info.build.system_info.startswith("CPU : ") and info.build.cpu_features

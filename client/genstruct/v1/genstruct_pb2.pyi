@@ -656,7 +656,9 @@ class GetModelInfoResponse(_message.Message):
     """CPU threads llama.cpp uses to generate, and to process prompts."""
     threads_batch: _builtins.int
     flash_attn: _builtins.str
-    """Flash attention as set: "auto" (llama.cpp decides per device), "on" or "off"."""
+    """Flash attention in force: "on" or "off", as llama.cpp resolved the server's setting
+    (with "auto" it decides per device); "auto" only if llama.cpp did not say.
+    """
     cache_type_k: _builtins.str
     """Element types of the KV cache: "f16", "q8_0" or "q4_0"."""
     cache_type_v: _builtins.str

@@ -41,6 +41,7 @@ from typing import Any
 
 import llama_cpp as ll
 
+from genstruct_service.engine import llama_log
 from genstruct_service.engine.build_info import load_backends, read_build_info
 from genstruct_service.engine.cpus import available_cpus
 from genstruct_service.engine.fitting import FittedPrompt, content_budget, fit_prompt
@@ -245,6 +246,7 @@ class LlamaEngine:
         self._n_threads = n_threads or available_cpus()
         self._n_threads_batch = n_threads_batch or self._n_threads
         self._flash_attn = flash_attn
+        self._flash_attn_in_force = flash_attn  # "auto" resolved once the context exists
         self._cache_types = (cache_type_k, cache_type_v)
         self._max_queue = max_queue
         self._spec = speculation
@@ -458,7 +460,9 @@ class LlamaEngine:
         cparams.flash_attn_type = FLASH_ATTN[self._flash_attn]
         cparams.type_k = CACHE_TYPES[self._cache_types[0]]
         cparams.type_v = CACHE_TYPES[self._cache_types[1]]
-        ctx = ll.llama_init_from_model(model, cparams)
+        with llama_log.captured() as lines:
+            ctx = ll.llama_init_from_model(model, cparams)
+        self._flash_attn_in_force = llama_log.flash_attn_in_force(self._flash_attn, lines)
         if not ctx:
             ll.llama_model_free(model)
             raise ModelError("llama.cpp could not create a context (n_ctx too large for memory?)")
@@ -506,7 +510,7 @@ class LlamaEngine:
         self._info = engine_info(
             model, ctx, model_name=self._model_name, model_path=self._model_path,
             n_parallel=self._n_parallel, n_gpu_layers=self._n_gpu_layers, build=build,
-            flash_attn=self._flash_attn, cache_types=self._cache_types,
+            flash_attn=self._flash_attn_in_force, cache_types=self._cache_types,
             speculation=self._spec,
         )
 

@@ -219,7 +219,7 @@ class EngineInfo:
     n_ubatch: int = 0
     threads: int = 0
     threads_batch: int = 0
-    flash_attn: str = ""  # "auto", "on" or "off", as set
+    flash_attn: str = ""  # "on" or "off" as llama.cpp resolved the setting ("auto" if unknown)
     cache_type_k: str = ""
     cache_type_v: str = ""
     speculation: SpeculationSettings | None = None  # None for an engine that has none
