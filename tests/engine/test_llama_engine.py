@@ -337,3 +337,19 @@ async def test_generations_ending_on_their_first_token_free_their_slots(engine: 
     _, done = await collect(engine, request(0, max_tokens=1, temperature=0.0, num_generations=3))
     assert [g.completion_tokens for g in done.generations] == [1, 1, 1]
     assert engine.stats().busy_slots == 0
+
+
+async def test_the_context_runs_on_persistent_thread_pools(model_path: str) -> None:
+    from genstruct_service.engine.llama import LlamaEngine
+
+    # as llama-server: one pool per thread count, attached to the context for its lifetime
+    engine = LlamaEngine(model_path, prompt_format=GENSTRUCT_FORMAT, n_parallel=1, n_ctx=256,
+                         n_batch=64, n_threads=1, n_threads_batch=2)  # fmt: skip
+    try:
+        pools = engine._pools
+        assert pools is not None and pools.generate and pools.batch
+        _, done = await collect(engine, request(0, max_tokens=4, temperature=0.0))
+        assert done.generations[0].completion_tokens == 4
+    finally:
+        await engine.close()
+    assert engine._pools is None  # freed with the context

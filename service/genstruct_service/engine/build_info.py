@@ -52,6 +52,11 @@ def _libggml() -> Any:
 _LIBGGML = _libggml()
 
 
+def libggml() -> Any:
+    """The libggml libllama uses (see _libggml), for bindings of its functions elsewhere."""
+    return _LIBGGML
+
+
 def _bind(name: str, restype: Any, *argtypes: Any) -> Any:
     function = getattr(_LIBGGML, name)
     function.restype = restype

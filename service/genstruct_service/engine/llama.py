@@ -41,7 +41,7 @@ from typing import Any
 
 import llama_cpp as ll
 
-from genstruct_service.engine import llama_log
+from genstruct_service.engine import llama_log, threadpool
 from genstruct_service.engine.build_info import load_backends, read_build_info
 from genstruct_service.engine.cpus import available_cpus
 from genstruct_service.engine.fitting import FittedPrompt, content_budget, fit_prompt
@@ -467,6 +467,7 @@ class LlamaEngine:
             ll.llama_model_free(model)
             raise ModelError("llama.cpp could not create a context (n_ctx too large for memory?)")
         self._ctx = ctx
+        self._pools = threadpool.attach(ctx, self._n_threads, self._n_threads_batch)
         self._mem = ll.llama_get_memory(ctx)
         self._vocab = ll.llama_model_get_vocab(model)
         self._n_vocab = int(ll.llama_vocab_n_tokens(self._vocab))
@@ -581,8 +582,13 @@ class LlamaEngine:
             ll.llama_batch_free(self._batch)
             self._batch = None
         if getattr(self, "_ctx", None):
+            threadpool.detach(self._ctx)
             ll.llama_free(self._ctx)
             self._ctx = None
+        pools = getattr(self, "_pools", None)
+        if pools is not None:
+            pools.close()
+            self._pools = None
         if getattr(self, "_model", None):
             ll.llama_model_free(self._model)
             self._model = None
