@@ -31,10 +31,11 @@ PREFIX = "/genstruct.v1.GenstructService/"
 MAX_MESSAGE = 4 * 1024 * 1024  # the server's default max_message_bytes
 REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 FIELDS = ("id", "document", "num_generations", "truncation", "sampling", "request")
-# Memory may move a little with allocator noise; a per-request leak of even a few hundred
-# bytes over thousands of requests (or of one huge document) shows above this.
+# Memory moves with allocator noise: over the short run's 150 requests RSS was seen to grow
+# by 6 to 8.6 MiB, and over the full run's 1,500 to fall by 2.6 MiB. Keeping each request's
+# document (up to 100,000 characters; 400 KB of emoji) would add well over this.
 GROWTH_LIMIT = 0.05
-GROWTH_FLOOR = 8 * MiB
+GROWTH_FLOOR = 12 * MiB
 
 Channel = grpc.Channel
 
