@@ -184,18 +184,9 @@ class Acceptance:
     _PRIOR = 4.0  # a sequence's record weighs this many tokens of the engine's estimate
     FLOOR = 0.02  # never quite zero, so a draft that costs nothing is still tried
 
-    _START_WEIGHT = 2.0  # the starting estimate weighs this many compared tokens
-
     def __init__(self, ngram_max: int) -> None:
-        # Per match length: [accepted, tried]. The start is optimistic for long matches (0.5
-        # for none up to 0.95 for ngram_max), the ones that copy their context: a draft is
-        # the only way to learn its rate, and where a second batch row costs as much as a
-        # whole step (some CPUs), an estimate of 0.5 would never draft and so never learn.
-        # A few drafts that miss bring an optimistic start down.
-        self._by_match = [
-            [self._START_WEIGHT * (0.5 + 0.45 * m / max(ngram_max, 1)), self._START_WEIGHT]
-            for m in range(ngram_max + 1)
-        ]
+        # per match length: [accepted, tried], starting at one accepted of two
+        self._by_match = [[1.0, 2.0] for _ in range(ngram_max + 1)]
 
     def rate(self, match: int, accepted: int, tried: int) -> float:
         """The estimate for a draft from a `match`-long match, for a sequence whose drafts so
