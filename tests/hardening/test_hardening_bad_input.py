@@ -64,7 +64,9 @@ def _in(value: float, low: float, high: float, *, low_open: bool = False,
     return above and below
 
 
-def expected(request: pb.GenerateRequest, limits: Limits, *, batch: bool) -> str:
+def expected(
+    request: pb.GenerateRequest, limits: Limits, *, batch: bool, stream: bool = False
+) -> str:
     """"ok", "invalid" or "too_big", from the field comments of genstruct.proto."""
     if request.ByteSize() > limits.max_message_bytes:
         return "too_big"
@@ -75,7 +77,8 @@ def expected(request: pb.GenerateRequest, limits: Limits, *, batch: bool) -> str
         bool(request.document.content.strip()),
         len(request.document.content) <= limits.max_content_chars,
         request.num_generations <= limits.max_num_generations,
-        request.truncation in (0, 1, 2),
+        # TRUNCATION_CHUNK (3) returns every part's pairs together: not for GenerateStream
+        request.truncation in (0, 1, 2) or (request.truncation == 3 and not stream),
         not s.HasField("temperature") or _in(s.temperature, 0, 5),
         not s.HasField("top_p") or _in(s.top_p, 0, 1, low_open=True),
         not s.HasField("top_k") or 0 <= s.top_k <= 1000,
@@ -158,7 +161,7 @@ def field_strategies(limits: Limits) -> dict[str, tuple[st.SearchStrategy[Any], 
             lambda c: c if c.strip() else c + "x"), contents(limits)),
         "num_generations": (st.integers(0, n_gen),
                             st.one_of(st.integers(0, n_gen + 2), st.just(2**32 - 1))),
-        "truncation": (st.sampled_from([0, 1, 2]), st.sampled_from([0, 1, 2, 3, 2**31 - 1, -1])),
+        "truncation": (st.sampled_from([0, 1, 2]), st.sampled_from([0, 1, 2, 3, 4, 2**31 - 1, -1])),
         "temperature": (_f32(0, 5), floats()),
         "top_p": (_f32(0, 1, exclude_min=True), floats()),
         "top_k": (st.integers(0, 1000), int32s(-5, 1100)),
@@ -355,7 +358,8 @@ def test_property_requests_end_in_a_response_or_a_clear_refusal(
               suppress_health_check=list(HealthCheck))
     @given(request=requests(limits), method=st.sampled_from(METHODS))
     def check(request: pb.GenerateRequest, method: str) -> None:
-        verdict = expected(request, limits, batch=method == "GenerateBatch")
+        verdict = expected(request, limits, batch=method == "GenerateBatch",
+                           stream=method == "GenerateStream")
         outcome = call(channel, method, request)
         codes[outcome.code.name] += 1
         watch.after(method, request)
@@ -571,7 +575,8 @@ def test_property_requests_against_the_real_model(
                   suppress_health_check=list(HealthCheck))
         @given(request=real_requests(), method=st.sampled_from(METHODS))
         def check(request: pb.GenerateRequest, method: str) -> None:
-            verdict = expected(request, REAL_LIMITS, batch=method == "GenerateBatch")
+            verdict = expected(request, REAL_LIMITS, batch=method == "GenerateBatch",
+                               stream=method == "GenerateStream")
             outcome = call(chan, method, request, timeout=120)
             codes[outcome.code.name] += 1
             watch.after(method, request)
