@@ -368,6 +368,11 @@ class LlamaEngine:
         )
         if not self._spec.enabled:
             return prompt, None
+        sampling = request.sampling
+        if self._spec.mode == "auto" and sampling.seed is not None and sampling.temperature > 0:
+            # what auto drafts follows the step costs it measures, and a row verified in
+            # another batch shape can change a sampled token: a seed must repeat its text
+            return prompt, None
         return prompt, PromptNgrams(prompt.tokens, self._spec.ngram_min)
 
     def _submit(
