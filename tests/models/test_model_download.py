@@ -21,6 +21,13 @@ def content() -> bytes:
     return make_gguf(n_floats=64 * 1024)  # 256 KiB of tensor data
 
 
+def _hosted_with_partial(hub: FakeHub, models: Path, content: bytes) -> Path:
+    """Put `content` on the Hub; the path of its partial download (folder made, no file)."""
+    part = partial_path(models / FILE, hub.add(REPO, FILE, content))
+    part.parent.mkdir(parents=True)
+    return part
+
+
 def _download(models: Path, **kwargs: object) -> download.DownloadResult:
     options: dict[str, object] = {"retry_wait": 0, "progress": False, "tail_check": TAIL}
     options.update(kwargs)
@@ -216,9 +223,7 @@ def test_an_expired_download_link_is_replaced_by_a_fresh_one_from_the_hub(
 def test_a_garbage_tail_of_a_partial_file_is_found_and_downloaded_again(
     fake_hub: FakeHub, tmp_path: Path, content: bytes
 ) -> None:
-    sha = fake_hub.add(REPO, FILE, content)
-    part = partial_path(tmp_path / FILE, sha)
-    part.parent.mkdir(parents=True)
+    part = _hosted_with_partial(fake_hub, tmp_path, content)
     kept = len(content) // 2
     # the last 1000 bytes kept were allocated but never written (a power loss)
     part.write_bytes(content[: kept - 1000] + bytes(1000))
@@ -231,9 +236,7 @@ def test_a_garbage_tail_of_a_partial_file_is_found_and_downloaded_again(
 def test_a_partial_file_whose_tail_matches_is_resumed_as_it_is(
     fake_hub: FakeHub, tmp_path: Path, content: bytes
 ) -> None:
-    sha = fake_hub.add(REPO, FILE, content)
-    part = partial_path(tmp_path / FILE, sha)
-    part.parent.mkdir(parents=True)
+    part = _hosted_with_partial(fake_hub, tmp_path, content)
     part.write_bytes(content[:1000])  # shorter than the check: compared from byte 0
     result = _download(tmp_path)
     assert result.path.read_bytes() == content
@@ -243,9 +246,7 @@ def test_a_partial_file_whose_tail_matches_is_resumed_as_it_is(
 def test_a_disk_that_fills_during_the_download_says_so_with_the_sizes(
     fake_hub: FakeHub, tmp_path: Path, content: bytes
 ) -> None:
-    sha = fake_hub.add(REPO, FILE, content)
-    part = partial_path(tmp_path / FILE, sha)
-    part.parent.mkdir(parents=True)
+    part = _hosted_with_partial(fake_hub, tmp_path, content)
     part.symlink_to("/dev/full")  # every write fails with ENOSPC, as on a full disk
     with pytest.raises(ModelError) as err:
         _download(tmp_path)
