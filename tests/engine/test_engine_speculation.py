@@ -56,6 +56,13 @@ def plain(model_path: str, model_name: str) -> Iterator[Any]:
     asyncio.run(engine.close())
 
 
+@pytest.fixture
+def auto(model_path: str, model_name: str) -> Iterator[Any]:
+    engine = _engine(model_path, model_name, "auto")
+    yield engine
+    asyncio.run(engine.close())
+
+
 @pytest.fixture(scope="module")
 def reference(model_path: str) -> GreedyReference:
     return GreedyReference(model_path, n_ctx=N_CTX, n_batch=N_BATCH, flash_attn=True)
@@ -208,6 +215,30 @@ async def test_sampling_verifies_drafts_and_a_seed_repeats_its_text(
         assert a.generations[0].text != a.generations[1].text  # seeds 5 and 6
         if model_name == GEMMA:  # random weights sample text that rarely repeats
             assert a.draft_tokens > 0
+
+
+async def test_auto_plans_a_seeded_request_from_the_request_alone(
+    auto: Any, model_name: str
+) -> None:
+    sampled = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": 5}
+    _, first = await collect(auto, req(2, max_tokens=160, **sampled))
+    # the engine learns that drafts never pay: costs that grow fast, drafts that all miss
+    for _ in range(40):
+        for rows in range(1, N_BATCH + 1):
+            auto._cost.observe(rows, rows * 1.0)
+    for _ in range(400):
+        for match in range(auto._spec.ngram_max + 1):
+            auto._acceptance.record(match, drafted=16, accepted=0)
+    _, again = await collect(auto, req(2, max_tokens=160, **sampled))
+    same_output(first, again)
+    assert (again.draft_tokens, again.accepted_draft_tokens) == (
+        first.draft_tokens, first.accepted_draft_tokens
+    )
+    if model_name == GEMMA:  # it copies its document; random weights sample noise
+        assert first.draft_tokens > 0
+    # a request whose text no seed fixes is planned from what the engine learned
+    _, free = await collect(auto, req(2, max_tokens=160, **{**sampled, "seed": None}))
+    assert free.draft_tokens == 0
 
 
 async def test_streamed_text_is_the_final_text(drafting: Any) -> None:

@@ -102,9 +102,11 @@ def test_a_draft_is_always_a_true_continuation_of_an_earlier_match(
     )
 
 
-def test_acceptance_starts_even_learns_per_match_and_weighs_the_sequence() -> None:
+def test_acceptance_starts_hopeful_for_long_matches_learns_and_weighs_the_sequence() -> None:
     a = Acceptance(ngram_max=8)
-    assert a.rate(3, 0, 0) == pytest.approx(0.5)
+    # hopeful where the context is being copied, so that drafts are tried and measured
+    assert a.rate(0, 0, 0) == pytest.approx(0.5) and a.rate(8, 0, 0) == pytest.approx(0.95)
+    assert a.rate(2, 0, 0) < a.rate(3, 0, 0) < a.rate(8, 0, 0)
     for _ in range(200):
         a.record(3, drafted=8, accepted=0)  # short matches: always wrong
         a.record(8, drafted=8, accepted=8)  # long matches: always right
@@ -113,6 +115,17 @@ def test_acceptance_starts_even_learns_per_match_and_weighs_the_sequence() -> No
     # a sequence whose own drafts were all accepted pulls a poor prior up
     assert a.rate(3, accepted=40, tried=40) > 0.85
     assert a.rate(3, 0, 0) >= Acceptance.FLOOR
+
+
+def test_a_sequence_planned_alone_ignores_what_the_engine_learned() -> None:
+    a, fresh = Acceptance(ngram_max=8), Acceptance(ngram_max=8)
+    for _ in range(200):
+        a.record(3, drafted=8, accepted=0)
+    for accepted, tried in ((0, 0), (5, 9), (0, 6)):
+        alone = a.rate(3, accepted, tried, learned=False)
+        assert alone == fresh.rate(3, accepted, tried, learned=False)
+        assert alone == pytest.approx(fresh.rate(3, accepted, tried))  # fresh: the start
+        assert alone > a.rate(3, accepted, tried)
 
 
 def test_compared_counts_accepted_tokens_and_the_first_miss() -> None:
@@ -195,3 +208,20 @@ def test_settings_name_every_problem() -> None:
     assert "speculation" in problems[0]
     assert "spec_draft_max" in problems[1] and "spec_ngram_max" in problems[2]
     assert not SpeculationSettings(mode="off").enabled
+
+
+def test_a_long_match_is_drafted_where_a_second_row_costs_a_whole_step() -> None:
+    # step costs measured on a CPU whose 1-row decode has a kernel of its own (Gemma 3 270M,
+    # AVX-512 without AMX): a new engine drafts on a long match, and stops once drafts miss
+    cost = StepCost()
+    for rows, ms in ((1, 13.6), (2, 30.3), (3, 38.6), (5, 64.0), (9, 77.2), (17, 107.9)):
+        cost.observe(rows, ms / 1000)
+    a = Acceptance(ngram_max=8)
+
+    def plan(accepted: int = 0, tried: int = 0) -> list[int]:
+        candidate = Candidate(length=16, rate=a.rate(8, accepted, tried, learned=False))
+        return plan_drafts([candidate], generating=1, base_rows=1, free_rows=64, cost=cost,
+                           sample_seconds=0.0)  # fmt: skip
+
+    assert plan() == [16]
+    assert plan(accepted=2, tried=20) == [0]  # its own drafts missed

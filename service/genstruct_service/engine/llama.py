@@ -32,6 +32,7 @@ import contextlib
 import logging
 import os
 import random
+import statistics
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -101,6 +102,7 @@ FLASH_ATTN = {
 CACHE_TYPES = {"f16": ll.GGML_TYPE_F16, "q8_0": ll.GGML_TYPE_Q8_0, "q4_0": ll.GGML_TYPE_Q4_0}
 _ASSISTANT_BYTES = ASSISTANT_MARK.encode()
 _CALIBRATE_ROWS = 32  # the largest step timed before serving
+_CALIBRATE_ROUNDS = 3  # each size timed this often, its median kept
 
 
 class _Job:
@@ -176,6 +178,8 @@ class _Active:
     in_batch: bool = False  # tokens of it are in the step's batch
     stream: bool = True  # the caller reads text as it comes (else: the final result only)
     deltas: list[TokenDelta] = field(default_factory=list)  # this step's text, to stream
+    # its text is fixed by a seed or greedy decoding: drafts planned from itself alone
+    reproducible: bool = False
     drafted: int = 0  # drafted tokens verified, over all its generations
     accepted: int = 0  # of which the sampler agreed with
 
@@ -368,11 +372,6 @@ class LlamaEngine:
         )
         if not self._spec.enabled:
             return prompt, None
-        sampling = request.sampling
-        if self._spec.mode == "auto" and sampling.seed is not None and sampling.temperature > 0:
-            # what auto drafts follows the step costs it measures, and a row verified in
-            # another batch shape can change a sampled token: a seed must repeat its text
-            return prompt, None
         return prompt, PromptNgrams(prompt.tokens, self._spec.ngram_min)
 
     def _submit(
@@ -497,7 +496,8 @@ class LlamaEngine:
         self._marker_tokens = len(self._tokenizer.tokenize(ASSISTANT_MARK, add_special=False))
         self._min_constrained_tokens = self._marker_tokens + ANSWER_RESERVE + 4
         self._constrained = ConstrainedSampler(ctx, self._n_vocab)
-        self._cost = StepCost()
+        self._cost = StepCost()  # refined by every step
+        self._start_cost = StepCost()  # measured before serving, then fixed
         self._acceptance = Acceptance(self._spec.ngram_max)
         self._sample_seconds = 0.0  # moving average per sampled token
         self._n_sampled = 0
@@ -549,33 +549,40 @@ class LlamaEngine:
 
     def _calibrate(self) -> None:
         """Time decode steps of 1, 2, 4, ... rows with logits at each, as drafts have them:
-        the first estimates of what verifying a draft costs (refined by every step after)."""
+        the median of a few interleaved rounds is what verifying a draft costs at start-up
+        (`_start_cost`, kept as it is) and the first estimate of the live `_cost`."""
         started = time.perf_counter()
+        sizes = []
         rows = 1
         while rows <= min(self._n_batch, _CALIBRATE_ROWS):
-            for i in range(rows):
-                self._b_token[i] = 0
-                self._b_pos[i] = i
-                self._b_seq[i][0] = 0
-                self._b_logits[i] = 1
-            self._batch.n_tokens = rows
-            t0 = time.perf_counter()
-            rc = ll.llama_decode(self._ctx, self._batch)
-            ll.llama_synchronize(self._ctx)
-            self._cost.observe(rows, time.perf_counter() - t0)
-            ll.llama_memory_clear(self._mem, True)
-            if rc != 0:
-                raise ModelError(f"a calibration decode failed (llama_decode returned {rc})")
+            sizes.append(rows)
             rows *= 2
+        timings: dict[int, list[float]] = {rows: [] for rows in sizes}
+        for _ in range(_CALIBRATE_ROUNDS):
+            for rows in sizes:
+                for i in range(rows):
+                    self._b_token[i] = 0
+                    self._b_pos[i] = i
+                    self._b_seq[i][0] = 0
+                    self._b_logits[i] = 1
+                self._batch.n_tokens = rows
+                t0 = time.perf_counter()
+                rc = ll.llama_decode(self._ctx, self._batch)
+                ll.llama_synchronize(self._ctx)
+                timings[rows].append(time.perf_counter() - t0)
+                ll.llama_memory_clear(self._mem, True)
+                if rc != 0:
+                    raise ModelError(f"a calibration decode failed (llama_decode returned {rc})")
         for i in range(self._n_batch):
             self._b_logits[i] = 0
+        for rows, seconds in timings.items():
+            median = statistics.median(seconds)
+            self._start_cost.observe(rows, median)
+            self._cost.observe(rows, median)
         log.info(
             "speculation: step time by batch rows measured in %.2f s (%s)",
             time.perf_counter() - started,
-            ", ".join(
-                f"{r}: {self._cost.estimate(r) * 1000:.1f} ms"
-                for r in (1, 2, 4, 8, 16, 32) if r <= min(self._n_batch, _CALIBRATE_ROWS)
-            ),
+            ", ".join(f"{r}: {self._start_cost.estimate(r) * 1000:.1f} ms" for r in sizes),
         )
 
     def _free(self) -> None:
@@ -662,6 +669,7 @@ class LlamaEngine:
         request = job.request
         sampling = request.sampling
         seed = sampling.seed
+        fixed_seed = seed is not None or self._default_seed is not None
         if seed is None:
             seed = self._default_seed if self._default_seed is not None else random.getrandbits(32)
         # ignore_eos (benchmarks) means exactly max_tokens: no end of sequence, no stop strings
@@ -699,6 +707,7 @@ class LlamaEngine:
                 job=job, ticket=ticket, tokens=job.prompt.tokens,
                 truncated=job.prompt.truncated, admitted=time.perf_counter(), seqs=seqs,
                 stream=request.stream,
+                reproducible=fixed_seed or sampling.temperature <= 0,
             )
         )
 
@@ -711,6 +720,7 @@ class LlamaEngine:
         spec = self._spec
         generating = rows = prefill = 0
         found: list[tuple[_Seq, Draft]] = []
+        reproducible = False  # a candidate's text is fixed by its request
         for active in self._active:
             if active.n_prefilled < len(active.tokens):
                 prefill += len(active.tokens) - active.n_prefilled
@@ -726,6 +736,7 @@ class LlamaEngine:
                 draft = seq.history.draft(min(spec.draft_max, budget))
                 if draft is not None:
                     found.append((seq, draft))
+                    reproducible |= active.reproducible
         if not found:
             return
         base = min(self._n_batch, rows + prefill)
@@ -736,14 +747,21 @@ class LlamaEngine:
                 seq.draft_match = draft.match
                 free -= len(seq.draft)
             return
+        # A request alone whose text is fixed gets the same plan at every run: from its own
+        # record and the start-up costs (sampling time left out), not from what the engine
+        # has measured and learned since. With others beside it its text may vary anyway.
         rate = self._acceptance.rate
         take = plan_drafts(
             [
-                Candidate(rate(d.match, s.spec_accepted, s.spec_compared), len(d.tokens))
+                Candidate(
+                    rate(d.match, s.spec_accepted, s.spec_compared, learned=not reproducible),
+                    len(d.tokens),
+                )
                 for s, d in found
             ],
             generating=generating, base_rows=base, free_rows=self._n_batch - base,
-            cost=self._cost, sample_seconds=self._sample_seconds,
+            cost=self._start_cost if reproducible else self._cost,
+            sample_seconds=0.0 if reproducible else self._sample_seconds,
         )
         for (seq, draft), k in zip(found, take, strict=True):
             if k:

@@ -11,6 +11,10 @@ cores that already decode many sequences they are not. So each step is planned: 
 engine's measured step time by batch rows (`StepCost`) and each draft's expected accepted
 tokens (`Acceptance`) decide how many rows, if any, go to drafts (`plan_drafts`).
 
+A row verified in another batch shape can change a sampled token, so a request whose text
+its seed (or greedy decoding) fixes is planned from itself alone: its own record and the
+step costs measured once at start-up, never from what other requests taught the engine.
+
 Everything here is pure Python over token ids, tested without a model.
 """
 
@@ -176,23 +180,40 @@ class History:
 class Acceptance:
     """The chance that a drafted token is accepted, given the one before it was.
 
-    Learned per match length over the engine's life (decaying, so it follows the workload),
-    and per sequence: a sequence's own record counts more as it grows.
+    Starts hopeful for long matches (0.5 for none, up to 0.95 at ngram_max: those are the
+    ones that copy their context), since a draft is the only way to measure its rate, and
+    where a second batch row costs as much as a whole step (some CPUs) an estimate of 0.5
+    would never draft, so never learn. Then it is learned per match length over the
+    engine's life (decaying, so it follows the workload), and per sequence: a sequence's
+    own record counts more as it grows.
     """
 
     _DECAY = 0.995  # per recorded draft
-    _PRIOR = 4.0  # a sequence's record weighs this many tokens of the engine's estimate
+    _PRIOR = 4.0  # a sequence's record weighs this many tokens of the prior
+    _START_WEIGHT = 2.0  # the hopeful start weighs this many compared tokens
     FLOOR = 0.02  # never quite zero, so a draft that costs nothing is still tried
 
     def __init__(self, ngram_max: int) -> None:
-        # per match length: [accepted, tried], starting at one accepted of two
-        self._by_match = [[1.0, 2.0] for _ in range(ngram_max + 1)]
+        self._ngram_max = max(ngram_max, 1)
+        # per match length: [accepted, compared]
+        self._by_match = [
+            [self._START_WEIGHT * self.start(m), self._START_WEIGHT]
+            for m in range(ngram_max + 1)
+        ]
 
-    def rate(self, match: int, accepted: int, tried: int) -> float:
+    def start(self, match: int) -> float:
+        """The estimate before anything is learned, for a `match`-long match."""
+        return 0.5 + 0.45 * min(match, self._ngram_max) / self._ngram_max
+
+    def rate(self, match: int, accepted: int, tried: int, *, learned: bool = True) -> float:
         """The estimate for a draft from a `match`-long match, for a sequence whose drafts so
-        far had `accepted` of `tried` compared tokens accepted."""
-        acc, seen = self._by_match[match]
-        prior = acc / seen
+        far had `accepted` of `tried` compared tokens accepted. With `learned` False the
+        prior is the start alone, so the estimate is a function of the sequence itself."""
+        if learned:
+            acc, seen = self._by_match[match]
+            prior = acc / seen
+        else:
+            prior = self.start(match)
         rate = (accepted + self._PRIOR * prior) / (tried + self._PRIOR)
         return max(rate, self.FLOOR)
 
