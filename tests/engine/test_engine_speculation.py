@@ -220,8 +220,9 @@ async def test_sampling_verifies_drafts_and_a_seed_repeats_its_text(
 async def test_auto_plans_a_seeded_request_from_the_request_alone(
     auto: Any, model_name: str
 ) -> None:
-    sampled = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": 5}
-    _, first = await collect(auto, req(2, max_tokens=160, **sampled))
+    sampled = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": 5,
+               "max_tokens": 160}  # fmt: skip
+    firsts = [(await collect(auto, req(i, **sampled)))[1] for i in range(8)]
     # the engine learns that drafts never pay: costs that grow fast, drafts that all miss
     for _ in range(40):
         for rows in range(1, N_BATCH + 1):
@@ -229,15 +230,16 @@ async def test_auto_plans_a_seeded_request_from_the_request_alone(
     for _ in range(400):
         for match in range(auto._spec.ngram_max + 1):
             auto._acceptance.record(match, drafted=16, accepted=0)
-    _, again = await collect(auto, req(2, max_tokens=160, **sampled))
-    same_output(first, again)
-    assert (again.draft_tokens, again.accepted_draft_tokens) == (
-        first.draft_tokens, first.accepted_draft_tokens
-    )
-    if model_name == GEMMA:  # it copies its document; random weights sample noise
-        assert first.draft_tokens > 0
+    for i, first in enumerate(firsts):
+        _, again = await collect(auto, req(i, **sampled))
+        same_output(first, again)
+        assert (again.draft_tokens, again.accepted_draft_tokens) == (
+            first.draft_tokens, first.accepted_draft_tokens
+        )
+    if model_name == GEMMA:  # it copies its documents; random weights sample noise
+        assert any(first.draft_tokens > 0 for first in firsts)
     # a request whose text no seed fixes is planned from what the engine learned
-    _, free = await collect(auto, req(2, max_tokens=160, **{**sampled, "seed": None}))
+    _, free = await collect(auto, req(3, **{**sampled, "seed": None}))
     assert free.draft_tokens == 0
 
 

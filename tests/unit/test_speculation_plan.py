@@ -12,6 +12,7 @@ from genstruct_service.engine.speculation import (
     SpeculationSettings,
     StepCost,
     compared,
+    fixed_step_cost,
     plan_drafts,
 )
 from hypothesis import given
@@ -210,18 +211,19 @@ def test_settings_name_every_problem() -> None:
     assert not SpeculationSettings(mode="off").enabled
 
 
-def test_a_long_match_is_drafted_where_a_second_row_costs_a_whole_step() -> None:
-    # step costs measured on a CPU whose 1-row decode has a kernel of its own (Gemma 3 270M,
-    # AVX-512 without AMX): a new engine drafts on a long match, and stops once drafts miss
-    cost = StepCost()
-    for rows, ms in ((1, 13.6), (2, 30.3), (3, 38.6), (5, 64.0), (9, 77.2), (17, 107.9)):
-        cost.observe(rows, ms / 1000)
+def test_a_request_planned_alone_drafts_long_matches_on_a_cpu_and_more_on_a_gpu() -> None:
+    # the CPU table is a CPU whose 1-row decode has a kernel of its own, where a second row
+    # costs more than a whole step: a long match is drafted there, a short one is not
     a = Acceptance(ngram_max=8)
+    cpu, gpu = fixed_step_cost(gpu=False), fixed_step_cost(gpu=True)
+    assert cpu.estimate(2) > 2 * cpu.estimate(1) and gpu.estimate(32) < 2 * gpu.estimate(1)
 
-    def plan(accepted: int = 0, tried: int = 0) -> list[int]:
-        candidate = Candidate(length=16, rate=a.rate(8, accepted, tried, learned=False))
+    def plan(cost: StepCost, match: int, accepted: int = 0, tried: int = 0) -> list[int]:
+        candidate = Candidate(length=16, rate=a.rate(match, accepted, tried, learned=False))
         return plan_drafts([candidate], generating=1, base_rows=1, free_rows=64, cost=cost,
                            sample_seconds=0.0)  # fmt: skip
 
-    assert plan() == [16]
-    assert plan(accepted=2, tried=20) == [0]  # its own drafts missed
+    assert plan(cpu, 8) == [16]
+    assert plan(cpu, 8, accepted=2, tried=20) == [0]  # its own drafts missed
+    assert plan(cpu, 2) == [0]
+    assert 0 < plan(gpu, 2)[0] <= 16

@@ -65,6 +65,7 @@ from genstruct_service.engine.speculation import (
     SpeculationSettings,
     StepCost,
     compared,
+    fixed_step_cost,
     plan_drafts,
 )
 from genstruct_service.engine.text import TextAssembler
@@ -496,8 +497,7 @@ class LlamaEngine:
         self._marker_tokens = len(self._tokenizer.tokenize(ASSISTANT_MARK, add_special=False))
         self._min_constrained_tokens = self._marker_tokens + ANSWER_RESERVE + 4
         self._constrained = ConstrainedSampler(ctx, self._n_vocab)
-        self._cost = StepCost()  # refined by every step
-        self._start_cost = StepCost()  # measured before serving, then fixed
+        self._cost = StepCost()  # measured before serving, refined by every step
         self._acceptance = Acceptance(self._spec.ngram_max)
         self._sample_seconds = 0.0  # moving average per sampled token
         self._n_sampled = 0
@@ -519,6 +519,9 @@ class LlamaEngine:
             flash_attn=self._flash_attn_in_force, cache_types=self._cache_types,
             speculation=self._spec,
         )
+        offloaded = self._info.gpu_layers_offloaded
+        all_on_gpu = offloaded > 0 and offloaded == self._info.total_layers
+        self._fixed_cost = fixed_step_cost(gpu=all_on_gpu)  # for requests planned alone
 
     def _warm_up(self) -> None:
         """Decode one batch before serving, as llama-server does.
@@ -549,8 +552,8 @@ class LlamaEngine:
 
     def _calibrate(self) -> None:
         """Time decode steps of 1, 2, 4, ... rows with logits at each, as drafts have them:
-        the median of a few interleaved rounds is what verifying a draft costs at start-up
-        (`_start_cost`, kept as it is) and the first estimate of the live `_cost`."""
+        the median of a few interleaved rounds is the first estimate of what verifying a
+        draft costs (refined by every step after)."""
         started = time.perf_counter()
         sizes = []
         rows = 1
@@ -576,13 +579,11 @@ class LlamaEngine:
         for i in range(self._n_batch):
             self._b_logits[i] = 0
         for rows, seconds in timings.items():
-            median = statistics.median(seconds)
-            self._start_cost.observe(rows, median)
-            self._cost.observe(rows, median)
+            self._cost.observe(rows, statistics.median(seconds))
         log.info(
             "speculation: step time by batch rows measured in %.2f s (%s)",
             time.perf_counter() - started,
-            ", ".join(f"{r}: {self._start_cost.estimate(r) * 1000:.1f} ms" for r in sizes),
+            ", ".join(f"{r}: {self._cost.estimate(r) * 1000:.1f} ms" for r in sizes),
         )
 
     def _free(self) -> None:
@@ -748,8 +749,8 @@ class LlamaEngine:
                 free -= len(seq.draft)
             return
         # A request alone whose text is fixed gets the same plan at every run: from its own
-        # record and the start-up costs (sampling time left out), not from what the engine
-        # has measured and learned since. With others beside it its text may vary anyway.
+        # record and a fixed cost table, not from what this engine has measured and learned.
+        # With others beside it in the batch its text may vary anyway.
         rate = self._acceptance.rate
         take = plan_drafts(
             [
@@ -760,7 +761,7 @@ class LlamaEngine:
                 for s, d in found
             ],
             generating=generating, base_rows=base, free_rows=self._n_batch - base,
-            cost=self._start_cost if reproducible else self._cost,
+            cost=self._fixed_cost if reproducible else self._cost,
             sample_seconds=0.0 if reproducible else self._sample_seconds,
         )
         for (seq, draft), k in zip(found, take, strict=True):
