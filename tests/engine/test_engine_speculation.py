@@ -217,30 +217,27 @@ async def test_sampling_verifies_drafts_and_a_seed_repeats_its_text(
             assert a.draft_tokens > 0
 
 
-async def test_auto_plans_a_seeded_request_from_the_request_alone(
+async def test_auto_drafts_no_seeded_sampled_request_whatever_it_learned(
     auto: Any, model_name: str
 ) -> None:
     sampled = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": 5,
                "max_tokens": 160}  # fmt: skip
-    firsts = [(await collect(auto, req(i, **sampled)))[1] for i in range(8)]
-    # the engine learns that drafts never pay: costs that grow fast, drafts that all miss
+    # the engine has learned that drafts pay: rows cost nothing, drafts are all accepted
     for _ in range(40):
         for rows in range(1, N_BATCH + 1):
-            auto._cost.observe(rows, rows * 1.0)
+            auto._cost.observe(rows, 0.01)
     for _ in range(400):
         for match in range(auto._spec.ngram_max + 1):
-            auto._acceptance.record(match, drafted=16, accepted=0)
-    for i, first in enumerate(firsts):
-        _, again = await collect(auto, req(i, **sampled))
+            auto._acceptance.record(match, drafted=16, accepted=16)
+    drafted = 0
+    for i in range(4):
+        (_, first), (_, again) = [await collect(auto, req(i, **sampled)) for _ in range(2)]
         same_output(first, again)
-        assert (again.draft_tokens, again.accepted_draft_tokens) == (
-            first.draft_tokens, first.accepted_draft_tokens
-        )
+        assert first.draft_tokens == again.draft_tokens == 0
+        _, unseeded = await collect(auto, req(i, **{**sampled, "seed": None}))
+        drafted += unseeded.draft_tokens
     if model_name == GEMMA:  # it copies its documents; random weights sample noise
-        assert any(first.draft_tokens > 0 for first in firsts)
-    # a request whose text no seed fixes is planned from what the engine learned
-    _, free = await collect(auto, req(3, **{**sampled, "seed": None}))
-    assert free.draft_tokens == 0
+        assert drafted > 0  # a request without a seed is drafted as the engine learned
 
 
 async def test_streamed_text_is_the_final_text(drafting: Any) -> None:

@@ -12,7 +12,6 @@ from genstruct_service.engine.speculation import (
     SpeculationSettings,
     StepCost,
     compared,
-    fixed_step_cost,
     plan_drafts,
 )
 from hypothesis import given
@@ -118,17 +117,6 @@ def test_acceptance_starts_hopeful_for_long_matches_learns_and_weighs_the_sequen
     assert a.rate(3, 0, 0) >= Acceptance.FLOOR
 
 
-def test_a_sequence_planned_alone_ignores_what_the_engine_learned() -> None:
-    a, fresh = Acceptance(ngram_max=8), Acceptance(ngram_max=8)
-    for _ in range(200):
-        a.record(3, drafted=8, accepted=0)
-    for accepted, tried in ((0, 0), (5, 9), (0, 6)):
-        alone = a.rate(3, accepted, tried, learned=False)
-        assert alone == fresh.rate(3, accepted, tried, learned=False)
-        assert alone == pytest.approx(fresh.rate(3, accepted, tried))  # fresh: the start
-        assert alone > a.rate(3, accepted, tried)
-
-
 def test_compared_counts_accepted_tokens_and_the_first_miss() -> None:
     assert compared(drafted=5, accepted=2) == 3
     assert compared(drafted=5, accepted=5) == 5
@@ -211,19 +199,22 @@ def test_settings_name_every_problem() -> None:
     assert not SpeculationSettings(mode="off").enabled
 
 
-def test_a_request_planned_alone_drafts_long_matches_on_a_cpu_and_more_on_a_gpu() -> None:
-    # the CPU table is a CPU whose 1-row decode has a kernel of its own, where a second row
-    # costs more than a whole step: a long match is drafted there, a short one is not
+def test_a_long_match_is_drafted_where_a_second_row_costs_a_whole_step() -> None:
+    # step costs measured on a CPU whose 1-row decode has a kernel of its own (Gemma 3 270M,
+    # AVX-512 without AMX): a new engine drafts on a long match there, not on a short one,
+    # and stops once its drafts miss
+    cost = StepCost()
+    for rows, ms in ((1, 13.6), (2, 30.3), (3, 38.6), (5, 64.0), (9, 77.2), (17, 107.9)):
+        cost.observe(rows, ms / 1000)
     a = Acceptance(ngram_max=8)
-    cpu, gpu = fixed_step_cost(gpu=False), fixed_step_cost(gpu=True)
-    assert cpu.estimate(2) > 2 * cpu.estimate(1) and gpu.estimate(32) < 2 * gpu.estimate(1)
 
-    def plan(cost: StepCost, match: int, accepted: int = 0, tried: int = 0) -> list[int]:
-        candidate = Candidate(length=16, rate=a.rate(match, accepted, tried, learned=False))
+    def plan(match: int) -> list[int]:
+        candidate = Candidate(length=16, rate=a.rate(match, 0, 0))
         return plan_drafts([candidate], generating=1, base_rows=1, free_rows=64, cost=cost,
                            sample_seconds=0.0)  # fmt: skip
 
-    assert plan(cpu, 8) == [16]
-    assert plan(cpu, 8, accepted=2, tried=20) == [0]  # its own drafts missed
-    assert plan(cpu, 2) == [0]
-    assert 0 < plan(gpu, 2)[0] <= 16
+    assert plan(8) == [16]
+    assert plan(2) == [0]
+    for _ in range(20):
+        a.record(8, drafted=16, accepted=1)
+    assert plan(8) == [0]

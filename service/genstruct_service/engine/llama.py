@@ -65,7 +65,6 @@ from genstruct_service.engine.speculation import (
     SpeculationSettings,
     StepCost,
     compared,
-    fixed_step_cost,
     plan_drafts,
 )
 from genstruct_service.engine.text import TextAssembler
@@ -179,8 +178,6 @@ class _Active:
     in_batch: bool = False  # tokens of it are in the step's batch
     stream: bool = True  # the caller reads text as it comes (else: the final result only)
     deltas: list[TokenDelta] = field(default_factory=list)  # this step's text, to stream
-    # its text is fixed by a seed or greedy decoding: drafts planned from itself alone
-    reproducible: bool = False
     drafted: int = 0  # drafted tokens verified, over all its generations
     accepted: int = 0  # of which the sampler agreed with
 
@@ -373,6 +370,12 @@ class LlamaEngine:
         )
         if not self._spec.enabled:
             return prompt, None
+        sampling = request.sampling
+        if self._spec.mode == "auto" and sampling.seed is not None and sampling.temperature > 0:
+            # what auto drafts follows the step costs it measures and the rates it learns, and
+            # a row verified in another batch shape can change a sampled token: a seed must
+            # repeat its text
+            return prompt, None
         return prompt, PromptNgrams(prompt.tokens, self._spec.ngram_min)
 
     def _submit(
@@ -519,9 +522,6 @@ class LlamaEngine:
             flash_attn=self._flash_attn_in_force, cache_types=self._cache_types,
             speculation=self._spec,
         )
-        offloaded = self._info.gpu_layers_offloaded
-        all_on_gpu = offloaded > 0 and offloaded == self._info.total_layers
-        self._fixed_cost = fixed_step_cost(gpu=all_on_gpu)  # for requests planned alone
 
     def _warm_up(self) -> None:
         """Decode one batch before serving, as llama-server does.
@@ -670,7 +670,6 @@ class LlamaEngine:
         request = job.request
         sampling = request.sampling
         seed = sampling.seed
-        fixed_seed = seed is not None or self._default_seed is not None
         if seed is None:
             seed = self._default_seed if self._default_seed is not None else random.getrandbits(32)
         # ignore_eos (benchmarks) means exactly max_tokens: no end of sequence, no stop strings
@@ -708,7 +707,6 @@ class LlamaEngine:
                 job=job, ticket=ticket, tokens=job.prompt.tokens,
                 truncated=job.prompt.truncated, admitted=time.perf_counter(), seqs=seqs,
                 stream=request.stream,
-                reproducible=fixed_seed or sampling.temperature <= 0,
             )
         )
 
@@ -721,7 +719,6 @@ class LlamaEngine:
         spec = self._spec
         generating = rows = prefill = 0
         found: list[tuple[_Seq, Draft]] = []
-        reproducible = False  # a candidate's text is fixed by its request
         for active in self._active:
             if active.n_prefilled < len(active.tokens):
                 prefill += len(active.tokens) - active.n_prefilled
@@ -737,7 +734,6 @@ class LlamaEngine:
                 draft = seq.history.draft(min(spec.draft_max, budget))
                 if draft is not None:
                     found.append((seq, draft))
-                    reproducible |= active.reproducible
         if not found:
             return
         base = min(self._n_batch, rows + prefill)
@@ -748,21 +744,14 @@ class LlamaEngine:
                 seq.draft_match = draft.match
                 free -= len(seq.draft)
             return
-        # A request alone whose text is fixed gets the same plan at every run: from its own
-        # record and a fixed cost table, not from what this engine has measured and learned.
-        # With others beside it in the batch its text may vary anyway.
         rate = self._acceptance.rate
         take = plan_drafts(
             [
-                Candidate(
-                    rate(d.match, s.spec_accepted, s.spec_compared, learned=not reproducible),
-                    len(d.tokens),
-                )
+                Candidate(rate(d.match, s.spec_accepted, s.spec_compared), len(d.tokens))
                 for s, d in found
             ],
             generating=generating, base_rows=base, free_rows=self._n_batch - base,
-            cost=self._fixed_cost if reproducible else self._cost,
-            sample_seconds=0.0 if reproducible else self._sample_seconds,
+            cost=self._cost, sample_seconds=self._sample_seconds,
         )
         for (seq, draft), k in zip(found, take, strict=True):
             if k:

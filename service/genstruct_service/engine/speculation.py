@@ -11,10 +11,9 @@ cores that already decode many sequences they are not. So each step is planned: 
 engine's measured step time by batch rows (`StepCost`) and each draft's expected accepted
 tokens (`Acceptance`) decide how many rows, if any, go to drafts (`plan_drafts`).
 
-A row verified in another batch shape can change a sampled token, so a request whose text
-its seed (or greedy decoding) fixes is planned from itself alone: its own record and a
-fixed table of step costs (`fixed_step_cost`), never from what the engine measured or
-learned, which differs from one run of the server to the next.
+What auto plans follows what this engine measured and learned, and a row verified in
+another batch shape can change a sampled token, so under auto a seeded sampled request is
+not drafted: its seed repeats its text (engine/llama.py).
 
 Everything here is pure Python over token ids, tested without a model.
 """
@@ -206,15 +205,11 @@ class Acceptance:
         """The estimate before anything is learned, for a `match`-long match."""
         return 0.5 + 0.45 * min(match, self._ngram_max) / self._ngram_max
 
-    def rate(self, match: int, accepted: int, tried: int, *, learned: bool = True) -> float:
+    def rate(self, match: int, accepted: int, tried: int) -> float:
         """The estimate for a draft from a `match`-long match, for a sequence whose drafts so
-        far had `accepted` of `tried` compared tokens accepted. With `learned` False the
-        prior is the start alone, so the estimate is a function of the sequence itself."""
-        if learned:
-            acc, seen = self._by_match[match]
-            prior = acc / seen
-        else:
-            prior = self.start(match)
+        far had `accepted` of `tried` compared tokens accepted."""
+        acc, seen = self._by_match[match]
+        prior = acc / seen
         rate = (accepted + self._PRIOR * prior) / (tried + self._PRIOR)
         return max(rate, self.FLOOR)
 
@@ -271,24 +266,6 @@ class StepCost:
             lo, hi = known[i - 1], known[i]
         slope = max((seconds[hi] - seconds[lo]) / (hi - lo), 0.0)
         return seconds[lo] + slope * (rows - lo)
-
-
-# Step time by batch rows, relative to one row, for requests planned from themselves alone.
-# On a CPU: measured on Gemma 3 270M, 2 AVX-512 cores without AMX, where a 1-row step has a
-# kernel of its own and a second row costs more than a whole step; the steepest shape seen,
-# so such a request drafts only where that pays on any CPU. On a GPU a step is bound by
-# reading the weights and a few dozen rows cost little more than one (bench/gpu_check.sh
-# measures the real shape).
-CPU_ROW_COST = ((1, 1.0), (2, 2.23), (3, 2.84), (5, 4.71), (9, 5.68), (17, 7.93))
-GPU_ROW_COST = ((1, 1.0), (64, 1.5))
-
-
-def fixed_step_cost(*, gpu: bool) -> StepCost:
-    """A StepCost of one of the tables above: the same at every run, on every machine."""
-    cost = StepCost()
-    for rows, relative in GPU_ROW_COST if gpu else CPU_ROW_COST:
-        cost.observe(rows, relative)
-    return cost
 
 
 @dataclass(frozen=True, slots=True)
