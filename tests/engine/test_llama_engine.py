@@ -162,8 +162,11 @@ async def test_the_largest_seeds_are_seeds_too(engine: Any) -> None:
 
 
 async def test_stop_string_across_tokens_is_cut_and_not_leaked(engine: Any) -> None:
-    for i in range(len(DOCUMENTS)):  # greedy, so the same text comes back; find a long one
-        _, done = await collect(engine, request(i, max_tokens=32, temperature=0.0))
+    # seeded, so the same text comes back (greedy text may move at a near-tie when drafts
+    # change the batch shape): find a long one
+    sampled = {"max_tokens": 32, "temperature": 0.7, "seed": 3}
+    for i in range(len(DOCUMENTS)):
+        _, done = await collect(engine, request(i, **sampled))
         text = done.generations[0].text
         if len(text.strip()) >= 24:
             break
@@ -172,7 +175,7 @@ async def test_stop_string_across_tokens_is_cut_and_not_leaked(engine: Any) -> N
     start = len(text) // 2
     stop = text[start : start + 7]  # seven characters span more than one token
     expected = text[: text.find(stop)]
-    stopped = request(i, max_tokens=32, temperature=0.0, stop=(stop,))
+    stopped = request(i, **sampled, stop=(stop,))
     deltas, result = await collect(engine, stopped)
     generation = result.generations[0]
     assert generation.finish_reason is FinishReason.STOP
