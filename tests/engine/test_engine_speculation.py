@@ -217,27 +217,42 @@ async def test_sampling_verifies_drafts_and_a_seed_repeats_its_text(
             assert a.draft_tokens > 0
 
 
-async def test_auto_drafts_no_seeded_sampled_request_whatever_it_learned(
-    auto: Any, model_name: str
+def _learn_that_drafts_pay(engine: Any) -> None:
+    """What an engine would learn from other requests if rows cost nothing and every draft
+    were accepted."""
+    for _ in range(40):
+        for rows in range(1, N_BATCH + 1):
+            engine._cost.observe(rows, 0.01)
+    for _ in range(400):
+        for match in range(engine._spec.ngram_max + 1):
+            engine._acceptance.record(match, drafted=16, accepted=16)
+
+
+async def test_auto_plans_a_seeded_request_run_alone_from_itself(
+    auto: Any, model_path: str, model_name: str
 ) -> None:
     sampled = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": 5,
                "max_tokens": 160}  # fmt: skip
-    # the engine has learned that drafts pay: rows cost nothing, drafts are all accepted
-    for _ in range(40):
-        for rows in range(1, N_BATCH + 1):
-            auto._cost.observe(rows, 0.01)
-    for _ in range(400):
-        for match in range(auto._spec.ngram_max + 1):
-            auto._acceptance.record(match, drafted=16, accepted=16)
-    drafted = 0
-    for i in range(4):
-        (_, first), (_, again) = [await collect(auto, req(i, **sampled)) for _ in range(2)]
-        same_output(first, again)
-        assert first.draft_tokens == again.draft_tokens == 0
-        _, unseeded = await collect(auto, req(i, **{**sampled, "seed": None}))
-        drafted += unseeded.draft_tokens
+    requests = [req(i, **sampled) for i in range(3)] + [req(3, num_generations=2, **sampled)]
+    fresh = [(await collect(auto, r))[1] for r in requests]
+    _learn_that_drafts_pay(auto)
+    learned = [(await collect(auto, r))[1] for r in requests]
+    # another engine, with step costs timed afresh: a restart
+    other = _engine(model_path, model_name, "auto")
+    try:
+        restarted = [(await collect(other, r))[1] for r in requests]
+    finally:
+        await other.close()
+    for a, b, c in zip(fresh, learned, restarted, strict=True):
+        same_output(a, b)
+        same_output(a, c)
+        assert a.draft_tokens == b.draft_tokens == c.draft_tokens
+        assert a.accepted_draft_tokens == b.accepted_draft_tokens == c.accepted_draft_tokens
+    # without a seed the live plan applies: it drafts as the engine learned
+    unseeded = [(await collect(auto, req(i, **{**sampled, "seed": None})))[1] for i in range(3)]
     if model_name == GEMMA:  # it copies its documents; random weights sample noise
-        assert drafted > 0  # a request without a seed is drafted as the engine learned
+        assert sum(a.draft_tokens for a in fresh) > 0
+        assert sum(u.draft_tokens for u in unseeded) > sum(a.draft_tokens for a in fresh[:3])
 
 
 async def test_streamed_text_is_the_final_text(drafting: Any) -> None:

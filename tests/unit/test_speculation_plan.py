@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from genstruct_service.engine.speculation import (
+    STEEP_ROW_COST,
     Acceptance,
     Candidate,
     History,
@@ -218,3 +219,23 @@ def test_a_long_match_is_drafted_where_a_second_row_costs_a_whole_step() -> None
     for _ in range(20):
         a.record(8, drafted=16, accepted=1)
     assert plan(8) == [0]
+
+
+def test_a_plan_from_the_request_alone_ignores_what_the_engine_learned() -> None:
+    a = Acceptance(ngram_max=8)
+    fixed = StepCost.fixed(STEEP_ROW_COST)
+    assert fixed.estimate(1) == 1.0 and fixed.estimate(17) == STEEP_ROW_COST[17]
+
+    def plan(rate: float) -> list[int]:
+        return plan_drafts([Candidate(length=16, rate=rate)], generating=1, base_rows=1,
+                           free_rows=64, cost=fixed, sample_seconds=0.0)  # fmt: skip
+
+    before = [plan(a.own_rate(m, 0, 0)) for m in range(9)]
+    for _ in range(400):  # other requests: every draft accepted, whatever its match
+        for m in range(9):
+            a.record(m, drafted=16, accepted=16)
+    assert a.rate(2, 0, 0) > 0.95  # the live estimate follows them
+    assert [plan(a.own_rate(m, 0, 0)) for m in range(9)] == before
+    assert before[8][0] >= 8 and before[2] == [0]  # even where rows cost the most: long ones
+    # the request's own record still decides: its drafts miss, it stops drafting
+    assert plan(a.own_rate(8, accepted=2, tried=40)) == [0]

@@ -57,6 +57,7 @@ from genstruct_service.engine.sampling import (
 )
 from genstruct_service.engine.scheduler import Scheduler, Ticket
 from genstruct_service.engine.speculation import (
+    STEEP_ROW_COST,
     Acceptance,
     Candidate,
     Draft,
@@ -177,6 +178,7 @@ class _Active:
     done: int = 0  # sequences finished
     in_batch: bool = False  # tokens of it are in the step's batch
     stream: bool = True  # the caller reads text as it comes (else: the final result only)
+    repeatable: bool = False  # greedy or seeded: run alone, its text is the same every time
     deltas: list[TokenDelta] = field(default_factory=list)  # this step's text, to stream
     drafted: int = 0  # drafted tokens verified, over all its generations
     accepted: int = 0  # of which the sampler agreed with
@@ -370,12 +372,6 @@ class LlamaEngine:
         )
         if not self._spec.enabled:
             return prompt, None
-        sampling = request.sampling
-        if self._spec.mode == "auto" and sampling.seed is not None and sampling.temperature > 0:
-            # what auto drafts follows the step costs it measures and the rates it learns, and
-            # a row verified in another batch shape can change a sampled token: a seed must
-            # repeat its text
-            return prompt, None
         return prompt, PromptNgrams(prompt.tokens, self._spec.ngram_min)
 
     def _submit(
@@ -502,6 +498,8 @@ class LlamaEngine:
         self._constrained = ConstrainedSampler(ctx, self._n_vocab)
         self._cost = StepCost()  # measured before serving, refined by every step
         self._acceptance = Acceptance(self._spec.ngram_max)
+        # a repeatable request run alone is planned against this, never against the measured
+        self._fixed_cost = StepCost.fixed(STEEP_ROW_COST)
         self._sample_seconds = 0.0  # moving average per sampled token
         self._n_sampled = 0
         build = read_build_info()
@@ -707,6 +705,7 @@ class LlamaEngine:
                 job=job, ticket=ticket, tokens=job.prompt.tokens,
                 truncated=job.prompt.truncated, admitted=time.perf_counter(), seqs=seqs,
                 stream=request.stream,
+                repeatable=sampling.temperature <= 0 or sampling.seed is not None,
             )
         )
 
@@ -744,14 +743,19 @@ class LlamaEngine:
                 seq.draft_match = draft.match
                 free -= len(seq.draft)
             return
-        rate = self._acceptance.rate
+        if len(self._active) == 1 and self._active[0].repeatable:
+            # alone, its batches are its own: plan them from the request alone, so that every
+            # run of it drafts alike (speculation.py)
+            rate, cost, sample_seconds = self._acceptance.own_rate, self._fixed_cost, 0.0
+        else:
+            rate, cost, sample_seconds = self._acceptance.rate, self._cost, self._sample_seconds
         take = plan_drafts(
             [
                 Candidate(rate(d.match, s.spec_accepted, s.spec_compared), len(d.tokens))
                 for s, d in found
             ],
             generating=generating, base_rows=base, free_rows=self._n_batch - base,
-            cost=self._cost, sample_seconds=self._sample_seconds,
+            cost=cost, sample_seconds=sample_seconds,
         )
         for (seq, draft), k in zip(found, take, strict=True):
             if k:

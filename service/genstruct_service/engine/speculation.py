@@ -11,9 +11,13 @@ cores that already decode many sequences they are not. So each step is planned: 
 engine's measured step time by batch rows (`StepCost`) and each draft's expected accepted
 tokens (`Acceptance`) decide how many rows, if any, go to drafts (`plan_drafts`).
 
-What auto plans follows what this engine measured and learned, and a row verified in
-another batch shape can change a sampled token, so under auto a seeded sampled request is
-not drafted: its seed repeats its text (engine/llama.py).
+A row verified in another batch shape can compute logits a hair apart and so change a
+token, and a live plan follows whatever the engine measured and learned before. So a
+request whose text must repeat (greedy, or sampled with a seed), when it runs alone, is
+planned from itself: its own record against a start fixed per match length, and a fixed
+cost shape (`STEEP_ROW_COST`) instead of the measured one. The same request run alone then
+drafts the same rows, and writes the same text, on every run and after every restart.
+Alongside other requests its batches depend on theirs anyway, and the live plan applies.
 
 Everything here is pure Python over token ids, tested without a model.
 """
@@ -67,6 +71,12 @@ class SpeculationSettings:
     def enabled(self) -> bool:
         return self.mode != "off"
 
+
+# A decode step's time by batch rows, in one-row steps, where extra rows cost the most of
+# the machines measured (2 CPU cores with AVX-512: a second row nearly doubles the step;
+# `python -m bench.verify_cost`). Planned against it, a draft is verified only where it pays
+# even there; on a GPU it under-drafts, never over-drafts.
+STEEP_ROW_COST = {1: 1.0, 2: 1.9, 3: 2.25, 5: 3.9, 9: 5.2, 17: 7.6}
 
 # The most recent occurrences of an n-gram looked at when measuring a match: frequent
 # n-grams ("of the") have many, and the most recent ones are the likeliest continuation.
@@ -209,7 +219,14 @@ class Acceptance:
         """The estimate for a draft from a `match`-long match, for a sequence whose drafts so
         far had `accepted` of `tried` compared tokens accepted."""
         acc, seen = self._by_match[match]
-        prior = acc / seen
+        return self._shrunk(acc / seen, accepted, tried)
+
+    def own_rate(self, match: int, accepted: int, tried: int) -> float:
+        """As `rate`, from the sequence's own record and the start alone: nothing learned
+        from other requests moves it."""
+        return self._shrunk(self.start(match), accepted, tried)
+
+    def _shrunk(self, prior: float, accepted: int, tried: int) -> float:
         rate = (accepted + self._PRIOR * prior) / (tried + self._PRIOR)
         return max(rate, self.FLOOR)
 
@@ -236,6 +253,15 @@ class StepCost:
     def __init__(self) -> None:
         self._rows: list[int] = []
         self._seconds: dict[int, float] = {}
+
+    @classmethod
+    def fixed(cls, table: dict[int, float]) -> StepCost:
+        """Costs from a table (rows -> time) that nothing observed moves: the caller never
+        calls `observe` on it."""
+        cost = cls()
+        for rows, seconds in table.items():
+            cost.observe(rows, seconds)
+        return cost
 
     def observe(self, rows: int, seconds: float) -> None:
         old = self._seconds.get(rows)
