@@ -127,10 +127,10 @@ def test_compared_counts_accepted_tokens_and_the_first_miss() -> None:
 def test_step_cost_interpolates_extrapolates_and_follows_measurements() -> None:
     c = StepCost()
     assert not c.known()
-    c.observe(1, 0.010)
+    c.set(1, 0.010)
     assert c.estimate(4) == pytest.approx(0.040)  # one point: proportional
-    c.observe(2, 0.012)
-    c.observe(8, 0.030)
+    c.set(2, 0.012)
+    c.set(8, 0.030)
     assert c.estimate(1) == pytest.approx(0.010)
     assert c.estimate(5) == pytest.approx(0.012 + 3 * 0.018 / 6)
     assert c.estimate(16) == pytest.approx(0.030 + 8 * 0.018 / 6)
@@ -139,10 +139,26 @@ def test_step_cost_interpolates_extrapolates_and_follows_measurements() -> None:
     assert c.estimate(8) == pytest.approx(0.050, rel=1e-3)
 
 
+def test_steps_that_slow_down_move_the_row_counts_not_seen_since() -> None:
+    # measured before serving on an empty cache; then only 16-row steps, all 1.5x slower
+    c = StepCost()
+    for rows, ms in ((1, 14.7), (8, 52.6), (16, 78.3), (32, 137.2)):
+        c.set(rows, ms / 1000)
+    slope_before = (c.estimate(32) - c.estimate(16)) / 16
+    for _ in range(100):
+        c.observe(16, 0.1175)
+    assert c.estimate(16) == pytest.approx(0.1175, rel=1e-3)
+    # rows beyond 16 still cost what they did per row, scaled: drafts do not look free
+    slope_after = (c.estimate(32) - c.estimate(16)) / 16
+    assert slope_after > slope_before
+    assert c.estimate(32) > 1.25 * 0.1372
+    assert c.estimate(1) > 0.0147
+
+
 def flat_then_linear(knee: int, base: float, per_row: float) -> StepCost:
     c = StepCost()
     for rows in (1, 2, 4, 8, 16, 32, 64):
-        c.observe(rows, base + per_row * max(rows - knee, 0))
+        c.set(rows, base + per_row * max(rows - knee, 0))
     return c
 
 
@@ -206,7 +222,7 @@ def test_a_long_match_is_drafted_where_a_second_row_costs_a_whole_step() -> None
     # and stops once its drafts miss
     cost = StepCost()
     for rows, ms in ((1, 13.6), (2, 30.3), (3, 38.6), (5, 64.0), (9, 77.2), (17, 107.9)):
-        cost.observe(rows, ms / 1000)
+        cost.set(rows, ms / 1000)
     a = Acceptance(ngram_max=8)
 
     def plan(match: int) -> list[int]:

@@ -577,7 +577,7 @@ class LlamaEngine:
         for i in range(self._n_batch):
             self._b_logits[i] = 0
         for rows, seconds in timings.items():
-            self._cost.observe(rows, statistics.median(seconds))
+            self._cost.set(rows, statistics.median(seconds))
         log.info(
             "speculation: step time by batch rows measured in %.2f s (%s)",
             time.perf_counter() - started,

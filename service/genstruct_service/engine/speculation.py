@@ -244,54 +244,76 @@ def compared(drafted: int, accepted: int) -> int:
 class StepCost:
     """Seconds of one decode step by its batch rows, measured as the engine runs.
 
-    Each row count keeps a moving average of the steps decoded with it; a count never seen
-    is interpolated between its neighbours, or extended from the two largest beyond them.
+    The curve is kept in the units of its first measurements (`set`: before serving), times
+    one scale for how much slower or faster every step runs now (`observe`). A fuller KV
+    cache or a busier machine slows steps of every size alike, and most row counts are seen
+    rarely: a point measured long ago and left unscaled would make the rows between it and
+    a fresh one look nearly free. Each row count keeps a moving average on that curve; a
+    count never seen is interpolated between its neighbours, or extended from the two
+    largest beyond them.
     """
 
-    _ALPHA = 0.2
+    # A step's surprise goes mostly to the scale (every point) and a little to its own
+    # point, which so keeps the shape of the curve and follows it only slowly.
+    _DRIFT = 0.2
+    _ALPHA = 0.05
 
     def __init__(self) -> None:
         self._rows: list[int] = []
-        self._seconds: dict[int, float] = {}
+        self._curve: dict[int, float] = {}
+        self._scale = 1.0
 
     @classmethod
     def fixed(cls, table: dict[int, float]) -> StepCost:
-        """Costs from a table (rows -> time) that nothing observed moves: the caller never
-        calls `observe` on it."""
+        """Costs from a table (rows -> time); the caller never `observe`s into it."""
         cost = cls()
         for rows, seconds in table.items():
-            cost.observe(rows, seconds)
+            cost.set(rows, seconds)
         return cost
 
-    def observe(self, rows: int, seconds: float) -> None:
-        old = self._seconds.get(rows)
-        if old is None:
+    def set(self, rows: int, seconds: float) -> None:
+        """A step's time at today's scale, moving no other point (a measurement before
+        serving)."""
+        if rows not in self._curve:
             bisect.insort(self._rows, rows)
-            self._seconds[rows] = seconds
+        self._curve[rows] = seconds / self._scale
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """A step the engine decoded: it moves the scale of every point, then its own."""
+        if not self._rows:
+            self.set(rows, seconds)
+            return
+        self._scale *= (seconds / self.estimate(rows)) ** self._DRIFT
+        point = seconds / self._scale
+        old = self._curve.get(rows)
+        if old is None:
+            self.set(rows, seconds)
         else:
-            self._seconds[rows] = old + self._ALPHA * (seconds - old)
+            self._curve[rows] = old + self._ALPHA * (point - old)
 
     def known(self) -> bool:
         return bool(self._rows)
 
     def estimate(self, rows: int) -> float:
-        seconds = self._seconds
-        exact = seconds.get(rows)
+        return self._scale * self._on_curve(rows)
+
+    def _on_curve(self, rows: int) -> float:
+        curve = self._curve
+        exact = curve.get(rows)
         if exact is not None:
             return exact
         known = self._rows
         i = bisect.bisect_left(known, rows)
         if i == 0:
-            return seconds[known[0]]
+            return curve[known[0]]
         if i == len(known):
             if len(known) == 1:
-                lo = hi = known[0]
-                return seconds[lo] * rows / lo
+                return curve[known[0]] * rows / known[0]
             lo, hi = known[-2], known[-1]
         else:
             lo, hi = known[i - 1], known[i]
-        slope = max((seconds[hi] - seconds[lo]) / (hi - lo), 0.0)
-        return seconds[lo] + slope * (rows - lo)
+        slope = max((curve[hi] - curve[lo]) / (hi - lo), 0.0)
+        return curve[lo] + slope * (rows - lo)
 
 
 @dataclass(frozen=True, slots=True)
