@@ -179,6 +179,7 @@ class _Active:
     in_batch: bool = False  # tokens of it are in the step's batch
     stream: bool = True  # the caller reads text as it comes (else: the final result only)
     repeatable: bool = False  # greedy or seeded: run alone, its text is the same every time
+    seeded_sampled: bool = False  # under auto, drafted only when alone (see _plan_drafts)
     deltas: list[TokenDelta] = field(default_factory=list)  # this step's text, to stream
     drafted: int = 0  # drafted tokens verified, over all its generations
     accepted: int = 0  # of which the sampler agreed with
@@ -706,6 +707,7 @@ class LlamaEngine:
                 truncated=job.prompt.truncated, admitted=time.perf_counter(), seqs=seqs,
                 stream=request.stream,
                 repeatable=sampling.temperature <= 0 or sampling.seed is not None,
+                seeded_sampled=sampling.temperature > 0 and sampling.seed is not None,
             )
         )
 
@@ -718,16 +720,21 @@ class LlamaEngine:
         spec = self._spec
         generating = rows = prefill = 0
         found: list[tuple[_Seq, Draft]] = []
+        alone = len(self._active) == 1
         for active in self._active:
             if active.n_prefilled < len(active.tokens):
                 prefill += len(active.tokens) - active.n_prefilled
                 continue
+            # a seeded sampled request beside others is not drafted: measured on CPUs, the
+            # live plan's drafts cost it more than they save, and they would tie its text to
+            # what else runs
+            undrafted = spec.mode == "auto" and active.seeded_sampled and not alone
             for seq in active.seqs:
                 if seq.finish is not None or not seq.feed:
                     continue
                 generating += 1
                 rows += len(seq.feed)
-                if len(seq.feed) != 1 or seq.history is None:
+                if len(seq.feed) != 1 or seq.history is None or undrafted:
                     continue
                 budget = seq.max_tokens - seq.n_generated - 1  # the last token is sampled
                 draft = seq.history.draft(min(spec.draft_max, budget))
@@ -743,7 +750,7 @@ class LlamaEngine:
                 seq.draft_match = draft.match
                 free -= len(seq.draft)
             return
-        if len(self._active) == 1 and self._active[0].repeatable:
+        if alone and self._active[0].repeatable:
             # alone, its batches are its own: plan them from the request alone, so that every
             # run of it drafts alike (speculation.py)
             rate, cost, sample_seconds = self._acceptance.own_rate, self._fixed_cost, 0.0

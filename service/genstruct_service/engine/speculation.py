@@ -17,7 +17,8 @@ request whose text must repeat (greedy, or sampled with a seed), when it runs al
 planned from itself: its own record against a start fixed per match length, and a fixed
 cost shape (`STEEP_ROW_COST`) instead of the measured one. The same request run alone then
 drafts the same rows, and writes the same text, on every run and after every restart.
-Alongside other requests its batches depend on theirs anyway, and the live plan applies.
+Alongside other requests its batches depend on theirs anyway: the live plan applies to a
+greedy request, and under auto a seeded sampled one is not drafted there (engine/llama.py).
 
 Everything here is pure Python over token ids, tested without a model.
 """
