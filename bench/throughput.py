@@ -60,6 +60,8 @@ class Record:
     seconds: float
     tokens_per_second: float
     peak_rss_bytes: int
+    draft_tokens: int = 0  # the engine's speculation: drafted tokens verified
+    accepted_draft_tokens: int = 0
 
 
 def documents(scenario: Scenario, args: argparse.Namespace) -> list[Document]:
@@ -126,7 +128,8 @@ def run_engine(model: str, scenario: Scenario, args: argparse.Namespace) -> Reco
     done, seconds = asyncio.run(drive(engine, requests, scenario.concurrency))
     generated = sum(d.completion_tokens for d in done)
     return Record("engine", scenario.concurrency, scenario.num_generations, generated, seconds,
-                  generated / seconds, _self_peak_rss())
+                  generated / seconds, _self_peak_rss(),
+                  sum(d.draft_tokens for d in done), sum(d.accepted_draft_tokens for d in done))
 
 
 # ---------------------------------------------------------------- (b) sequential Llama loop
