@@ -248,8 +248,13 @@ async def test_auto_plans_a_seeded_request_run_alone_from_itself(
         same_output(a, c)
         assert a.draft_tokens == b.draft_tokens == c.draft_tokens
         assert a.accepted_draft_tokens == b.accepted_draft_tokens == c.accepted_draft_tokens
-    # two at once: their batches are shared, and a seeded sampled request is not drafted
+    # beside another request its batches are shared, and a seeded sampled request is not
+    # drafted: two join one that runs from before they come until after they end
+    running = auto.generate(req(4, stream=True, **{**sampled, "max_tokens": 400},
+                                ignore_eos=True))
+    await anext(running)
     pair = await asyncio.gather(*(collect(auto, req(i, **sampled)) for i in (0, 1)))
+    await running.aclose()
     assert [done.draft_tokens for _, done in pair] == [0, 0]
     # without a seed the live plan applies: it drafts as the engine learned
     unseeded = [(await collect(auto, req(i, **{**sampled, "seed": None})))[1] for i in range(3)]
