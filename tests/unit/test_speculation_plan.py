@@ -165,8 +165,8 @@ def flat_then_linear(knee: int, base: float, per_row: float) -> StepCost:
 def test_free_rows_are_drafted_when_acceptance_is_good() -> None:
     gpu = flat_then_linear(knee=64, base=0.020, per_row=0.001)
     take = plan_drafts(
-        [Candidate(rate=0.6, length=8)], generating=1, base_rows=1, free_rows=100,
-        cost=gpu, sample_seconds=0.0,
+        [Candidate(rate=0.6, length=8)], generating=1, decode_rows=1, prompt_rows=0,
+        batch_rows=101, cost=gpu, sample_seconds=0.0,
     )
     assert take == [8]
 
@@ -174,8 +174,8 @@ def test_free_rows_are_drafted_when_acceptance_is_good() -> None:
 def test_costly_rows_with_poor_acceptance_are_not_drafted() -> None:
     cpu = flat_then_linear(knee=1, base=0.020, per_row=0.004)  # each row +20%
     take = plan_drafts(
-        [Candidate(rate=0.1, length=8)], generating=1, base_rows=1, free_rows=100,
-        cost=cpu, sample_seconds=0.0,
+        [Candidate(rate=0.1, length=8)], generating=1, decode_rows=1, prompt_rows=0,
+        batch_rows=101, cost=cpu, sample_seconds=0.0,
     )
     assert take == [0]
 
@@ -183,12 +183,12 @@ def test_costly_rows_with_poor_acceptance_are_not_drafted() -> None:
 def test_a_saturated_batch_drafts_less_than_a_small_one() -> None:
     cost = flat_then_linear(knee=4, base=0.020, per_row=0.003)
     one = plan_drafts(
-        [Candidate(0.7, 16)], generating=1, base_rows=1, free_rows=500, cost=cost,
-        sample_seconds=0.0,
+        [Candidate(0.7, 16)], generating=1, decode_rows=1, prompt_rows=0, batch_rows=501,
+        cost=cost, sample_seconds=0.0,
     )
     many = plan_drafts(
-        [Candidate(0.7, 16)] * 16, generating=16, base_rows=16, free_rows=500, cost=cost,
-        sample_seconds=0.0,
+        [Candidate(0.7, 16)] * 16, generating=16, decode_rows=16, prompt_rows=0,
+        batch_rows=516, cost=cost, sample_seconds=0.0,
     )
     assert sum(one) > 0
     assert max(many) < one[0]
@@ -197,14 +197,40 @@ def test_a_saturated_batch_drafts_less_than_a_small_one() -> None:
 def test_rows_go_to_the_likelier_drafts_first_and_respect_free_rows() -> None:
     gpu = flat_then_linear(knee=64, base=0.020, per_row=0.001)
     take = plan_drafts(
-        [Candidate(0.2, 8), Candidate(0.9, 8)], generating=2, base_rows=2, free_rows=6,
-        cost=gpu, sample_seconds=0.0,
+        [Candidate(0.2, 8), Candidate(0.9, 8)], generating=2, decode_rows=2, prompt_rows=0,
+        batch_rows=8, cost=gpu, sample_seconds=0.0,
     )
     assert take == [0, 6]
-    assert plan_drafts([Candidate(0.9, 8)], generating=1, base_rows=1, free_rows=0,
-                       cost=gpu, sample_seconds=0.0) == [0]
-    assert plan_drafts([Candidate(0.9, 8)], generating=1, base_rows=1, free_rows=8,
-                       cost=StepCost(), sample_seconds=0.0) == [0]  # nothing measured yet
+    assert plan_drafts([Candidate(0.9, 8)], generating=1, decode_rows=1, prompt_rows=0,
+                       batch_rows=1, cost=gpu, sample_seconds=0.0) == [0]
+    assert plan_drafts([Candidate(0.9, 8)], generating=1, decode_rows=1, prompt_rows=8,
+                       batch_rows=9, cost=gpu, sample_seconds=0.0) == [0]  # a prompt's rows
+    # nothing measured yet
+    assert plan_drafts([Candidate(0.9, 8)], generating=1, decode_rows=1, prompt_rows=0,
+                       batch_rows=9, cost=StepCost(), sample_seconds=0.0) == [0]
+
+
+def test_a_prompt_chunk_in_the_step_takes_rows_and_weighs_nothing() -> None:
+    # costs measured at 16 in flight (Gemma 3 270M, 2 CPU cores): a 16-row step 81 ms, 32
+    # rows 148: drafts of sampled text, accepted at about 0.75, do not pay there
+    cost = StepCost()
+    for rows, ms in ((1, 13.8), (8, 57.0), (16, 81.0), (32, 148.0), (64, 285.0)):
+        cost.set(rows, ms / 1000)
+    drafts = [Candidate(0.75, 4)] * 16
+
+    def plan(prompt_rows: int) -> list[int]:
+        return plan_drafts(drafts, generating=16, decode_rows=16, prompt_rows=prompt_rows,
+                           batch_rows=512, cost=cost, sample_seconds=0.0)
+
+    assert plan(0) == [0] * 16
+    # a 220-token prompt joining makes the step slow, which does not make drafts cheaper
+    assert plan(220) == plan(0)
+    # and a prompt that fills the batch leaves no rows for them
+    good = [Candidate(0.99, 4)] * 16
+    assert sum(plan_drafts(good, generating=16, decode_rows=16, prompt_rows=0,
+                           batch_rows=512, cost=cost, sample_seconds=0.0)) > 0
+    assert plan_drafts(good, generating=16, decode_rows=16, prompt_rows=496, batch_rows=512,
+                       cost=cost, sample_seconds=0.0) == [0] * 16
 
 
 def test_settings_name_every_problem() -> None:
@@ -227,8 +253,8 @@ def test_a_long_match_is_drafted_where_a_second_row_costs_a_whole_step() -> None
 
     def plan(match: int) -> list[int]:
         candidate = Candidate(length=16, rate=a.rate(match, 0, 0))
-        return plan_drafts([candidate], generating=1, base_rows=1, free_rows=64, cost=cost,
-                           sample_seconds=0.0)  # fmt: skip
+        return plan_drafts([candidate], generating=1, decode_rows=1, prompt_rows=0,
+                           batch_rows=65, cost=cost, sample_seconds=0.0)  # fmt: skip
 
     assert plan(8) == [16]
     assert plan(2) == [0]
@@ -243,8 +269,9 @@ def test_a_plan_from_the_request_alone_ignores_what_the_engine_learned() -> None
     assert fixed.estimate(1) == 1.0 and fixed.estimate(17) == STEEP_ROW_COST[17]
 
     def plan(rate: float) -> list[int]:
-        return plan_drafts([Candidate(length=16, rate=rate)], generating=1, base_rows=1,
-                           free_rows=64, cost=fixed, sample_seconds=0.0)  # fmt: skip
+        return plan_drafts([Candidate(length=16, rate=rate)], generating=1, decode_rows=1,
+                           prompt_rows=0, batch_rows=65, cost=fixed,
+                           sample_seconds=0.0)  # fmt: skip
 
     before = [plan(a.own_rate(m, 0, 0)) for m in range(9)]
     for _ in range(400):  # other requests: every draft accepted, whatever its match

@@ -742,9 +742,8 @@ class LlamaEngine:
                     found.append((seq, draft))
         if not found:
             return
-        base = min(self._n_batch, rows + prefill)
         if spec.mode == "always":
-            free = self._n_batch - base
+            free = self._n_batch - min(self._n_batch, rows + prefill)
             for seq, draft in found:
                 seq.draft = draft.tokens[: max(free, 0)]
                 seq.draft_match = draft.match
@@ -761,7 +760,8 @@ class LlamaEngine:
                 Candidate(rate(d.match, s.spec_accepted, s.spec_compared), len(d.tokens))
                 for s, d in found
             ],
-            generating=generating, base_rows=base, free_rows=self._n_batch - base,
+            generating=generating, decode_rows=rows, prompt_rows=prefill,
+            batch_rows=self._n_batch,
             cost=cost, sample_seconds=sample_seconds,
         )
         for (seq, draft), k in zip(found, take, strict=True):

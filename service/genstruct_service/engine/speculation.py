@@ -329,8 +329,9 @@ def plan_drafts(
     candidates: Sequence[Candidate],
     *,
     generating: int,
-    base_rows: int,
-    free_rows: int,
+    decode_rows: int,
+    prompt_rows: int,
+    batch_rows: int,
     cost: StepCost,
     sample_seconds: float,
 ) -> list[int]:
@@ -339,9 +340,17 @@ def plan_drafts(
     Each extra row for a sequence whose draft already has j - 1 rows is worth rate^j
     expected tokens. Rows go to the best such gains first, and the step takes as many as
     maximise expected tokens per second: (generating + gain) / (step time + sampling time).
-    `base_rows` is the step's batch without drafts, `free_rows` what the batch has left.
+    `decode_rows` is the step's batch without drafts and prompt chunks, `prompt_rows` the
+    prompt tokens waiting for it, `batch_rows` the most a batch holds.
+
+    A prompt chunk only takes rows; it is weighed as absent. Its rows are paid for whether
+    drafts come or not, and yield no token: counted in, they make the step slow, so that
+    any draft row looks cheap against its tokens per second. Measured with prompts of a few
+    hundred tokens at 16 in flight, such drafts cost 6 ms a row where a token of plain
+    decoding cost 4.4.
     """
     take = [0] * len(candidates)
+    free_rows = batch_rows - min(batch_rows, decode_rows + prompt_rows)
     if not candidates or free_rows <= 0 or not cost.known():
         return take
     gains: list[tuple[float, int]] = []
@@ -356,11 +365,11 @@ def plan_drafts(
     def speed(rows: int, tokens: float) -> float:
         return tokens / (cost.estimate(rows) + sample_seconds * tokens)
 
-    best_k, best = 0, speed(base_rows, generating)
+    best_k, best = 0, speed(decode_rows, generating)
     gained = float(generating)
     for k, (g, _) in enumerate(gains, start=1):
         gained += g
-        value = speed(base_rows + k, gained)
+        value = speed(decode_rows + k, gained)
         if value > best:
             best_k, best = k, value
     for _, i in gains[:best_k]:
