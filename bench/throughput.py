@@ -115,7 +115,8 @@ def run_engine(model: str, scenario: Scenario, args: argparse.Namespace) -> Reco
     )
     sampling = Sampling(
         temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], top_p=SAMPLING["top_p"],
-        min_p=SAMPLING["min_p"], seed=SAMPLING["seed"], max_tokens=args.max_tokens,
+        min_p=SAMPLING["min_p"], seed=None if args.unseeded else SAMPLING["seed"],
+        max_tokens=args.max_tokens,
         ignore_eos=True,
     )
     # as Generate and GenerateBatch ask: the final result only, no text as it goes
@@ -175,12 +176,16 @@ def run_server(
         "samplers": ["top_k", "top_p", "min_p", "temperature"], "stream": False,
     }
     calls: list[dict[str, object]] = []
+
+    def seed(i: int) -> dict[str, object]:
+        return {} if args.unseeded else {"seed": SAMPLING["seed"] + i}
+
     for prompt in prompts(scenario, args):
         if n_cmpl:
-            calls.append({**body_base, "prompt": prompt, "seed": SAMPLING["seed"],
+            calls.append({**body_base, "prompt": prompt, **seed(0),
                           "n_cmpl": scenario.num_generations})
         else:
-            calls.extend({**body_base, "prompt": prompt, "seed": SAMPLING["seed"] + i}
+            calls.extend({**body_base, "prompt": prompt, **seed(i)}
                          for i in range(scenario.num_generations))
     in_flight = scenario.concurrency if n_cmpl else slots
     with llama_server.serve(
@@ -220,6 +225,8 @@ def _in_subprocess(system: str, scenario: Scenario, args: argparse.Namespace) ->
     ]
     if args.docs:
         command += ["--docs", str(args.docs)]
+    if args.unseeded:
+        command.append("--unseeded")
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return Record(**json.loads(done.stdout.strip().splitlines()[-1]))
 
@@ -278,6 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--server-kv", choices=["unified", "split"], default="unified",
                         help="llama-server's KV cache: unified, as the engine's (default), or "
                         "split into one stream per slot (its own default with --parallel N)")
+    parser.add_argument("--unseeded", action="store_true",
+                        help="requests carry no seed, as most callers send them (under "
+                        "--speculation auto the engine then drafts them beside others by its "
+                        "live plan; seeded sampled requests are drafted only when alone)")
     parser.add_argument("--systems", default="engine,loop,server",
                         help="comma-separated subset of engine,loop,server")
     parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS,
@@ -302,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"n_batch "
           f"{args.n_batch}, n_ubatch {args.n_ubatch}, n_gpu_layers {args.n_gpu_layers}, "
           f"flash attention {args.flash_attn}, {args.max_tokens} tokens per generation, "
+          f"engine speculation {args.speculation}, "
+          f"{'unseeded' if args.unseeded else 'seeded'} requests, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
     records: list[Record] = []
     binary = None
