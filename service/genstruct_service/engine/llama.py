@@ -67,6 +67,7 @@ from genstruct_service.engine.speculation import (
     StepCost,
     compared,
     plan_drafts,
+    rows_left,
 )
 from genstruct_service.engine.text import TextAssembler
 from genstruct_service.engine.tokenizer import LlamaTokenizer
@@ -743,7 +744,7 @@ class LlamaEngine:
         if not found:
             return
         if spec.mode == "always":
-            free = self._n_batch - min(self._n_batch, rows + prefill)
+            free = rows_left(rows, prefill, self._n_batch)
             for seq, draft in found:
                 seq.draft = draft.tokens[: max(free, 0)]
                 seq.draft_match = draft.match

@@ -325,6 +325,11 @@ class Candidate:
     length: int  # tokens in its draft
 
 
+def rows_left(decode_rows: int, prompt_rows: int, batch_rows: int) -> int:
+    """The rows a step's batch has for drafts once its decode rows and prompt chunks fit."""
+    return batch_rows - min(batch_rows, decode_rows + prompt_rows)
+
+
 def plan_drafts(
     candidates: Sequence[Candidate],
     *,
@@ -350,7 +355,7 @@ def plan_drafts(
     decoding cost 4.4.
     """
     take = [0] * len(candidates)
-    free_rows = batch_rows - min(batch_rows, decode_rows + prompt_rows)
+    free_rows = rows_left(decode_rows, prompt_rows, batch_rows)
     if not candidates or free_rows <= 0 or not cost.known():
         return take
     gains: list[tuple[float, int]] = []
