@@ -256,7 +256,9 @@ async def test_auto_plans_a_seeded_request_run_alone_from_itself(
     pair = await asyncio.gather(*(collect(auto, req(i, **sampled)) for i in (0, 1)))
     await running.aclose()
     assert [done.draft_tokens for _, done in pair] == [0, 0]
-    # without a seed the live plan applies: it drafts as the engine learned
+    # without a seed the live plan applies: it drafts as the engine learned (taught again,
+    # since the real steps above have moved what it learned)
+    _learn_that_drafts_pay(auto)
     unseeded = [(await collect(auto, req(i, **{**sampled, "seed": None})))[1] for i in range(3)]
     if model_name == GEMMA:  # it copies its documents; random weights sample noise
         assert sum(a.draft_tokens for a in fresh) > 0
