@@ -119,7 +119,7 @@ class GrpcService:
             "--n-batch", str(args.n_batch), "--n-ubatch", str(args.n_ubatch),
             "--threads", str(args.threads), "--threads-batch", str(args.threads),
             "--n-gpu-layers", str(args.n_gpu_layers), "--flash-attn", args.flash_attn,
-            "--speculation", args.speculation,
+            "--speculation", args.speculation, settings.kv_flag(args),
             "--max-batch-in-flight", str(n_parallel),
             "--log-format", "json", "--log-level", "INFO",
         ]

@@ -129,7 +129,7 @@ class RunningServer:
 @contextmanager
 def serve(
     binary: Path, model_path: str, *, n_parallel: int, settings: Sequence[str],
-    kv_unified: bool = True, extra: Sequence[str] = (),
+    extra: Sequence[str] = (),
 ) -> Iterator[RunningServer]:
     """Start llama-server, wait for /health, and stop it on exit.
 
@@ -139,7 +139,7 @@ def serve(
     args = [
         str(binary), "-m", model_path, "--host", "127.0.0.1", "--port", str(port),
         "--parallel", str(n_parallel), *settings,
-        "--kv-unified" if kv_unified else "--no-kv-unified", "--no-webui", *extra,
+        "--no-webui", *extra,
     ]
     log = open(BUILD_ROOT / "llama-server.log", "wb")  # noqa: SIM115 - closed below
     env = dict(os.environ)

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, n_ctx: int | None) -> None
     parser.add_argument("--n-batch", type=int, default=512)
     parser.add_argument("--n-ubatch", type=int, default=None, help="default: min(512, n-batch)")
     parser.add_argument("--flash-attn", choices=FLASH_ATTN, default="auto")
+    parser.add_argument("--kv-unified", action=argparse.BooleanOptionalAction, default=False,
+                        help="one KV pool for all slots (default: a stream per slot, as the "
+                        "engine and llama-server --parallel keep it)")
     parser.add_argument("--speculation", choices=("auto", "always", "off"), default="off",
                         help="the engine's drafts (default off: every peer decodes one token "
                         "per sequence per step; bench.speculation measures drafts against "
@@ -83,7 +86,13 @@ def worker_flags(args: argparse.Namespace) -> list[str]:
         "--threads", str(args.threads), "--n-ctx", str(args.n_ctx),
         "--n-batch", str(args.n_batch), "--n-ubatch", str(args.n_ubatch),
         "--flash-attn", args.flash_attn, "--speculation", args.speculation,
+        kv_flag(args),
     ]
+
+
+def kv_flag(args: argparse.Namespace) -> str:
+    """The KV layout as the engine's and llama-server's flag (they spell it alike)."""
+    return "--kv-unified" if args.kv_unified else "--no-kv-unified"
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -91,7 +100,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "n_ctx": args.n_ctx, "n_batch": args.n_batch, "n_ubatch": args.n_ubatch,
         "n_threads": args.threads, "n_threads_batch": args.threads,
         "n_gpu_layers": args.n_gpu_layers, "flash_attn": args.flash_attn,
-        "speculation": SpeculationSettings(mode=args.speculation),
+        "kv_unified": args.kv_unified, "speculation": SpeculationSettings(mode=args.speculation),
     }
 
 
@@ -109,10 +118,10 @@ def llama_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def server_flags(args: argparse.Namespace) -> list[str]:
-    """For llama-server (its --parallel and --kv-unified are the caller's)."""
+    """For llama-server (its --parallel is the caller's)."""
     layers = "all" if args.n_gpu_layers < 0 else str(args.n_gpu_layers)  # its -1 is "auto"
     return [
         "-c", str(args.n_ctx), "-t", str(args.threads), "-tb", str(args.threads),
         "-b", str(args.n_batch), "-ub", str(args.n_ubatch), "-ngl", layers,
-        "-fa", args.flash_attn, "--fit", "off",
+        "-fa", args.flash_attn, "--fit", "off", kv_flag(args),
     ]

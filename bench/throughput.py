@@ -190,7 +190,7 @@ def run_server(
     in_flight = scenario.concurrency if n_cmpl else slots
     with llama_server.serve(
         binary, model, n_parallel=slots, settings=settings.server_flags(args),
-        kv_unified=args.server_kv == "unified", extra=["--cache-ram", "0"],
+        extra=["--cache-ram", "0"],
     ) as server:
         generated = 0
         lock = threading.Lock()
@@ -282,9 +282,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=None,
                         help="documents per scenario (default: 4 per document in flight, at "
                         "least 12)")
-    parser.add_argument("--server-kv", choices=["unified", "split"], default="unified",
-                        help="llama-server's KV cache: unified, as the engine's (default), or "
-                        "split into one stream per slot (its own default with --parallel N)")
     parser.add_argument("--unseeded", action="store_true",
                         help="requests carry no seed, as most callers send them (under "
                         "--speculation auto the engine then drafts them beside others by its "
@@ -312,7 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model {args.model}\nthreads {args.threads}, n_ctx {args.n_ctx or '1024 per slot'}, "
           f"n_batch "
           f"{args.n_batch}, n_ubatch {args.n_ubatch}, n_gpu_layers {args.n_gpu_layers}, "
-          f"flash attention {args.flash_attn}, {args.max_tokens} tokens per generation, "
+          f"flash attention {args.flash_attn}, "
+          f"KV cache {'unified' if args.kv_unified else 'a stream per slot'}, "
+          f"{args.max_tokens} tokens per generation, "
           f"engine speculation {args.speculation}, "
           f"{'unseeded' if args.unseeded else 'seeded'} requests, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)

@@ -124,6 +124,7 @@ def load_engine(settings: Settings, on_step: Callable[[int], None]) -> Engine:
         flash_attn=settings.flash_attn,
         cache_type_k=settings.cache_type_k,
         cache_type_v=settings.cache_type_v,
+        kv_unified=settings.kv_unified,
         max_queue=settings.max_queue,
         speculation=settings.speculation_settings,
         on_step=on_step,

@@ -72,7 +72,8 @@ class Settings(BaseSettings):
         8192,
         ge=256,
         le=C_INT_MAX,
-        description="Tokens of KV cache shared by all slots; each slot may use n_ctx / n_parallel.",
+        description="Tokens of KV cache, all slots together: each slot holds n_ctx / n_parallel "
+        "(with --kv-unified, any one may use most of it).",
     )
     n_batch: int = Field(
         512,
@@ -112,6 +113,12 @@ class Settings(BaseSettings):
     )
     cache_type_v: Literal["f16", "q8_0", "q4_0"] = Field(
         "f16", description="Element type of the KV cache's values; quantized needs flash_attn."
+    )
+    kv_unified: bool = Field(
+        False,
+        description="One KV pool for all slots, so one long document may use most of n_ctx; "
+        "by default each slot has its own stream, which attention reads alone (faster when "
+        "documents decode together).",
     )
     speculation: Literal["auto", "always", "off"] = Field(
         "auto",

@@ -338,6 +338,8 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
             cache_type_k=info.cache_type_k,
             cache_type_v=info.cache_type_v,
             speculation=speculation_message(info.speculation),
+            kv_unified=info.kv_unified,
+            slot_context_length=info.slot_context_length or info.context_length,
         )
 
 class _Batch:

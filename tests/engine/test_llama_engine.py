@@ -45,6 +45,7 @@ def test_info_reads_the_gguf_metadata(engine: Any, model_name: str) -> None:
     assert info.backend == "CPU" and info.gpu_layers_offloaded == 0
     assert info.flash_attn == "on"  # "auto", resolved: the CPU backend has flash attention
     assert info.context_length == 2048 and info.n_parallel == 4
+    assert not info.kv_unified and info.slot_context_length == 512  # a stream per slot
     assert info.train_context_length >= 2048 and info.total_layers > 0
 
 
@@ -333,6 +334,15 @@ async def test_close_ends_requests_in_flight_and_refuses_new_ones(model_path: st
     assert events[-1].generations[0].finish_reason is FinishReason.CANCELLED
     with pytest.raises(Unavailable):
         await anext(engine.generate(request(0)))
+
+
+async def test_every_generation_reads_the_prompt_copied_to_its_slot(engine: Any) -> None:
+    # each slot has a KV stream of its own: the first generation's prompt is copied to the
+    # others' streams; one that missed it would write from its first token alone
+    _, done = await collect(engine, request(3, max_tokens=24, temperature=0.0, num_generations=3,
+                                            ignore_eos=True))
+    texts = [g.text for g in done.generations]
+    assert len(texts[0]) > 20 and texts == [texts[0]] * 3
 
 
 async def test_generations_ending_on_their_first_token_free_their_slots(engine: Any) -> None:

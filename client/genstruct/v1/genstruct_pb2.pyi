@@ -624,6 +624,8 @@ class GetModelInfoResponse(_message.Message):
     CACHE_TYPE_K_FIELD_NUMBER: _builtins.int
     CACHE_TYPE_V_FIELD_NUMBER: _builtins.int
     SPECULATION_FIELD_NUMBER: _builtins.int
+    KV_UNIFIED_FIELD_NUMBER: _builtins.int
+    SLOT_CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Name reported in responses' `model_name`, e.g. "genstruct-7b:Q4_K_M"."""
     model_file: _builtins.str
@@ -635,7 +637,7 @@ class GetModelInfoResponse(_message.Message):
     architecture: _builtins.str
     """Architecture from the GGUF metadata, e.g. "llama"."""
     context_length: _builtins.int
-    """Tokens of context the server gives the model, shared by every slot."""
+    """Tokens of KV cache the server gives the model, all slots together."""
     train_context_length: _builtins.int
     """Tokens of context the model was trained with."""
     n_parallel: _builtins.int
@@ -662,6 +664,14 @@ class GetModelInfoResponse(_message.Message):
     cache_type_k: _builtins.str
     """Element types of the KV cache: "f16", "q8_0" or "q4_0"."""
     cache_type_v: _builtins.str
+    kv_unified: _builtins.bool
+    """True when every slot draws on one KV cache of `context_length` tokens; false when each
+    slot has a KV stream of its own (server flag --kv-unified).
+    """
+    slot_context_length: _builtins.int
+    """Most tokens one slot holds: a document's prompt plus one generation's max_tokens must
+    fit in it (and in `context_length` with every generation, when the cache is unified).
+    """
     @_builtins.property
     def default_sampling(self) -> Global___SamplingParams:
         """Sampling used for fields a request leaves unset."""
@@ -704,10 +714,12 @@ class GetModelInfoResponse(_message.Message):
         cache_type_k: _builtins.str = ...,
         cache_type_v: _builtins.str = ...,
         speculation: Global___Speculation | None = ...,
+        kv_unified: _builtins.bool = ...,
+        slot_context_length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "default_sampling", b"default_sampling", "limits", b"limits", "speculation", b"speculation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "build", b"build", "cache_type_k", b"cache_type_k", "cache_type_v", b"cache_type_v", "context_length", b"context_length", "default_sampling", b"default_sampling", "flash_attn", b"flash_attn", "gpu_layers_offloaded", b"gpu_layers_offloaded", "limits", b"limits", "model_file", b"model_file", "model_name", b"model_name", "n_batch", b"n_batch", "n_parallel", b"n_parallel", "n_ubatch", b"n_ubatch", "parameter_count", b"parameter_count", "quantization", b"quantization", "service_version", b"service_version", "speculation", b"speculation", "threads", b"threads", "threads_batch", b"threads_batch", "total_layers", b"total_layers", "train_context_length", b"train_context_length"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "build", b"build", "cache_type_k", b"cache_type_k", "cache_type_v", b"cache_type_v", "context_length", b"context_length", "default_sampling", b"default_sampling", "flash_attn", b"flash_attn", "gpu_layers_offloaded", b"gpu_layers_offloaded", "kv_unified", b"kv_unified", "limits", b"limits", "model_file", b"model_file", "model_name", b"model_name", "n_batch", b"n_batch", "n_parallel", b"n_parallel", "n_ubatch", b"n_ubatch", "parameter_count", b"parameter_count", "quantization", b"quantization", "service_version", b"service_version", "slot_context_length", b"slot_context_length", "speculation", b"speculation", "threads", b"threads", "threads_batch", b"threads_batch", "total_layers", b"total_layers", "train_context_length", b"train_context_length"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

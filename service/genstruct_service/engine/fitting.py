@@ -21,6 +21,43 @@ class Tokenizer(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class KvLayout:
+    """How the KV cache holds the slots' sequences, and so how much room one request has.
+
+    Unified: one pool of `n_ctx` cells; any slot may use most of it, and a request's
+    generations share its prompt's cells. Split: every slot has a stream of its own of
+    `n_ctx / n_parallel` cells, which holds the prompt and that generation's tokens, and a
+    step's attention reads each sequence's own cells only.
+    """
+
+    n_ctx: int  # cells in all, as llama.cpp made them
+    n_parallel: int
+    unified: bool
+
+    @property
+    def slot_cells(self) -> int:
+        """The most cells one sequence may hold."""
+        return self.n_ctx if self.unified else self.n_ctx // self.n_parallel
+
+    def prompt_room(self, generations: int, max_tokens: int) -> int:
+        """The most prompt tokens that leave room for every generation's max_tokens."""
+        if self.unified:
+            return self.n_ctx - generations * max_tokens
+        return self.slot_cells - max_tokens
+
+    def describe(self) -> str:
+        if self.unified:
+            return (
+                f"the context holds at most {self.n_ctx:,} tokens (n_ctx {self.n_ctx:,}, "
+                f"one unified KV cache shared by {self.n_parallel} slots)"
+            )
+        return (
+            f"a slot holds at most {self.slot_cells:,} tokens (n_ctx {self.n_ctx:,} split "
+            f"over {self.n_parallel} slots; --kv-unified lets one document use more)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class FittedPrompt:
     tokens: list[int]
     truncated: bool
@@ -32,19 +69,19 @@ _EDGE_TOKENS = 4
 
 
 def content_budget(
-    tokenizer: Tokenizer, fmt: PromptFormat, request: GenerationRequest, *, n_ctx: int
+    tokenizer: Tokenizer, fmt: PromptFormat, request: GenerationRequest, *, layout: KvLayout
 ) -> int:
     """The most content tokens a prompt of `request` holds beside every generation's
-    max_tokens in n_ctx (below 1 when not even the title fits)."""
+    max_tokens (below 1 when not even the title fits)."""
     base = len(tokenizer.tokenize(fmt.render(request.title, ""), add_special=True))
-    return n_ctx - request.num_generations * request.sampling.max_tokens - base - _EDGE_TOKENS
+    room = layout.prompt_room(request.num_generations, request.sampling.max_tokens)
+    return room - base - _EDGE_TOKENS
 
 
 def fit_prompt(
-    tokenizer: Tokenizer, fmt: PromptFormat, request: GenerationRequest, *, n_ctx: int,
-    n_parallel: int,
+    tokenizer: Tokenizer, fmt: PromptFormat, request: GenerationRequest, *, layout: KvLayout
 ) -> FittedPrompt:
-    """The prompt's ids, which leave room for every generation's max_tokens in n_ctx.
+    """The prompt's ids, which leave room for every generation's max_tokens.
 
     Content too long is refused (ContextOverflow naming the sizes) or, with
     Truncation.TRUNCATE, cut at a token boundary to fit; a request that cannot fit even
@@ -52,15 +89,12 @@ def fit_prompt(
     """
     n = request.num_generations
     max_tokens = request.sampling.max_tokens
-    budget = n_ctx - n * max_tokens
+    budget = layout.prompt_room(n, max_tokens)
     tokens = tokenizer.tokenize(fmt.render(request.title, request.content), add_special=True)
     if len(tokens) <= budget:
         return FittedPrompt(tokens, truncated=False)
     asked = f"max_tokens {max_tokens:,}" + (f" x {n} generations" if n > 1 else "")
-    where = (
-        f"the context holds at most {n_ctx:,} tokens (n_ctx {n_ctx:,}, "
-        f"one unified KV cache shared by {n_parallel} slots)"
-    )
+    where = layout.describe()
     if request.truncation is Truncation.REFUSE:
         raise ContextOverflow(
             "document.content", f"prompt is {len(tokens):,} tokens and {asked}, but {where}"

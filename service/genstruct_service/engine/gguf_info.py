@@ -50,7 +50,7 @@ def backend_name() -> str:
 def engine_info(
     model: int, ctx: int, *, model_name: str, model_path: str, n_parallel: int,
     n_gpu_layers: int, build: BuildInfo, flash_attn: str, cache_types: tuple[str, str],
-    speculation: SpeculationSettings,
+    speculation: SpeculationSettings, kv_unified: bool,
 ) -> EngineInfo:
     n_layer = int(ll.llama_model_n_layer(model))
     backend = backend_name()
@@ -79,4 +79,6 @@ def engine_info(
         cache_type_k=cache_types[0],
         cache_type_v=cache_types[1],
         speculation=speculation,
+        kv_unified=kv_unified,
+        slot_context_length=int(ll.llama_n_ctx_seq(ctx)),
     )

@@ -4,8 +4,10 @@ Pure: no llama.cpp, no threads, no clock; the engine thread owns one `Scheduler`
 between decode steps, which waiting requests start now and on which slots.
 
 A request needs one slot per generation and reserves KV cells for everything it can ever
-write: its prompt (shared by its generations) plus `max_tokens` per generation. The cache is
-one pool (a unified KV cache), so a request starts when it has its slots and its cells.
+write: its prompt (shared by its generations) plus `max_tokens` per generation, and starts
+when it has its slots and its cells. The lowest free slots are handed out first, so the
+slots in use stay one run from 0 where they can: a split KV cache decodes a run of
+consecutive slots in one pass, and each gap costs another.
 
 Order is first come, first served, with one exception against head-of-line blocking: when
 the request at the head does not fit yet (a long document, or many generations), later
@@ -20,6 +22,7 @@ cells for others at once.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -54,7 +57,7 @@ class Scheduler(Generic[T]):
         self.n_slots = n_slots
         self.n_cells = n_cells
         self.max_bypass = n_slots if max_bypass is None else max_bypass
-        self._free_slots = list(range(n_slots - 1, -1, -1))  # slot 0 is handed out first
+        self._free_slots = list(range(n_slots))  # a heap: the lowest is handed out first
         self._free_cells = n_cells
         self._waiting: deque[Ticket[T]] = deque()
 
@@ -104,7 +107,7 @@ class Scheduler(Generic[T]):
         return ticket.generations <= len(self._free_slots) and ticket.cells <= self._free_cells
 
     def _take(self, ticket: Ticket[T]) -> None:
-        ticket.slots = [self._free_slots.pop() for _ in range(ticket.generations)]
+        ticket.slots = [heapq.heappop(self._free_slots) for _ in range(ticket.generations)]
         self._free_cells -= ticket.cells
 
     def admit(self) -> list[Ticket[T]]:
@@ -134,7 +137,7 @@ class Scheduler(Generic[T]):
         """One generation of a running request ended: its slot and its cells come back
         (the prompt's cells with the last one)."""
         ticket.slots.remove(slot)
-        self._free_slots.append(slot)
+        heapq.heappush(self._free_slots, slot)
         self._free_cells += ticket.cells_per_generation
         if not ticket.slots:
             self._free_cells += ticket.prompt_cells

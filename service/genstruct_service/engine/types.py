@@ -207,7 +207,7 @@ class EngineInfo:
     quantization: str  # e.g. "Q4_K_M", from the GGUF file type
     parameter_count: int
     architecture: str  # general.architecture, e.g. "llama"
-    context_length: int  # n_ctx of the context (shared by all slots)
+    context_length: int  # n_ctx of the context (all slots together)
     train_context_length: int  # the model's own context length
     n_parallel: int
     gpu_layers_offloaded: int
@@ -223,6 +223,8 @@ class EngineInfo:
     cache_type_k: str = ""
     cache_type_v: str = ""
     speculation: SpeculationSettings | None = None  # None for an engine that has none
+    kv_unified: bool = True  # one KV pool for every slot, or one stream per slot
+    slot_context_length: int = 0  # most tokens one slot holds (0: context_length)
 
 
 @dataclass(frozen=True, slots=True)
