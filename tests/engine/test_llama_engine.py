@@ -110,6 +110,38 @@ async def test_a_request_joins_while_another_is_generating(engine: Any) -> None:
     assert order == ["short", "long"], "the short request did not join the running batch"
 
 
+async def test_the_batch_is_written_in_slot_order(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # with a KV stream per slot, llama.cpp decodes a run of consecutive slots in one pass:
+    # a request that takes a freed low slot is written before the ones it joined
+    import llama_cpp as ll
+
+    decode = ll.llama_decode
+    batches: list[list[int]] = []
+
+    def recording(ctx: Any, batch: Any) -> int:
+        batches.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
+        return int(decode(ctx, batch))
+
+    short = engine.generate(request(0, max_tokens=3, ignore_eos=True, seed=1))
+    await anext(short)  # on slot 0, the lowest free
+    running = [engine.generate(request(i, max_tokens=60, ignore_eos=True, seed=i))
+               for i in (1, 2)]
+    for gen in running:
+        await anext(gen)  # on slots 1 and 2
+    async for _ in short:
+        pass  # slot 0 is free again
+    monkeypatch.setattr(ll, "llama_decode", recording)
+    await collect(engine, request(3, max_tokens=4, ignore_eos=True, seed=3))
+    monkeypatch.undo()
+    for gen in running:
+        async for _ in gen:
+            pass
+    assert any(len(set(b)) == 3 for b in batches), "it never decoded beside the other two"
+    assert all(b == sorted(b) for b in batches)
+
+
 async def test_cancelling_frees_the_slot_within_a_step(
     engine: Any, recorder: StepRecorder
 ) -> None:

@@ -29,6 +29,20 @@ def test_first_come_first_served_while_everything_fits() -> None:
     assert s.busy_slots == 3 and s.reserved_cells == 600 and s.waiting == 0
 
 
+def test_the_lowest_free_slot_is_handed_out_first() -> None:
+    # a KV stream per slot decodes a run of consecutive slots in one pass: gaps are refilled
+    s: Scheduler[str] = Scheduler(4, 10_000)
+    for name in "abcd":
+        s.enqueue(ticket(name))
+    a, _, c, _ = s.admit()
+    s.release(a, 0)
+    s.release(c, 2)
+    s.enqueue(ticket("e"))
+    s.enqueue(ticket("f"))
+    e, f = s.admit()
+    assert (e.slots, f.slots) == ([0], [2])
+
+
 def test_a_long_document_at_the_head_no_longer_idles_free_slots() -> None:
     s: Scheduler[str] = Scheduler(4, 2_000)
     running = ticket("running", prompt=800, max_tokens=200)
