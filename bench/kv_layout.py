@@ -74,15 +74,8 @@ class _Context:
 
 def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     import llama_cpp as ll
-    from genstruct_service.engine.build_info import load_backends
 
-    ll.llama_backend_init()
-    load_backends()
-    mparams = ll.llama_model_default_params()
-    mparams.n_gpu_layers = 0x7FFFFFFF if args.n_gpu_layers < 0 else args.n_gpu_layers
-    model = ll.llama_model_load_from_file(args.model.encode(), mparams)
-    if not model:
-        raise SystemExit(f"cannot load {args.model}")
+    model = settings.load_model(args)
     n_vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(model))
     rng = random.Random(1)
     filled = args.slots - 1  # the last slot takes the prompt chunk

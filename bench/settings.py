@@ -79,6 +79,22 @@ def has_gpu() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
+def load_model(args: argparse.Namespace) -> Any:
+    """The benchmark's model through llama.cpp's own API, offloaded as `args` say, for the
+    benchmarks that time `llama_decode` directly; the caller frees it."""
+    import llama_cpp as ll
+    from genstruct_service.engine.build_info import load_backends
+
+    ll.llama_backend_init()
+    load_backends()
+    mparams = ll.llama_model_default_params()
+    mparams.n_gpu_layers = 0x7FFFFFFF if args.n_gpu_layers < 0 else args.n_gpu_layers
+    model = ll.llama_model_load_from_file(args.model.encode(), mparams)
+    if not model:
+        raise SystemExit(f"cannot load {args.model}")
+    return model
+
+
 def worker_flags(args: argparse.Namespace) -> list[str]:
     """The same settings as flags, for a worker process of the same benchmark."""
     return [

@@ -25,16 +25,9 @@ from bench import settings
 
 def measure(args: argparse.Namespace, drafts: list[int]) -> dict[int, float]:
     import llama_cpp as ll
-    from genstruct_service.engine.build_info import load_backends
     from genstruct_service.engine.llama import CACHE_TYPES, FLASH_ATTN
 
-    ll.llama_backend_init()
-    load_backends()
-    mparams = ll.llama_model_default_params()
-    mparams.n_gpu_layers = 0x7FFFFFFF if args.n_gpu_layers < 0 else args.n_gpu_layers
-    model = ll.llama_model_load_from_file(args.model.encode(), mparams)
-    if not model:
-        raise SystemExit(f"cannot load {args.model}")
+    model = settings.load_model(args)
     cparams = ll.llama_context_default_params()
     cparams.n_ctx = args.prompt + max(drafts) + 8
     cparams.n_batch = max(args.n_batch, max(drafts) + 1)

@@ -6,6 +6,7 @@ import ctypes
 
 import llama_cpp as ll
 
+from genstruct_service.engine.fitting import KvLayout
 from genstruct_service.engine.speculation import SpeculationSettings
 from genstruct_service.engine.types import BuildInfo, EngineInfo
 from genstruct_service.model_files.gguf import quantization_name
@@ -50,7 +51,7 @@ def backend_name() -> str:
 def engine_info(
     model: int, ctx: int, *, model_name: str, model_path: str, n_parallel: int,
     n_gpu_layers: int, build: BuildInfo, flash_attn: str, cache_types: tuple[str, str],
-    speculation: SpeculationSettings, kv_unified: bool,
+    speculation: SpeculationSettings, layout: KvLayout,
 ) -> EngineInfo:
     n_layer = int(ll.llama_model_n_layer(model))
     backend = backend_name()
@@ -79,6 +80,6 @@ def engine_info(
         cache_type_k=cache_types[0],
         cache_type_v=cache_types[1],
         speculation=speculation,
-        kv_unified=kv_unified,
-        slot_context_length=int(ll.llama_n_ctx_seq(ctx)),
+        kv_unified=layout.unified,
+        slot_context_length=layout.slot_cells,
     )

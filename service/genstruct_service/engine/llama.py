@@ -527,7 +527,7 @@ class LlamaEngine:
             model, ctx, model_name=self._model_name, model_path=self._model_path,
             n_parallel=self._n_parallel, n_gpu_layers=self._n_gpu_layers, build=build,
             flash_attn=self._flash_attn_in_force, cache_types=self._cache_types,
-            speculation=self._spec, kv_unified=self._kv_unified,
+            speculation=self._spec, layout=self._layout,
         )
 
     def _warm_up(self) -> None:
