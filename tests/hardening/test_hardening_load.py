@@ -29,6 +29,9 @@ BEHAVIOURS = ("complete", "complete", "cancel", "cancel", "deadline")
 GROWTH_LIMIT = 0.05
 GROWTH_FLOOR = 6 * MiB
 CLIENT_CORE_ERROR = "Internal error from Core"
+# Tokens for a generation meant to be cancelled while it runs. The random cancellations may
+# all miss the server: cancelled before the call was sent, or after its last result.
+LONG_BUDGET = 256
 
 
 @dataclass
@@ -120,6 +123,15 @@ async def _cancelled_unary(stub: Stub, stream: int, rng: random.Random, tally: T
     tally.unary_cancelled += 1
 
 
+async def _cancelled_while_generating(stub: Stub, stream: int, tally: Tally) -> None:
+    """A GenerateStream cancelled after its first message, with a budget that cannot have
+    run out by then: the one cancellation of a round the server is sure to see."""
+    call = stub.GenerateStream(_request(stream, 0, LONG_BUDGET), timeout=120)
+    await call.read()
+    call.cancel()
+    tally.unary_cancelled += 1
+
+
 async def soak_round(target: str, streams: int, docs: int, rng: random.Random, tally: Tally,
                      *, max_tokens: int, deadline: tuple[float, float]) -> None:
     async with grpc.aio.insecure_channel(target) as channel:
@@ -130,6 +142,7 @@ async def soak_round(target: str, streams: int, docs: int, rng: random.Random, t
         ]
         work += [_cancelled_unary(stub, streams + i, rng, tally, max_tokens)
                  for i in range(max(1, streams // 8))]
+        work.append(_cancelled_while_generating(stub, 2 * streams, tally))
         await asyncio.wait_for(asyncio.gather(*work), 600)
 
 
