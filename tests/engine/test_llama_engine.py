@@ -142,6 +142,43 @@ async def test_the_batch_is_written_in_slot_order(
     assert all(b == sorted(b) for b in batches)
 
 
+async def test_a_gap_among_busy_slots_is_closed(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # with a KV stream per slot, a gap below busy slots would split every step in two: a
+    # generation moves down into it, its KV cells with it
+    import llama_cpp as ll
+
+    decode = ll.llama_decode
+    steps: list[tuple[dict[int, int], dict[int, int]]] = []
+
+    def recording(ctx: Any, batch: Any) -> int:
+        first_pos: dict[int, int] = {}
+        for i in range(batch.n_tokens):
+            first_pos.setdefault(batch.seq_id[i][0], batch.pos[i])
+        mem = ll.llama_get_memory(ctx)
+        steps.append((first_pos, {s: ll.llama_memory_seq_pos_max(mem, s) for s in range(4)}))
+        return int(decode(ctx, batch))
+
+    monkeypatch.setattr(ll, "llama_decode", recording)
+    first = engine.generate(request(1, max_tokens=40, ignore_eos=True, seed=1))
+    await anext(first)  # slot 0
+    short = engine.generate(request(2, max_tokens=8, ignore_eos=True, seed=2))
+    await anext(short)  # slot 1, ending while the third generates
+    deltas, last = await collect(engine, request(3, max_tokens=40, ignore_eos=True, seed=3))
+    for gen in (first, short):
+        async for _ in gen:
+            pass
+    monkeypatch.undo()
+    assert last.generations[0].completion_tokens == 40
+    assert any(len(first_pos) == 3 for first_pos, _ in steps), "the three never decoded together"
+    for first_pos, pos_max in steps:
+        assert sorted(first_pos) == list(range(len(first_pos))), f"a gap: {sorted(first_pos)}"
+        for slot, held in pos_max.items():
+            # every row continues its slot's cells; no cells left in a slot not decoding
+            assert held == (first_pos[slot] - 1 if slot in first_pos else -1), (slot, steps)
+
+
 async def test_cancelling_frees_the_slot_within_a_step(
     engine: Any, recorder: StepRecorder
 ) -> None:

@@ -43,6 +43,28 @@ def test_the_lowest_free_slot_is_handed_out_first() -> None:
     assert (e.slots, f.slots) == ([0], [2])
 
 
+def test_move_down_trades_a_busy_slot_for_the_lowest_free_one_below_it() -> None:
+    s: Scheduler[str] = Scheduler(5, 10_000)
+    for name in "abcd":
+        s.enqueue(ticket(name, n=2 if name == "d" else 1))
+    a, b, c, d = s.admit()
+    assert d.slots == [3, 4]
+    s.release(a, 0)
+    s.release(c, 2)
+    assert s.move_down(b, 1) == 0  # the lowest free slot, below its own
+    assert b.slots == [0]
+    assert s.move_down(d, 4) == 1  # 1 came free with b's move
+    assert s.move_down(d, 1) is None  # the free ones, 2 and 4, are above it
+    assert s.move_down(d, 3) == 2
+    assert d.slots == [2, 1] and s.busy_slots == 3  # b and d hold slots 0 to 2, one run
+    s.enqueue(ticket("e", n=2))
+    (e,) = s.admit()
+    assert e.slots == [3, 4]
+    for t in (b, d, e):
+        s.release_all(t)
+    assert s.busy_slots == 0 and s.reserved_cells == 0
+
+
 def test_a_long_document_at_the_head_no_longer_idles_free_slots() -> None:
     s: Scheduler[str] = Scheduler(4, 2_000)
     running = ticket("running", prompt=800, max_tokens=200)
@@ -118,8 +140,8 @@ requests = st.lists(
 def test_every_request_starts_and_the_books_balance(
     wanted: list[tuple[int, int, int]], seed: int, max_bypass: int
 ) -> None:
-    """Requests arrive and generations end in any order: the cells and slots in use never
-    exceed the engine's, each request starts exactly once, and none waits forever."""
+    """Requests arrive, generations end and move down in any order: the cells and slots in
+    use never exceed the engine's, each request starts exactly once, and none waits forever."""
     rng = random.Random(seed)
     s: Scheduler[int] = Scheduler(4, 2_000, max_bypass=max_bypass)
     tickets = [Ticket(i, generations=n, prompt_cells=p, cells_per_generation=m)
@@ -148,5 +170,10 @@ def test_every_request_starts_and_the_books_balance(
             s.release(t, rng.choice(t.slots))
             if not t.slots:
                 running.remove(t)
+        if running and rng.random() < 0.3:  # the engine closing a gap
+            t = rng.choice(running)
+            slot = max(t.slots)
+            lower = s.move_down(t, slot)
+            assert lower is None or (lower < slot and lower in t.slots and slot not in t.slots)
     assert sorted(started) == sorted(t.item for t in tickets)
     assert s.reserved_cells == 0 and s.busy_slots == 0

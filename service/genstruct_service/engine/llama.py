@@ -9,7 +9,8 @@ whatever the mix of requests, and a request may ask for at most `n_parallel` gen
 
 The KV cache (engine/fitting.py's KvLayout). Split, the default as in llama-server: every
 slot has a stream of `n_ctx / n_parallel` cells, and attention reads a sequence's own
-stream only; the prompt's copy to another slot copies the stream. Unified
+stream only; the prompt's copy to another slot copies the stream, and so does moving a
+generation into a lower free slot, which keeps the busy slots one run (`_close_gaps`). Unified
 (`kv_unified`): one pool, where one long document may use most of the context and the
 copy shares cells. Its price: CPU flash attention works on 64-row tiles of the batch and
 skips only the cells masked for every row of a tile, so a step that mixes sequences reads
@@ -635,6 +636,8 @@ class LlamaEngine:
                 self._seen_cancel_epoch = epoch
                 self._drop_cancelled()
             self._admit()
+            if not self._kv_unified:
+                self._close_gaps()
             if self._active:
                 self._step()
 
@@ -671,6 +674,33 @@ class LlamaEngine:
             except BaseException as exc:
                 self._scheduler.release_all(ticket)
                 ticket.item.send(exc)
+
+    def _close_gaps(self) -> None:
+        """Move generating sequences from the highest busy slots into lower free ones.
+
+        With a stream per slot, llama.cpp decodes one run of consecutive slots per pass over
+        the weights, and a free slot below busy ones (a generation ended, and nothing that
+        waits could take its slot) splits every step in two until it is filled. A move costs
+        a copy of one stream at the next decode. A request still prefilling stays where it is.
+        """
+        movable = sorted(
+            (
+                (seq.seq_id, active, seq)
+                for active in self._active
+                if active.n_prefilled == len(active.tokens)
+                for seq in active.seqs
+                if seq.finish is None and seq.seq_id >= 0
+            ),
+            key=lambda entry: entry[0],
+            reverse=True,
+        )
+        for slot, active, seq in movable:
+            lower = self._scheduler.move_down(active.ticket, slot)
+            if lower is None:
+                return
+            ll.llama_memory_seq_cp(self._mem, slot, lower, -1, -1)
+            ll.llama_memory_seq_rm(self._mem, slot, -1, -1)
+            seq.seq_id = lower
 
     def _start(self, ticket: Ticket[_Job]) -> None:
         job = ticket.item

@@ -7,7 +7,8 @@ A request needs one slot per generation and reserves KV cells for everything it 
 write: its prompt (shared by its generations) plus `max_tokens` per generation, and starts
 when it has its slots and its cells. The lowest free slots are handed out first, so the
 slots in use stay one run from 0 where they can: a split KV cache decodes a run of
-consecutive slots in one pass, and each gap costs another.
+consecutive slots in one pass, and each gap costs another. Where a gap opens with nothing to
+fill it, `move_down` gives a running generation the lowest free slot in place of its own.
 
 Order is first come, first served, with one exception against head-of-line blocking: when
 the request at the head does not fit yet (a long document, or many generations), later
@@ -141,6 +142,16 @@ class Scheduler(Generic[T]):
         self._free_cells += ticket.cells_per_generation
         if not ticket.slots:
             self._free_cells += ticket.prompt_cells
+
+    def move_down(self, ticket: Ticket[T], slot: int) -> int | None:
+        """Give one of a running request's generations the lowest free slot in place of
+        `slot`, when that one is lower; returns the new slot, or None (no lower one free).
+        The caller moves the sequence's KV cells from the old slot to the new."""
+        if not self._free_slots or self._free_slots[0] > slot:
+            return None
+        lower = heapq.heapreplace(self._free_slots, slot)
+        ticket.slots[ticket.slots.index(slot)] = lower
+        return lower
 
     def release_all(self, ticket: Ticket[T]) -> None:
         """Every generation of a running request ended (or it could not start after all)."""
