@@ -676,18 +676,20 @@ class LlamaEngine:
                 ticket.item.send(exc)
 
     def _close_gaps(self) -> None:
-        """Move generating sequences from the highest busy slots into lower free ones.
+        """Move sequences from the highest busy slots into lower free ones.
 
         With a stream per slot, llama.cpp decodes one run of consecutive slots per pass over
         the weights, and a free slot below busy ones (a generation ended, and nothing that
         waits could take its slot) splits every step in two until it is filled. A move costs
-        a copy of one stream at the next decode. A request still prefilling stays where it is.
+        a copy of one stream at the next decode, too little to time on a CPU (14 decoding
+        rows took 88 ms with one and without, Gemma 3 270M). Prefilling requests move too:
+        when documents end one after another and the next arrive just after, each new one
+        prefills on the top slot, and a gap below it would last its whole prefill.
         """
         movable = sorted(
             (
                 (seq.seq_id, active, seq)
                 for active in self._active
-                if active.n_prefilled == len(active.tokens)
                 for seq in active.seqs
                 if seq.finish is None and seq.seq_id >= 0
             ),
