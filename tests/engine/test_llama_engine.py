@@ -165,7 +165,7 @@ async def test_a_gap_among_busy_slots_is_closed(
     await anext(first)  # slot 0
     short = engine.generate(request(2, max_tokens=8, ignore_eos=True, seed=2))
     await anext(short)  # slot 1, ending while the third generates
-    deltas, last = await collect(engine, request(3, max_tokens=40, ignore_eos=True, seed=3))
+    _, last = await collect(engine, request(3, max_tokens=40, ignore_eos=True, seed=3))
     for gen in (first, short):
         async for _ in gen:
             pass
