@@ -51,12 +51,14 @@ def test_move_down_trades_a_busy_slot_for_the_lowest_free_one_below_it() -> None
     assert d.slots == [3, 4]
     s.release(a, 0)
     s.release(c, 2)
+    assert s.has_gap
     assert s.move_down(b, 1) == 0  # the lowest free slot, below its own
     assert b.slots == [0]
     assert s.move_down(d, 4) == 1  # 1 came free with b's move
     assert s.move_down(d, 1) is None  # the free ones, 2 and 4, are above it
     assert s.move_down(d, 3) == 2
     assert d.slots == [2, 1] and s.busy_slots == 3  # b and d hold slots 0 to 2, one run
+    assert not s.has_gap
     s.enqueue(ticket("e", n=2))
     (e,) = s.admit()
     assert e.slots == [3, 4]
@@ -165,6 +167,7 @@ def test_every_request_starts_and_the_books_balance(
             for t in running)
         held = [slot for t in running for slot in t.slots]
         assert len(held) == len(set(held)) == s.busy_slots <= s.n_slots
+        assert s.has_gap == (set(held) != set(range(len(held))))
         if running and rng.random() < 0.6:
             t = rng.choice(running)
             s.release(t, rng.choice(t.slots))

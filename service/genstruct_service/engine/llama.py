@@ -636,7 +636,7 @@ class LlamaEngine:
                 self._seen_cancel_epoch = epoch
                 self._drop_cancelled()
             self._admit()
-            if not self._kv_unified:
+            if not self._kv_unified and self._scheduler.has_gap:
                 self._close_gaps()
             if self._active:
                 self._step()

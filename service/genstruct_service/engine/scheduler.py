@@ -79,6 +79,11 @@ class Scheduler(Generic[T]):
         return self.n_slots - len(self._free_slots)
 
     @property
+    def has_gap(self) -> bool:
+        """Whether a free slot lies below a busy one: the busy slots are not one run from 0."""
+        return bool(self._free_slots) and self._free_slots[0] < self.busy_slots
+
+    @property
     def reserved_cells(self) -> int:
         return self.n_cells - self._free_cells
 
