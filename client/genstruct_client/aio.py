@@ -156,18 +156,18 @@ class AsyncGenstructClient:
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """Results for many documents, as they finish, each document's exactly once.
 
-        Drives GenerateBatch with at most `window` documents in flight per lane, over
-        `streams` lanes (use one per server behind round_robin, which balances calls, not
-        messages). A lane sends at most `documents_per_stream` documents (default 8 * window;
-        `window` on its first stream) on one stream, then opens the next stream while the old
-        one finishes, so round_robin keeps spreading the work, also onto servers that come
-        back. Documents need unique ids; `documents` is read lazily. A stream that breaks is
-        reopened (backoff with jitter) and the documents that had no result yet are sent
-        again; a document refused for good, or out of tries, comes back with `error` set.
-        `deadline` bounds each document's time at the server, from when the server reads it
-        off the stream (its wait for a slot included) to its result; it is sent as the
-        request's `timeout_ms`, so the server stops that document alone and answers it
-        DEADLINE_EXCEEDED, which uses up one of its tries. Other documents are not disturbed.
+        Drives GenerateBatch with at most `window` documents in flight per lane, over `streams`
+        lanes (use one per server behind round_robin, which balances calls, not messages). A lane
+        sends at most `documents_per_stream` documents (default 8 * window; `window` on its first
+        stream) on one stream; when the window has room again it opens the next stream while the old
+        one finishes, so round_robin keeps spreading the work, also onto servers that come back.
+        Documents need unique ids; `documents` is read lazily. A stream that breaks is reopened
+        (backoff with jitter) and the documents that had no result yet are sent again; a document
+        refused for good, or out of tries, comes back with `error` set. `deadline` bounds each
+        document's time at the server, from when the server reads it off the stream (its wait for a
+        slot included) to its result; it is sent as the request's `timeout_ms`, so the server stops
+        that document alone and answers it DEADLINE_EXCEEDED, which uses up one of its tries. Other
+        documents are not disturbed.
         Raises BatchAborted when no result has come back for `policy.budget_seconds`.
         """
         if window < 1 or streams < 1:
@@ -216,6 +216,13 @@ class AsyncGenstructClient:
         # coming up, so round_robin puts it (and every other lane's) on the first server to
         # answer; the streams after it spread over every server that is ready by then.
         stream_quota = min(window, quota)
+
+        def reap() -> None:
+            for task in [t for t in draining if t.done()]:
+                draining.discard(task)
+                live.discard(task)
+                task.result()  # a stream-wide error that is not transient is raised here
+
         try:
             while True:
                 full = asyncio.Event()
@@ -228,13 +235,15 @@ class AsyncGenstructClient:
                 await asyncio.wait({stream, full_wait}, return_when=asyncio.FIRST_COMPLETED)
                 full_wait.cancel()
                 live.discard(full_wait)
-                for task in [t for t in draining if t.done()]:
-                    draining.discard(task)
-                    live.discard(task)
-                    task.result()  # a stream-wide error that is not transient is raised here
-                if not stream.done():  # sent its quota: the next stream starts at once
+                reap()
+                if not stream.done():  # sent its quota
                     draining.add(stream)
                     failures = 0
+                    # A call is bound to a server when it opens (round_robin picks among the
+                    # connections ready then), so the next stream opens once it can send:
+                    # after a result, by when every server that is up has been connected.
+                    await _until_room(room, draining)
+                    reap()
                     continue
                 live.discard(stream)
                 failure = stream.result()
@@ -370,6 +379,19 @@ class AsyncGenstructClient:
                 )
         scheduler.done(item)
         await out.put(response)
+
+
+async def _until_room(room: asyncio.Semaphore, draining: set[asyncio.Task[Any]]) -> None:
+    """Returns once the lane's window has room for a document (the room stays free for the
+    next stream to take) or a draining stream has ended."""
+    waiter = asyncio.create_task(room.acquire())
+    try:
+        await asyncio.wait({waiter, *draining}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if waiter.done() and not waiter.cancelled():
+            room.release()
+        else:
+            waiter.cancel()
 
 
 def _timeout_ms(deadline: float | None) -> int:

@@ -256,3 +256,34 @@ async def test_generate_stream_retries_until_its_first_message(
         messages = [m async for m in client.generate_stream(DOC, timeout=20)]
     assert messages[-1].result.pairs[0].parsed
     assert len(engine.requests) == 2
+
+
+async def test_a_lane_opens_its_next_stream_only_when_it_has_room(
+    server: RunningServer, engine: FakeEngine
+) -> None:
+    """round_robin binds a call to a server when the call opens, so a stream opened before it
+    can send would go where the last one went, even once other servers are connected."""
+    engine.hold()
+    docs = [Document("t", f"c{i}", f"id{i}") for i in range(6)]
+    async with AsyncGenstructClient(server.target) as client:
+        opened: list[int] = []
+        open_stream = client._stub.GenerateBatch
+
+        def counting(*args: object, **kwargs: object) -> object:
+            opened.append(engine.started)
+            return open_stream(*args, **kwargs)
+
+        client._stub.GenerateBatch = counting  # type: ignore[method-assign]
+
+        async def consume() -> list[pb.GenerateResponse]:
+            return [r async for r in client.generate_many(docs, window=2, documents_per_stream=2)]
+
+        task = asyncio.create_task(consume())
+        await engine.wait_started(2)
+        await asyncio.sleep(0.3)  # a stream opened as soon as the first was full is open by now
+        assert len(opened) == 1, opened
+        engine.release()
+        results = await asyncio.wait_for(task, 30)
+    assert sorted(r.id for r in results) == sorted(d.id for d in docs)
+    # every later stream opened once a result had made room: 3 streams of 2 documents each
+    assert len(opened) >= 3 and all(started >= 2 for started in opened[1:]), opened
