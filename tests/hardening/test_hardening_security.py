@@ -72,6 +72,19 @@ async def _call(channel: grpc.aio.Channel, method: Any, metadata: tuple[tuple[st
     return grpc.StatusCode.OK
 
 
+async def _refusals_counted(server: Any, method: str, expected: int) -> float | None:
+    """The server's count of UNAUTHENTICATED calls of `method`, once it reaches `expected` or
+    after 5 s: a caller can see its status before the server has counted the call."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5.0
+    while True:
+        counted = server.metrics.registry.get_sample_value(
+            "genstruct_requests_total", {"method": method, "code": "UNAUTHENTICATED"})
+        if counted == expected or loop.time() > deadline:
+            return counted
+        await asyncio.sleep(0.01)
+
+
 async def test_every_rpc_without_the_token_is_unauthenticated(figures: Any) -> None:
     engine = FakeEngine()
     server = await start_server(make_settings(auth_token=TOKEN), engine)
@@ -89,8 +102,7 @@ async def test_every_rpc_without_the_token_is_unauthenticated(figures: Any) -> N
                     assert code in (grpc.StatusCode.UNAUTHENTICATED, None), (
                         method.name, metadata, code)
                     refused += 1
-                counted = server.metrics.registry.get_sample_value(
-                    "genstruct_requests_total", {"method": method.name, "code": "UNAUTHENTICATED"})
+                counted = await _refusals_counted(server, method.name, len(bad))
                 assert counted == len(bad), (method.name, counted)  # the server refused each
             assert engine.requests == [], "a refused call reached the engine"
             good = (("authorization", f"Bearer {TOKEN}"),)
