@@ -19,6 +19,7 @@ import pytest
 from engine_helpers import GEMMA, GreedyReference, collect, joined
 from genstruct_service.engine import Completed, FinishReason, GenerationRequest, Sampling
 from genstruct_service.engine.speculation import SpeculationSettings
+from genstruct_service.errors import ContextOverflow
 
 from bench.corpus import DOCUMENTS
 
@@ -283,3 +284,26 @@ async def test_cancelling_a_drafting_request_leaves_the_other_intact(
     follows_chain(reference, drafting, req(0), done)
     assert done.generations[0].completion_tokens == 96
     assert drafting.stats().busy_slots == 0
+
+
+async def test_a_generation_past_the_sliding_window_is_the_greedy_chain(
+    drafting: Any, reference: GreedyReference
+) -> None:
+    """Gemma 3's sliding-window layers keep only their window and a ubatch of cells in each
+    slot (768 here), dropping older ones; the reference keeps every cell. A generation that
+    runs past that, drafts rejected on the way, must still be the chain of the full cache."""
+    kept = 768  # 512 of window and a ubatch of 256, the slot's cells of those layers
+    sampling = Sampling(temperature=0.0, max_tokens=96, seed=11)
+    request = GenerationRequest("Field notes", DOCUMENTS[0].content, sampling)
+    for doc in DOCUMENTS[1:]:  # the longest document of the corpus's texts that fits a slot
+        longer = GenerationRequest("Field notes", f"{request.content}\n\n{doc.content}", sampling)
+        try:
+            drafting._prepare(longer)
+        except ContextOverflow:
+            break
+        request = longer
+    _, done = await collect(drafting, request)
+    prompt = drafting._prepare(request)[0].tokens
+    assert len(prompt) + done.generations[0].completion_tokens > kept, len(prompt)
+    follows_chain(reference, drafting, request, done)
+    assert done.draft_tokens > done.accepted_draft_tokens  # a draft was rejected on the way

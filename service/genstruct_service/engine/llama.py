@@ -468,6 +468,11 @@ class LlamaEngine:
         cparams.n_threads = self._n_threads
         cparams.n_threads_batch = self._n_threads_batch
         cparams.kv_unified = self._kv_unified
+        # Sliding-window layers (Gemma 2 and 3) keep only their window plus a ubatch of cells,
+        # as llama-server does; llama.cpp's own default sizes them like the full layers. Its
+        # price, that cells leaving the window are gone, costs nothing here: no prompt is
+        # reused, and a rejected draft only removes the newest cells.
+        cparams.swa_full = False
         cparams.no_perf = True
         cparams.flash_attn_type = FLASH_ATTN[self._flash_attn]
         cparams.type_k = CACHE_TYPES[self._cache_types[0]]
