@@ -9,6 +9,7 @@ runs against the real small model, whose tokenizer and sampler see the same stra
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from genstruct.v1 import genstruct_pb2 as pb
 from genstruct.v1 import genstruct_pb2_grpc as pb_grpc
 from genstruct_client import Document, GenstructClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.hardening.conftest import Scale
@@ -247,6 +248,11 @@ def _code(number: int) -> tuple[int, str]:
     raise AssertionError(f"unknown status code {number}")
 
 
+TOO_MANY_PARTS = re.compile(
+    r"document\.content: splits into (?P<parts>\d+) parts .* limit is (?P<limit>\d+) "
+)
+
+
 def check_outcome(outcome: Outcome, request: pb.GenerateRequest, verdict: str,
                   method: str) -> None:
     """A valid response, or a refusal with a message a caller can act on."""
@@ -258,6 +264,13 @@ def check_outcome(outcome: Outcome, request: pb.GenerateRequest, verdict: str,
         assert outcome.details.split(".", 1)[0].split(":", 1)[0].split("[", 1)[0] in FIELDS, (
             f"the message does not name the field: {outcome.details!r}"
         )
+        return
+    if request.truncation == pb.TRUNCATION_CHUNK and outcome.code != grpc.StatusCode.OK:
+        # How many parts the content makes depends on the server's tokenizer: only the server
+        # can tell that they are more than its max_chunks, and it must say so.
+        parts = TOO_MANY_PARTS.match(outcome.details)
+        assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT and parts, outcome
+        assert int(parts["parts"]) > int(parts["limit"]), outcome.details
         return
     assert outcome.code == grpc.StatusCode.OK, (outcome.code, outcome.details, method)
     response = outcome.response
@@ -357,6 +370,11 @@ def test_property_requests_end_in_a_response_or_a_clear_refusal(
     @settings(max_examples=scale.bad_input_examples, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(request=requests(limits), method=st.sampled_from(METHODS))
+    @example(  # content of the most characters in more parts than the server allows
+        request=pb.GenerateRequest(id="0", document=pb.Document(
+            content="x" * limits.max_content_chars), truncation=pb.TRUNCATION_CHUNK),
+        method="Generate",
+    )
     def check(request: pb.GenerateRequest, method: str) -> None:
         verdict = expected(request, limits, batch=method == "GenerateBatch",
                            stream=method == "GenerateStream")
