@@ -473,6 +473,7 @@ class LlamaEngine:
         # price, that cells leaving the window are gone, costs nothing here: no prompt is
         # reused, and a rejected draft only removes the newest cells.
         cparams.swa_full = False
+        cparams.n_outputs_max = self._outputs_max
         cparams.no_perf = True
         cparams.flash_attn_type = FLASH_ATTN[self._flash_attn]
         cparams.type_k = CACHE_TYPES[self._cache_types[0]]
@@ -536,6 +537,19 @@ class LlamaEngine:
             speculation=self._spec, layout=self._layout,
         )
 
+    @property
+    def _outputs_max(self) -> int:
+        """The most rows with logits in one batch: each slot's sampled token and, when
+        drafting, its draft (a prompt has one, at its last token, in its request's slot).
+
+        llama.cpp sizes its worst-case compute buffer by this, as llama-server sets it: the
+        output layer over that many rows. Its default, n_batch rows, is vocabulary x 512
+        floats, 514 MiB of compute buffer on Gemma 3 against 21 MiB for 4 slots. A batch with
+        more rows with logits than this aborts the process, so every batch stays within it.
+        """
+        per_slot = 1 + self._spec.draft_max if self._spec.enabled else 1
+        return min(self._n_batch, self._n_parallel * per_slot)
+
     def _warm_up(self) -> None:
         """Decode one batch before serving, as llama-server does.
 
@@ -570,7 +584,7 @@ class LlamaEngine:
         started = time.perf_counter()
         sizes = []
         rows = 1
-        while rows <= min(self._n_batch, _CALIBRATE_ROWS):
+        while rows <= min(self._outputs_max, _CALIBRATE_ROWS):
             sizes.append(rows)
             rows *= 2
         timings: dict[int, list[float]] = {rows: [] for rows in sizes}
