@@ -98,13 +98,14 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    settings.add_arguments(parser, n_ctx=4096)
+    settings.add_arguments(parser, n_ctx=None)  # default: 1024 per slot, as bench.throughput
     parser.add_argument("--in-flight", type=int, default=1)
     parser.add_argument("--docs", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--stream", action="store_true",
                         help="read text as it comes, as GenerateStream does")
     args = parser.parse_args(argv)
+    args.n_ctx = args.n_ctx or 1024 * args.in_flight
     settings.resolve(args)
     print(json.dumps(profile(args)))
     return 0
