@@ -292,7 +292,7 @@ async def test_a_generation_past_the_sliding_window_is_the_greedy_chain(
     """Gemma 3's sliding-window layers keep only their window and a ubatch of cells in each
     slot (768 here), dropping older ones; the reference keeps every cell. A generation that
     runs past that, drafts rejected on the way, must still be the chain of the full cache."""
-    kept = 768  # 512 of window and a ubatch of 256, the slot's cells of those layers
+    kept = 512 + N_BATCH  # Gemma 3's window and a ubatch: the slot's cells of those layers
     sampling = Sampling(temperature=0.0, max_tokens=96, seed=11)
     request = GenerationRequest("Field notes", DOCUMENTS[0].content, sampling)
     for doc in DOCUMENTS[1:]:  # the longest document of the corpus's texts that fits a slot

@@ -543,9 +543,10 @@ class LlamaEngine:
         drafting, its draft (a prompt has one, at its last token, in its request's slot).
 
         llama.cpp sizes its worst-case compute buffer by this, as llama-server sets it: the
-        output layer over that many rows. Its default, n_batch rows, is vocabulary x 512
-        floats, 514 MiB of compute buffer on Gemma 3 against 21 MiB for 4 slots. A batch with
-        more rows with logits than this aborts the process, so every batch stays within it.
+        output layer over that many rows. Its default is n_batch rows: at 512, a compute
+        buffer of 514 MiB on Gemma 3 (262,144 logits a row) against 21 MiB for 4 slots. A
+        batch with more rows with logits than this aborts the process, so every batch stays
+        within it.
         """
         per_slot = 1 + self._spec.draft_max if self._spec.enabled else 1
         return min(self._n_batch, self._n_parallel * per_slot)
