@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 NODE_DIR := tests/node
 PYTEST_ARGS ?=
 
-.PHONY: run test test-short test-full lint protos bench bench-e2e bench-spec bench-bulk clean llama-cpp
+.PHONY: run test test-short test-full lint protos bench bench-e2e bench-spec bench-bulk gpu-stage clean llama-cpp
 
 # llama.cpp is compiled by tools/llama_build.py, never taken from pip's cache (which keys a
 # wheel by version alone, whatever flags built it). LLAMA_PROFILE=native|portable,
@@ -90,6 +90,13 @@ bench-spec: $(VENV)/.dev llama-cpp
 # The bulk client at corpus scale: documents/s with an instant engine, resume over 1M rows.
 bench-bulk: $(VENV)/.dev
 	$(PY) -m bench.bulk_scale $(ARGS)
+
+# Everything the GPU check (bench/gpu_check.sh) needs on a machine with no network, in one
+# folder to carry there (bench/.build/gpu-stage). ARGS="--cuda-arch 90" also builds the CUDA
+# libraries and llama-server here (nvcc and cuBLAS needed, no GPU), so the GPU machine
+# compiles nothing.
+gpu-stage: $(VENV)/.dev
+	$(PY) -m bench.gpu_stage $(ARGS)
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -85,7 +85,17 @@ def build(version: str | None = None, jobs: int | None = None) -> Path:
     return binary
 
 
+# A llama-server built elsewhere on the bindings' libraries (bench/gpu_check.sh sets it to
+# the one build it makes of both).
+BINARY_ENV = "GENSTRUCT_LLAMA_SERVER"
+
+
 def find_binary(version: str | None = None) -> Path | None:
+    if os.environ.get(BINARY_ENV):
+        given = Path(os.environ[BINARY_ENV])
+        if not given.is_file():
+            raise RuntimeError(f"{BINARY_ENV}={given} is not a file")
+        return given
     binary = _binary_path(version or installed_version(), _build().key)
     return binary if binary.exists() else None
 

@@ -67,12 +67,13 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     if "n_ubatch" not in accepted:  # an engine from before the settings of llama-server
         kwargs["flash_attn"] = {"auto": None, "on": True, "off": False}[args.flash_attn]
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-    engine = engine_cls(args.model, n_parallel=args.in_flight, max_queue=len(DOCUMENTS),
+    engine = engine_cls(args.model, n_parallel=args.in_flight, max_queue=max(args.docs, 1),
                         **kwargs)
     sampling = Sampling(**settings.SAMPLING, max_tokens=args.max_tokens, ignore_eos=True)
     extra = {"stream": args.stream} if "stream" in GenerationRequest.__dataclass_fields__ else {}
+    # the corpus repeated to --docs documents, so that many can be in flight
     requests = [GenerationRequest(d.title, d.content, sampling, **extra)
-                for d in DOCUMENTS[: args.docs]]
+                for d in (DOCUMENTS[i % len(DOCUMENTS)] for i in range(args.docs))]
     decode.seconds = sample.seconds = step.seconds = sends.seconds = 0.0
     decode.calls = sample.calls = step.calls = sends.calls = 0
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from bench import settings
 from bench.corpus import DOCUMENTS, Document
+from bench.gpu_memory import PeakGpuMemory
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Scenario:
 
 
 SCENARIOS = (Scenario(1, 1), Scenario(4, 1), Scenario(8, 1), Scenario(16, 1), Scenario(1, 4),
-             Scenario(32, 1))
+             Scenario(32, 1), Scenario(64, 1))
 DEFAULT_SCENARIOS = "c1n1,c4n1,c8n1,c16n1,c1n4"
 
 SAMPLING = settings.SAMPLING
@@ -62,6 +63,8 @@ class Record:
     peak_rss_bytes: int
     draft_tokens: int = 0  # the engine's speculation: drafted tokens verified
     accepted_draft_tokens: int = 0
+    # the device's memory in use at its peak while this peer ran (None without nvidia-smi)
+    peak_gpu_memory_bytes: int | None = None
 
 
 def documents(scenario: Scenario, args: argparse.Namespace) -> list[Document]:
@@ -188,7 +191,7 @@ def run_server(
             calls.extend({**body_base, "prompt": prompt, **seed(i)}
                          for i in range(scenario.num_generations))
     in_flight = scenario.concurrency if n_cmpl else slots
-    with llama_server.serve(
+    with PeakGpuMemory() as peak, llama_server.serve(
         binary, model, n_parallel=slots, settings=settings.server_flags(args),
         extra=["--cache-ram", "0"],
     ) as server:
@@ -210,7 +213,7 @@ def run_server(
         rss = settings.peak_rss(server.process.pid)
     system = "llama-server n_cmpl" if n_cmpl else "llama-server"
     return Record(system, scenario.concurrency, scenario.num_generations, generated, seconds,
-                  generated / seconds, rss)
+                  generated / seconds, rss, peak_gpu_memory_bytes=peak.bytes)
 
 
 # ---------------------------------------------------------------- driver
@@ -227,8 +230,11 @@ def _in_subprocess(system: str, scenario: Scenario, args: argparse.Namespace) ->
         command += ["--docs", str(args.docs)]
     if args.unseeded:
         command.append("--unseeded")
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
-    return Record(**json.loads(done.stdout.strip().splitlines()[-1]))
+    with PeakGpuMemory() as peak:
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
+    record = Record(**json.loads(done.stdout.strip().splitlines()[-1]))
+    record.peak_gpu_memory_bytes = peak.bytes
+    return record
 
 
 def _print_table(records: list[Record]) -> None:

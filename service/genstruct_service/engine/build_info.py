@@ -126,11 +126,15 @@ def cpu_features(system_info: str) -> tuple[str, ...]:
 
 
 def _record() -> dict[str, Any]:
-    try:
-        record: dict[str, Any] = json.loads((Path(sys.prefix) / BUILD_RECORD).read_text())
-    except (OSError, ValueError):
-        return {}
-    return record
+    """The build's record: where tools/llama_build.py installed it, or beside the libraries
+    (a build copied into the package, as bench/gpu_build.py does)."""
+    for path in (Path(sys.prefix) / BUILD_RECORD, library_dir() / BUILD_RECORD.name):
+        try:
+            record: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        return record
+    return {}
 
 
 def read_build_info() -> BuildInfo:
