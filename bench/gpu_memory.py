@@ -33,20 +33,21 @@ class PeakGpuMemory:
              "-lms", str(INTERVAL_MS)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
+        gpus = subprocess.run([smi, "-L"], capture_output=True, text=True,
+                              check=False).stdout.count("GPU ")
+        self._reader = threading.Thread(target=self._read, args=(max(gpus, 1),), daemon=True)
         self._reader.start()
         return self
 
-    def _read(self) -> None:
+    def _read(self, gpus: int) -> None:
+        """One line per GPU per sample, in GPU order."""
         assert self._process is not None and self._process.stdout is not None
-        gpus = int(subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
-                                  check=False).stdout.count("GPU "))
         sample: list[int] = []
         for line in self._process.stdout:
             if not line.strip().isdigit():
                 continue
             sample.append(int(line) * 2**20)  # MiB
-            if len(sample) >= max(gpus, 1):
+            if len(sample) == gpus:
                 self.bytes = max(self.bytes or 0, sum(sample))
                 sample = []
 
