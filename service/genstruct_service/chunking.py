@@ -107,6 +107,34 @@ class _Splitter:
     def fits(self, start: int, end: int) -> bool:
         return self.tokens(start, end) <= self.budget
 
+    def repeated(self, units: list[_Unit], i: int, after: int, overlap: int) -> int:
+        """The first unit of a part whose new text starts at unit i: up to `overlap` tokens
+        of the units before i are repeated, none at or before unit `after`."""
+        first, tokens = i, 0
+        while first - 1 > after and tokens + units[first - 1].tokens <= overlap:
+            first -= 1
+            tokens += units[first].tokens
+        if first < i and self.tokens(units[first].start, units[i - 1].end) > overlap:
+            # the counts added up to less than the repeated text counts: repeat less
+            first = _smallest(first + 1, i, lambda f: f == i or self.tokens(
+                units[f].start, units[i - 1].end) <= overlap)
+        return first
+
+    def packed(self, units: list[_Unit], first: int, i: int) -> tuple[int, int]:
+        """(first, j): the part is units[first:j], with at least unit i, within the budget;
+        `first` moves up to i when the repeated units and unit i do not fit together."""
+        j, total = i + 1, sum(u.tokens for u in units[first : i + 1])
+        while j < len(units) and total + units[j].tokens <= self.budget:
+            total += units[j].tokens
+            j += 1
+        if self.fits(units[first].start, units[j - 1].end):
+            return first, j
+        # the units' counts added up to less than the part counts: keep fewer
+        if first < i and not self.fits(units[first].start, units[i].end):
+            first = i
+        j = _largest(i + 1, j - 1, lambda k: self.fits(units[first].start, units[k - 1].end))
+        return first, j
+
     def units(self, start: int, end: int, level: int) -> list[_Unit]:
         """Spans that each fit the budget, the largest units that do (level 0: paragraphs)."""
         tokens = self.tokens(start, end)
@@ -131,18 +159,22 @@ class _Splitter:
         """
         out = []
         while start < end:
-            kept = 1  # text[start:start + 1] is always kept, so the loop moves on
-            length = min(self.budget, end - start)
-            while self.fits(start, start + length):
-                kept = length
-                if length == end - start:
-                    break
-                length = min(2 * length, end - start)
-            else:  # start + length does not fit: the longest prefix is shorter
-                kept = _largest(kept, length - 1, lambda n: self.fits(start, start + n))
+            kept = self.longest_prefix(start, end)
             out.append(_Unit(start, start + kept, self.tokens(start, start + kept)))
             start += kept
         return out
+
+    def longest_prefix(self, start: int, end: int) -> int:
+        """The length of the longest text[start:] within text[:end] that fits; at least 1."""
+        kept = 1  # one character is always kept, so a cut moves on
+        length = min(self.budget, end - start)
+        while self.fits(start, start + length):
+            kept = length
+            if length == end - start:
+                return kept
+            length = min(2 * length, end - start)
+        # start + length does not fit: the longest prefix is shorter
+        return _largest(kept, length - 1, lambda n: self.fits(start, start + n))
 
 
 def split(
@@ -178,26 +210,8 @@ def split(
     while i < len(units):
         if max_parts is not None and len(chunks) == max_parts:
             raise TooManyParts(max_parts)
-        first = i
-        if overlap > 0 and chunks:
-            repeated = 0
-            while first - 1 > first_unit and repeated + units[first - 1].tokens <= overlap:
-                first -= 1
-                repeated += units[first].tokens
-            if first < i and s.tokens(units[first].start, units[i - 1].end) > overlap:
-                # the counts added up to less than the repeated text counts: repeat less
-                first = _smallest(first + 1, i, lambda f: f == i or s.tokens(
-                    units[f].start, units[i - 1].end) <= overlap)
-        j = i + 1  # at least one new unit per part
-        total = sum(u.tokens for u in units[first:j])
-        while j < len(units) and total + units[j].tokens <= budget:
-            total += units[j].tokens
-            j += 1
-        if not s.fits(units[first].start, units[j - 1].end):
-            # the units' counts added up to less than the part counts: keep fewer
-            if first < i and not s.fits(units[first].start, units[i].end):
-                first = i  # the overlap and the next unit do not fit together: no overlap
-            j = _largest(i + 1, j - 1, lambda k: s.fits(units[first].start, units[k - 1].end))
+        first = s.repeated(units, i, first_unit, overlap if chunks else 0)
+        first, j = s.packed(units, first, i)
         chunks.append(Chunk(len(chunks), units[first].start, units[j - 1].end))
         first_unit = first
         i = j

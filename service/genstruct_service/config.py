@@ -9,6 +9,7 @@ import annotated_types
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
+from .chunking import MIN_PART_TOKENS
 from .engine import speculation as spec
 from .engine.types import SAMPLING_BOUNDS
 
@@ -139,6 +140,13 @@ class Settings(BaseSettings):
         description="Match lengths are told apart up to this, to learn how often each "
         "kind of draft is accepted.",
     )
+    prepare_threads: int = Field(
+        2,
+        ge=1,
+        le=256,
+        description="Threads that split TRUNCATION_CHUNK documents into parts; up to max_queue "
+        "more documents wait for one, later ones are refused (RESOURCE_EXHAUSTED).",
+    )
     max_queue: int = Field(
         256,
         ge=1,
@@ -186,7 +194,7 @@ class Settings(BaseSettings):
         4 * 1024 * 1024, ge=1024, description="Most bytes in one gRPC message, each way."
     )
     chunk_tokens: int = Field(
-        1024, ge=16, le=C_INT_MAX,
+        1024, ge=MIN_PART_TOKENS, le=C_INT_MAX,
         description="TRUNCATION_CHUNK: content tokens per part when a request does not say.",
     )
     chunk_overlap_tokens: int = Field(

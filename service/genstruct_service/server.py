@@ -18,6 +18,7 @@ from .config import Settings
 from .engine.types import Engine
 from .interceptors import ServiceInterceptor
 from .metrics import Metrics
+from .preparation import PreparePool
 from .servicer import GenstructServicer, ServiceState
 
 log = logging.getLogger("genstruct_service.server")
@@ -58,6 +59,7 @@ class RunningServer:
     state: ServiceState
     health: HealthServicer
     metrics: Metrics
+    prepare: PreparePool
     engine_failure: BaseException | None = None  # why the engine failed for good, if it did
     _watcher: asyncio.Task[BaseException] | None = field(default=None, repr=False)
 
@@ -127,6 +129,7 @@ class RunningServer:
             # first, so the engine.close() that follows a stop is never taken for a failure
             self._watcher.cancel()
         await self.server.stop(grace)
+        self.prepare.close()
         self.metrics.close()
 
     async def wait_for_termination(self) -> None:
@@ -178,8 +181,9 @@ async def start_server(
         ],
     )
     state = ServiceState()
+    prepare = PreparePool(settings.prepare_threads, settings.max_queue)
     genstruct_pb2_grpc.add_GenstructServiceServicer_to_server(
-        GenstructServicer(settings, state, metrics), server
+        GenstructServicer(settings, state, prepare, metrics), server
     )
     health_servicer: HealthServicer = _AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -211,6 +215,7 @@ async def start_server(
             bound_metrics = metrics.serve(settings.host, wanted)
         except OSError:
             await server.stop(None)
+            prepare.close()
             raise
     running = RunningServer(
         server=server,
@@ -220,6 +225,7 @@ async def start_server(
         state=state,
         health=health_servicer,
         metrics=metrics,
+        prepare=prepare,
     )
     if engine is not None:
         await running.set_engine(engine)

@@ -15,7 +15,7 @@ import grpc.aio
 from genstruct.v1 import genstruct_pb2, genstruct_pb2_grpc
 
 from . import __version__
-from .chunking import Chunk, split
+from .chunking import MIN_PART_TOKENS, Chunk, TooManyParts, split
 from .config import Settings
 from .engine.types import (
     Completed,
@@ -28,6 +28,7 @@ from .engine.types import (
 from .errors import ContextOverflow, InvalidRequest, Unavailable
 from .interceptors import current_call, domain_status
 from .metrics import Metrics
+from .preparation import PreparePool
 from .responses import (
     Chunked,
     build_message,
@@ -132,8 +133,11 @@ _DRAIN = _Marker()  # the server started draining
 class Documents:
     """The steps every RPC takes with a document: validate it, complete it, build the response."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, settings: Settings, prepare: PreparePool, metrics: Metrics | None = None
+    ) -> None:
         self._settings = settings
+        self._prepare = prepare
         self._metrics = metrics
 
     def validate(
@@ -158,7 +162,7 @@ class Documents:
         At most n_parallel parts of one document are queued or decoding at a time, so a long
         document never fills the engine's queue by itself.
         """
-        chunks = await asyncio.to_thread(self._chunks, engine, work)
+        chunks = await self._prepare.run(lambda: self._chunks(engine, work))
         content = work.content
         slots = asyncio.Semaphore(max(engine.info.n_parallel // work.num_generations, 1))
 
@@ -182,7 +186,7 @@ class Documents:
         """The parts of a document to chunk (on a worker thread: it tokenizes)."""
         settings = self._settings
         budget = engine.content_budget(work)
-        if budget < 16:
+        if budget < MIN_PART_TOKENS:
             raise ContextOverflow(
                 "document",
                 f"the title and max_tokens {work.sampling.max_tokens:,} x "
@@ -196,17 +200,22 @@ class Documents:
                 f"is {size:,}; with max_tokens {work.sampling.max_tokens:,} x "
                 f"{work.num_generations} a prompt holds at most {budget:,} content tokens",
             )
-        overlap = work.chunk_overlap if work.chunk_overlap >= 0 else min(
-            settings.chunk_overlap_tokens, size // 4
-        )
-        chunks = split(work.content, engine.count_tokens, budget=size, overlap=overlap)
-        if len(chunks) > settings.max_chunks:
+        # a quarter of the part at most, also where the context made the part smaller
+        overlap = work.chunk_overlap if work.chunk_overlap >= 0 else settings.chunk_overlap_tokens
+        try:
+            return split(
+                work.content,
+                engine.count_tokens,
+                budget=size,
+                overlap=min(overlap, size // 4),
+                max_parts=settings.max_chunks,
+            )
+        except TooManyParts:
             raise InvalidRequest(
                 "document.content",
-                f"splits into {len(chunks)} parts of up to {size:,} tokens; the server's "
-                f"limit is {settings.max_chunks} (raise chunk_tokens or send less content)",
-            )
-        return chunks
+                f"needs more than {settings.max_chunks} parts of up to {size:,} tokens, the "
+                "server's max_chunks (raise chunk_tokens or send less content)",
+            ) from None
 
     async def _complete_one(self, engine: Engine, work: GenerationRequest) -> Completed:
         # only the final result is read: the engine sends no text as it goes
@@ -250,11 +259,15 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
     """Translates between the contract and the engine; never blocks the event loop."""
 
     def __init__(
-        self, settings: Settings, state: ServiceState, metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        state: ServiceState,
+        prepare: PreparePool,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._state = state
-        self._documents = Documents(settings, metrics)
+        self._documents = Documents(settings, prepare, metrics)
 
     # --- the four RPCs ------------------------------------------------------------------
 
