@@ -234,7 +234,13 @@ class Settings(BaseSettings):
     auth_token: SecretStr | None = Field(
         None,
         description="Bearer token callers must send as `authorization: Bearer <token>` "
-        "metadata; health checks stay open.",
+        "metadata; health checks stay open. An empty or blank token is refused.",
+    )
+    auth_token_file: Path | None = Field(
+        None,
+        description="File holding the bearer token (surrounding whitespace trimmed), so that "
+        "it appears neither in the command line nor in the environment; instead of "
+        "auth_token.",
     )
 
     # Logging
@@ -273,10 +279,30 @@ class Settings(BaseSettings):
                 f"n_ctx ({self.n_ctx}) leaves fewer than 64 tokens per slot for "
                 f"n_parallel {self.n_parallel}"
             )
+        problems.extend(self._read_auth_token())
         problems.extend(self.speculation_settings.problems())
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _read_auth_token(self) -> list[str]:
+        """The token from auth_token_file into auth_token; the problems with either."""
+        if self.auth_token_file is not None:
+            if self.auth_token is not None:
+                return ["give auth_token or auth_token_file, not both"]
+            try:
+                text = self.auth_token_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                return [f"auth_token_file {self.auth_token_file} cannot be read: {exc}"]
+            if not text.strip():
+                return [f"auth_token_file {self.auth_token_file} is empty; put the token in it"]
+            self.auth_token = SecretStr(text.strip())
+        elif self.auth_token is not None and not self.auth_token.get_secret_value().strip():
+            return [
+                "auth_token is empty or blank, which would let every caller in; set a token, "
+                "or unset GENSTRUCT_AUTH_TOKEN to serve without one"
+            ]
+        return []
 
     @property
     def speculation_settings(self) -> spec.SpeculationSettings:
