@@ -89,10 +89,30 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 yield Row(number, {}, f"line {number} is not valid JSON: {exc}")
                 continue
+            except RecursionError:
+                yield Row(number, {}, f"line {number} nests JSON too deeply to be read")
+                continue
             if not isinstance(values, dict):
                 yield Row(number, {}, f"line {number} is not a JSON object")
                 continue
+            if not _encodable(values):
+                yield Row(
+                    number, {}, f"line {number} holds a lone surrogate (such as \\ud800), "
+                    "which is not text in UTF-8"
+                )
+                continue
             yield Row(number, values)
+
+
+def _encodable(values: dict[str, Any]) -> bool:
+    """Whether every string of a JSON object (keys too) can be written as UTF-8: JSON's
+    escapes can spell lone surrogates, which every later step (ids, protobuf, the output)
+    would refuse, some after the server has done the work."""
+    try:
+        json.dumps(values, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        return False
+    return True
 
 
 # what the surrogateescape error handler makes of a byte that is not UTF-8

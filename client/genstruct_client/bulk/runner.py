@@ -449,7 +449,17 @@ async def _generate(
                 summary.other_shards += 1
                 bar.skip()
                 continue
-            extras = columns.extras(row.values, row.number)
+            try:
+                extras = columns.extras(row.values, row.number)
+            except UsageError as exc:  # this row's own column names: its error, not the run's
+                if document.id in ledger.failed:
+                    summary.already_done += 1
+                    summary.failed_before += 1
+                    bar.skip()
+                else:
+                    fail(document.id, grpc.StatusCode.INVALID_ARGUMENT.value[0], str(exc),
+                         row.number)
+                continue
             if document.id in seen:
                 summary.duplicates += 1
                 bar.skip()
