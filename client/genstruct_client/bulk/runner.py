@@ -267,7 +267,7 @@ async def arun(
     if answers is None:
         summary.elapsed_seconds = time.monotonic() - started
         return summary
-    current = agreed_fingerprint(answers, options, columns.id_column)
+    current = agreed_fingerprint(answers, options, columns)
     # Part of what the output is made with: a rerun with another shard would add another
     # shard's documents to it, and a merge would write them twice.
     current["shard"] = shard.record() if shard else None
