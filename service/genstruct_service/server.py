@@ -180,7 +180,7 @@ async def start_server(
             *keepalive.server_options(),
         ],
     )
-    state = ServiceState()
+    state = ServiceState(max_documents=settings.max_queue + settings.n_parallel)
     prepare = PreparePool(settings.prepare_threads, settings.max_queue)
     genstruct_pb2_grpc.add_GenstructServiceServicer_to_server(
         GenstructServicer(settings, state, prepare, metrics), server

@@ -25,7 +25,7 @@ from .engine.types import (
     TokenDelta,
     Truncation,
 )
-from .errors import ContextOverflow, InvalidRequest, Unavailable
+from .errors import ContextOverflow, InvalidRequest, QueueFull, Unavailable
 from .interceptors import current_call, domain_status
 from .metrics import Metrics
 from .preparation import PreparePool
@@ -46,9 +46,13 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class ServiceState:
     """Whether the service takes work (loading, serving, draining) and how much is in flight."""
 
-    def __init__(self, engine: Engine | None = None) -> None:
+    def __init__(self, engine: Engine | None = None, max_documents: int | None = None) -> None:
         self.engine = engine
         self.draining = False
+        # documents held from their arrival to their answer, whatever step they are at
+        # (validation, tokenization, the engine's queue, a slot); None: no limit
+        self.max_documents = max_documents
+        self.documents = 0
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -79,6 +83,32 @@ class ServiceState:
             self._active -= 1
             if self._active == 0:
                 self._idle.set()
+
+    def take_document(self) -> None:
+        """Count one document that arrived; QueueFull when the server holds its most already.
+
+        Counted before the document is tokenized, so requests waiting for a tokenizing thread
+        are bounded too, not only those in the engine's queue. Give it back with
+        `give_document`.
+        """
+        if self.max_documents is not None and self.documents >= self.max_documents:
+            raise QueueFull(
+                f"the server holds {self.documents} documents already (max_queue waiting "
+                "plus n_parallel decoding); retry with backoff"
+            )
+        self.documents += 1
+
+    def give_document(self) -> None:
+        self.documents -= 1
+
+    @contextmanager
+    def document(self) -> Iterator[None]:
+        """One document from its arrival to its answer (see take_document)."""
+        self.take_document()
+        try:
+            yield
+        finally:
+            self.give_document()
 
     def start_draining(self) -> None:
         """Refuse new work from now on and tell open GenerateBatch streams to stop reading."""
@@ -274,7 +304,7 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
     async def Generate(
         self, request: genstruct_pb2.GenerateRequest, context: Context
     ) -> genstruct_pb2.GenerateResponse:
-        with self._state.work() as engine:
+        with self._state.work() as engine, self._state.document():
             work = self._documents.validate(request)
             completed = await self._documents.complete(engine, work)
             return self._documents.respond(request.id, completed, engine)
@@ -282,7 +312,7 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
     async def GenerateStream(
         self, request: genstruct_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[genstruct_pb2.GenerateStreamResponse]:
-        with self._state.work() as engine:
+        with self._state.work() as engine, self._state.document():
             work = self._documents.validate(request)
             if work.truncation is Truncation.CHUNK:
                 raise InvalidRequest(
@@ -314,7 +344,11 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
     ) -> AsyncIterator[genstruct_pb2.GenerateResponse]:
         with self._state.work() as engine:
             batch = _Batch(
-                self._documents, engine, request_iterator, self._settings.max_batch_in_flight
+                self._documents,
+                engine,
+                request_iterator,
+                self._settings.max_batch_in_flight,
+                self._state,
             )
             with self._state.drain_listener(batch.drain):
                 async for response in batch.run():
@@ -369,8 +403,10 @@ class _Batch:
         engine: Engine,
         requests: AsyncIterator[genstruct_pb2.GenerateRequest],
         max_in_flight: int,
+        state: ServiceState,
     ) -> None:
         self._documents = documents
+        self._state = state
         self._engine = engine
         self._requests = requests
         self._permits = asyncio.Semaphore(max_in_flight)
@@ -447,11 +483,18 @@ class _Batch:
         except InvalidRequest as exc:
             self._put_error(request.id, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
+        try:
+            self._state.take_document()
+        except QueueFull as exc:
+            self._put_error(request.id, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            return
         self._in_flight.add(request.id)
         timeout = request.timeout_ms / 1000 if request.timeout_ms else None
         task = asyncio.create_task(self._generate(request.id, work, timeout))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # a done callback runs also for a task cancelled before it started
+        task.add_done_callback(lambda _: self._state.give_document())
 
     async def _generate(
         self, request_id: str, work: GenerationRequest, timeout: float | None
