@@ -61,8 +61,12 @@ class Settings(BaseSettings):
         "use 0.0.0.0 or :: to accept remote callers.",
     )
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
-    metrics_port: int = Field(
-        9464, ge=0, le=65535, description="Prometheus metrics port on the same host; 0 = off."
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus metrics port; 0 = off.")
+    metrics_host: str | None = Field(
+        None,
+        description="Address the metrics port binds; unset = the gRPC host, but loopback when "
+        "that is a wildcard (0.0.0.0, ::), so metrics are not published with the service by "
+        "accident; 0.0.0.0 for a scraper on another machine.",
     )
 
     # The engine
@@ -312,6 +316,13 @@ class Settings(BaseSettings):
             ngram_min=self.spec_ngram_min,
             ngram_max=self.spec_ngram_max,
         )
+
+    @property
+    def metrics_bind_host(self) -> str:
+        """Where the metrics port binds (see metrics_host)."""
+        if self.metrics_host is not None:
+            return self.metrics_host
+        return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
 
     @property
     def generations_limit(self) -> int:

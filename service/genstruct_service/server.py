@@ -212,7 +212,7 @@ async def start_server(
     wanted = settings.metrics_port if metrics_port is None else metrics_port
     if metrics_port is not None or settings.metrics_port:
         try:
-            bound_metrics = metrics.serve(settings.host, wanted)
+            bound_metrics = metrics.serve(settings.metrics_bind_host, wanted)
         except OSError:
             await server.stop(None)
             prepare.close()

@@ -72,6 +72,20 @@ def test_an_empty_token_is_refused(monkeypatch: pytest.MonkeyPatch, blank: str) 
         settings_from_args([])
 
 
+@pytest.mark.parametrize(
+    "args, bound",
+    [
+        ([], "127.0.0.1"),
+        (["--host", "0.0.0.0"], "127.0.0.1"),  # issue 34: the metrics went with the service
+        (["--host", "::"], "::1"),
+        (["--host", "10.1.2.3"], "10.1.2.3"),
+        (["--host", "0.0.0.0", "--metrics-host", "0.0.0.0"], "0.0.0.0"),
+    ],
+)
+def test_metrics_bind_loopback_unless_told_otherwise(args: list[str], bound: str) -> None:
+    assert settings_from_args(args).metrics_bind_host == bound
+
+
 def test_help_lists_every_flag() -> None:
     result = subprocess.run(
         [
