@@ -158,6 +158,15 @@ class Settings(BaseSettings):
         "(RESOURCE_EXHAUSTED).",
     )
 
+    queue_share_per_connection: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="Share of the documents the server holds (max_queue + n_parallel) that "
+        "one connection may hold; beyond it that connection's documents are refused "
+        "(RESOURCE_EXHAUSTED), so one bulk job cannot refuse every other caller.",
+    )
+
     # Defaults for sampling fields a request leaves unset
     temperature: Annotated[float, _bounded("temperature")] = Field(
         0.7, description="Default temperature."

@@ -180,7 +180,11 @@ async def start_server(
             *keepalive.server_options(),
         ],
     )
-    state = ServiceState(max_documents=settings.max_queue + settings.n_parallel)
+    max_documents = settings.max_queue + settings.n_parallel
+    state = ServiceState(
+        max_documents=max_documents,
+        max_per_connection=max(1, int(max_documents * settings.queue_share_per_connection)),
+    )
     prepare = PreparePool(settings.prepare_threads, settings.max_queue)
     genstruct_pb2_grpc.add_GenstructServiceServicer_to_server(
         GenstructServicer(settings, state, prepare, metrics), server

@@ -46,13 +46,22 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class ServiceState:
     """Whether the service takes work (loading, serving, draining) and how much is in flight."""
 
-    def __init__(self, engine: Engine | None = None, max_documents: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        max_documents: int | None = None,
+        max_per_connection: int | None = None,
+    ) -> None:
         self.engine = engine
         self.draining = False
         # documents held from their arrival to their answer, whatever step they are at
         # (validation, tokenization, the engine's queue, a slot); None: no limit
         self.max_documents = max_documents
         self.documents = 0
+        # and the share of them one connection (a gRPC peer) may hold, so that one bulk job
+        # cannot refuse every other caller
+        self.max_per_connection = max_per_connection
+        self._by_peer: dict[str, int] = {}
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -84,8 +93,9 @@ class ServiceState:
             if self._active == 0:
                 self._idle.set()
 
-    def take_document(self) -> None:
-        """Count one document that arrived; QueueFull when the server holds its most already.
+    def take_document(self, peer: str) -> None:
+        """Count one document that arrived from connection `peer`; QueueFull when the server,
+        or that connection's share of it, holds its most already.
 
         Counted before the document is tokenized, so requests waiting for a tokenizing thread
         are bounded too, not only those in the engine's queue. Give it back with
@@ -96,19 +106,31 @@ class ServiceState:
                 f"the server holds {self.documents} documents already (max_queue waiting "
                 "plus n_parallel decoding); retry with backoff"
             )
+        held = self._by_peer.get(peer, 0)
+        if self.max_per_connection is not None and held >= self.max_per_connection:
+            raise QueueFull(
+                f"this connection holds {held} documents already, its share of the server "
+                "(queue_share_per_connection); retry with backoff as they finish"
+            )
         self.documents += 1
+        self._by_peer[peer] = held + 1
 
-    def give_document(self) -> None:
+    def give_document(self, peer: str) -> None:
         self.documents -= 1
+        held = self._by_peer[peer] - 1
+        if held:
+            self._by_peer[peer] = held
+        else:
+            del self._by_peer[peer]
 
     @contextmanager
-    def document(self) -> Iterator[None]:
+    def document(self, peer: str) -> Iterator[None]:
         """One document from its arrival to its answer (see take_document)."""
-        self.take_document()
+        self.take_document(peer)
         try:
             yield
         finally:
-            self.give_document()
+            self.give_document(peer)
 
     def start_draining(self) -> None:
         """Refuse new work from now on and tell open GenerateBatch streams to stop reading."""
@@ -304,7 +326,7 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
     async def Generate(
         self, request: genstruct_pb2.GenerateRequest, context: Context
     ) -> genstruct_pb2.GenerateResponse:
-        with self._state.work() as engine, self._state.document():
+        with self._state.work() as engine, self._state.document(context.peer()):
             work = self._documents.validate(request)
             completed = await self._documents.complete(engine, work)
             return self._documents.respond(request.id, completed, engine)
@@ -312,7 +334,7 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
     async def GenerateStream(
         self, request: genstruct_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[genstruct_pb2.GenerateStreamResponse]:
-        with self._state.work() as engine, self._state.document():
+        with self._state.work() as engine, self._state.document(context.peer()):
             work = self._documents.validate(request)
             if work.truncation is Truncation.CHUNK:
                 raise InvalidRequest(
@@ -349,6 +371,7 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
                 request_iterator,
                 self._settings.max_batch_in_flight,
                 self._state,
+                context.peer(),
             )
             with self._state.drain_listener(batch.drain):
                 async for response in batch.run():
@@ -404,9 +427,11 @@ class _Batch:
         requests: AsyncIterator[genstruct_pb2.GenerateRequest],
         max_in_flight: int,
         state: ServiceState,
+        peer: str,
     ) -> None:
         self._documents = documents
         self._state = state
+        self._peer = peer
         self._engine = engine
         self._requests = requests
         self._permits = asyncio.Semaphore(max_in_flight)
@@ -484,7 +509,7 @@ class _Batch:
             self._put_error(request.id, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
         try:
-            self._state.take_document()
+            self._state.take_document(self._peer)
         except QueueFull as exc:
             self._put_error(request.id, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             return
@@ -494,7 +519,7 @@ class _Batch:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         # a done callback runs also for a task cancelled before it started
-        task.add_done_callback(lambda _: self._state.give_document())
+        task.add_done_callback(lambda _: self._state.give_document(self._peer))
 
     async def _generate(
         self, request_id: str, work: GenerationRequest, timeout: float | None

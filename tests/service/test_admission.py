@@ -19,7 +19,9 @@ Stub = genstruct_pb2_grpc.GenstructServiceStub
 
 @pytest.fixture
 def settings() -> Settings:
-    return make_settings(max_queue=1, n_parallel=1, max_num_generations=1)
+    # every document may come from one connection here: its share is the whole
+    return make_settings(max_queue=1, n_parallel=1, max_num_generations=1,
+                         queue_share_per_connection=1.0)
 
 
 @pytest.fixture
