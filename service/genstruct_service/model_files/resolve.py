@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Literal
 
 from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
+
+# public and documented, but exported through a lazy import list that mypy cannot see
+from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]
 
 from genstruct_service.errors import ModelError
 from genstruct_service.model_files import integrity
