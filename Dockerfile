@@ -64,5 +64,6 @@ EXPOSE 50051 9464
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
   CMD ["genstruct", "health", "--target", "127.0.0.1:50051", "--timeout", "3"]
 ENTRYPOINT ["genstruct-server"]
-# Inside a container the service must be reachable from outside it: bind all interfaces.
-CMD ["--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9464"]
+# Inside a container the service must be reachable from outside it: bind all interfaces,
+# for the metrics port too (a wildcard --host alone keeps it on loopback).
+CMD ["--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9464", "--metrics-host", "0.0.0.0"]

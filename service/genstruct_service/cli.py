@@ -19,7 +19,7 @@ from .engine.types import Engine
 from .errors import ModelError
 from .logs import setup_logging
 from .metrics import Metrics
-from .server import RunningServer, start_server
+from .server import RunningServer, host_port, start_server
 
 log = logging.getLogger("genstruct_service.cli")
 
@@ -186,6 +186,9 @@ async def serve(settings: Settings) -> int:
     """
     metrics = Metrics()
     running = await start_server(settings, None, metrics=metrics)
+    metrics_host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(  # where to reach a wildcard
+        settings.metrics_bind_host, settings.metrics_bind_host
+    )
     log.info(
         "listening on %s (loading the model; health NOT_SERVING until it is ready)",
         running.target,
@@ -194,7 +197,7 @@ async def serve(settings: Settings) -> int:
             "tls": settings.tls_enabled,
             "mutual_tls": settings.tls_client_ca_file is not None,
             "auth_token": settings.auth_token is not None,
-            "metrics": f"http://{running.target.rsplit(':', 1)[0]}:{running.metrics_port}/metrics"
+            "metrics": f"http://{host_port(metrics_host, running.metrics_port)}/metrics"
             if running.metrics_port
             else None,
         },

@@ -9,6 +9,7 @@ import annotated_types
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
+from .chunking import MIN_PART_TOKENS
 from .engine import speculation as spec
 from .engine.types import SAMPLING_BOUNDS
 
@@ -60,8 +61,12 @@ class Settings(BaseSettings):
         "use 0.0.0.0 or :: to accept remote callers.",
     )
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
-    metrics_port: int = Field(
-        9464, ge=0, le=65535, description="Prometheus metrics port on the same host; 0 = off."
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus metrics port; 0 = off.")
+    metrics_host: str | None = Field(
+        None,
+        description="Address the metrics port binds; unset = the gRPC host, but loopback when "
+        "that is a wildcard (0.0.0.0, ::), so metrics are not published with the service by "
+        "accident; 0.0.0.0 for a scraper on another machine.",
     )
 
     # The engine
@@ -139,11 +144,27 @@ class Settings(BaseSettings):
         description="Match lengths are told apart up to this, to learn how often each "
         "kind of draft is accepted.",
     )
+    prepare_threads: int = Field(
+        2,
+        ge=1,
+        le=256,
+        description="Threads that split TRUNCATION_CHUNK documents into parts; up to max_queue "
+        "more documents wait for one, later ones are refused (RESOURCE_EXHAUSTED).",
+    )
     max_queue: int = Field(
         256,
         ge=1,
         description="Documents waiting for a slot before new ones are refused "
         "(RESOURCE_EXHAUSTED).",
+    )
+
+    queue_share_per_connection: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="Share of the documents the server holds (max_queue + n_parallel) that "
+        "one connection may hold; beyond it that connection's documents are refused "
+        "(RESOURCE_EXHAUSTED), so one bulk job cannot refuse every other caller.",
     )
 
     # Defaults for sampling fields a request leaves unset
@@ -186,7 +207,7 @@ class Settings(BaseSettings):
         4 * 1024 * 1024, ge=1024, description="Most bytes in one gRPC message, each way."
     )
     chunk_tokens: int = Field(
-        1024, ge=16, le=C_INT_MAX,
+        1024, ge=MIN_PART_TOKENS, le=C_INT_MAX,
         description="TRUNCATION_CHUNK: content tokens per part when a request does not say.",
     )
     chunk_overlap_tokens: int = Field(
@@ -226,7 +247,13 @@ class Settings(BaseSettings):
     auth_token: SecretStr | None = Field(
         None,
         description="Bearer token callers must send as `authorization: Bearer <token>` "
-        "metadata; health checks stay open.",
+        "metadata; health checks stay open. An empty or blank token is refused.",
+    )
+    auth_token_file: Path | None = Field(
+        None,
+        description="File holding the bearer token (surrounding whitespace trimmed), so that "
+        "it appears neither in the command line nor in the environment; instead of "
+        "auth_token.",
     )
 
     # Logging
@@ -265,10 +292,30 @@ class Settings(BaseSettings):
                 f"n_ctx ({self.n_ctx}) leaves fewer than 64 tokens per slot for "
                 f"n_parallel {self.n_parallel}"
             )
+        problems.extend(self._read_auth_token())
         problems.extend(self.speculation_settings.problems())
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _read_auth_token(self) -> list[str]:
+        """The token from auth_token_file into auth_token; the problems with either."""
+        if self.auth_token_file is not None:
+            if self.auth_token is not None:
+                return ["give auth_token or auth_token_file, not both"]
+            try:
+                text = self.auth_token_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                return [f"auth_token_file {self.auth_token_file} cannot be read: {exc}"]
+            if not text.strip():
+                return [f"auth_token_file {self.auth_token_file} is empty; put the token in it"]
+            self.auth_token = SecretStr(text.strip())
+        elif self.auth_token is not None and not self.auth_token.get_secret_value().strip():
+            return [
+                "auth_token is empty or blank, which would let every caller in; set a token, "
+                "or unset GENSTRUCT_AUTH_TOKEN to serve without one"
+            ]
+        return []
 
     @property
     def speculation_settings(self) -> spec.SpeculationSettings:
@@ -278,6 +325,13 @@ class Settings(BaseSettings):
             ngram_min=self.spec_ngram_min,
             ngram_max=self.spec_ngram_max,
         )
+
+    @property
+    def metrics_bind_host(self) -> str:
+        """Where the metrics port binds (see metrics_host)."""
+        if self.metrics_host is not None:
+            return self.metrics_host
+        return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
 
     @property
     def generations_limit(self) -> int:

@@ -18,6 +18,7 @@ from .config import Settings
 from .engine.types import Engine
 from .interceptors import ServiceInterceptor
 from .metrics import Metrics
+from .preparation import PreparePool
 from .servicer import GenstructServicer, ServiceState
 
 log = logging.getLogger("genstruct_service.server")
@@ -58,6 +59,7 @@ class RunningServer:
     state: ServiceState
     health: HealthServicer
     metrics: Metrics
+    prepare: PreparePool
     engine_failure: BaseException | None = None  # why the engine failed for good, if it did
     _watcher: asyncio.Task[BaseException] | None = field(default=None, repr=False)
 
@@ -127,6 +129,7 @@ class RunningServer:
             # first, so the engine.close() that follows a stop is never taken for a failure
             self._watcher.cancel()
         await self.server.stop(grace)
+        self.prepare.close()
         self.metrics.close()
 
     async def wait_for_termination(self) -> None:
@@ -177,9 +180,14 @@ async def start_server(
             *keepalive.server_options(),
         ],
     )
-    state = ServiceState()
+    max_documents = settings.max_queue + settings.n_parallel
+    state = ServiceState(
+        max_documents=max_documents,
+        max_per_connection=max(1, int(max_documents * settings.queue_share_per_connection)),
+    )
+    prepare = PreparePool(settings.prepare_threads, settings.max_queue)
     genstruct_pb2_grpc.add_GenstructServiceServicer_to_server(
-        GenstructServicer(settings, state, metrics), server
+        GenstructServicer(settings, state, prepare, metrics), server
     )
     health_servicer: HealthServicer = _AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -208,9 +216,10 @@ async def start_server(
     wanted = settings.metrics_port if metrics_port is None else metrics_port
     if metrics_port is not None or settings.metrics_port:
         try:
-            bound_metrics = metrics.serve(settings.host, wanted)
+            bound_metrics = metrics.serve(settings.metrics_bind_host, wanted)
         except OSError:
             await server.stop(None)
+            prepare.close()
             raise
     running = RunningServer(
         server=server,
@@ -220,6 +229,7 @@ async def start_server(
         state=state,
         health=health_servicer,
         metrics=metrics,
+        prepare=prepare,
     )
     if engine is not None:
         await running.set_engine(engine)

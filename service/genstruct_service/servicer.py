@@ -15,7 +15,7 @@ import grpc.aio
 from genstruct.v1 import genstruct_pb2, genstruct_pb2_grpc
 
 from . import __version__
-from .chunking import Chunk, split
+from .chunking import MIN_PART_TOKENS, Chunk, TooManyParts, split
 from .config import Settings
 from .engine.types import (
     Completed,
@@ -25,9 +25,10 @@ from .engine.types import (
     TokenDelta,
     Truncation,
 )
-from .errors import ContextOverflow, InvalidRequest, Unavailable
+from .errors import ContextOverflow, InvalidRequest, QueueFull, Unavailable
 from .interceptors import current_call, domain_status
 from .metrics import Metrics
+from .preparation import PreparePool
 from .responses import (
     Chunked,
     build_message,
@@ -45,9 +46,22 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class ServiceState:
     """Whether the service takes work (loading, serving, draining) and how much is in flight."""
 
-    def __init__(self, engine: Engine | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        max_documents: int | None = None,
+        max_per_connection: int | None = None,
+    ) -> None:
         self.engine = engine
         self.draining = False
+        # documents held from their arrival to their answer, whatever step they are at
+        # (validation, tokenization, the engine's queue, a slot); None: no limit
+        self.max_documents = max_documents
+        self.documents = 0
+        # and the share of them one connection (a gRPC peer) may hold, so that one bulk job
+        # cannot refuse every other caller
+        self.max_per_connection = max_per_connection
+        self._by_peer: dict[str, int] = {}
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -78,6 +92,45 @@ class ServiceState:
             self._active -= 1
             if self._active == 0:
                 self._idle.set()
+
+    def take_document(self, peer: str) -> None:
+        """Count one document that arrived from connection `peer`; QueueFull when the server,
+        or that connection's share of it, holds its most already.
+
+        Counted before the document is tokenized, so requests waiting for a tokenizing thread
+        are bounded too, not only those in the engine's queue. Give it back with
+        `give_document`.
+        """
+        if self.max_documents is not None and self.documents >= self.max_documents:
+            raise QueueFull(
+                f"the server holds {self.documents} documents already (max_queue waiting "
+                "plus n_parallel decoding); retry with backoff"
+            )
+        held = self._by_peer.get(peer, 0)
+        if self.max_per_connection is not None and held >= self.max_per_connection:
+            raise QueueFull(
+                f"this connection holds {held} documents already, its share of the server "
+                "(queue_share_per_connection); retry with backoff as they finish"
+            )
+        self.documents += 1
+        self._by_peer[peer] = held + 1
+
+    def give_document(self, peer: str) -> None:
+        self.documents -= 1
+        held = self._by_peer[peer] - 1
+        if held:
+            self._by_peer[peer] = held
+        else:
+            del self._by_peer[peer]
+
+    @contextmanager
+    def document(self, peer: str) -> Iterator[None]:
+        """One document from its arrival to its answer (see take_document)."""
+        self.take_document(peer)
+        try:
+            yield
+        finally:
+            self.give_document(peer)
 
     def start_draining(self) -> None:
         """Refuse new work from now on and tell open GenerateBatch streams to stop reading."""
@@ -132,8 +185,11 @@ _DRAIN = _Marker()  # the server started draining
 class Documents:
     """The steps every RPC takes with a document: validate it, complete it, build the response."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, settings: Settings, prepare: PreparePool, metrics: Metrics | None = None
+    ) -> None:
         self._settings = settings
+        self._prepare = prepare
         self._metrics = metrics
 
     def validate(
@@ -158,7 +214,7 @@ class Documents:
         At most n_parallel parts of one document are queued or decoding at a time, so a long
         document never fills the engine's queue by itself.
         """
-        chunks = await asyncio.to_thread(self._chunks, engine, work)
+        chunks = await self._prepare.run(lambda: self._chunks(engine, work))
         content = work.content
         slots = asyncio.Semaphore(max(engine.info.n_parallel // work.num_generations, 1))
 
@@ -182,7 +238,7 @@ class Documents:
         """The parts of a document to chunk (on a worker thread: it tokenizes)."""
         settings = self._settings
         budget = engine.content_budget(work)
-        if budget < 16:
+        if budget < MIN_PART_TOKENS:
             raise ContextOverflow(
                 "document",
                 f"the title and max_tokens {work.sampling.max_tokens:,} x "
@@ -196,17 +252,22 @@ class Documents:
                 f"is {size:,}; with max_tokens {work.sampling.max_tokens:,} x "
                 f"{work.num_generations} a prompt holds at most {budget:,} content tokens",
             )
-        overlap = work.chunk_overlap if work.chunk_overlap >= 0 else min(
-            settings.chunk_overlap_tokens, size // 4
-        )
-        chunks = split(work.content, engine.count_tokens, budget=size, overlap=overlap)
-        if len(chunks) > settings.max_chunks:
+        # a quarter of the part at most, also where the context made the part smaller
+        overlap = work.chunk_overlap if work.chunk_overlap >= 0 else settings.chunk_overlap_tokens
+        try:
+            return split(
+                work.content,
+                engine.count_tokens,
+                budget=size,
+                overlap=min(overlap, size // 4),
+                max_parts=settings.max_chunks,
+            )
+        except TooManyParts:
             raise InvalidRequest(
                 "document.content",
-                f"splits into {len(chunks)} parts of up to {size:,} tokens; the server's "
-                f"limit is {settings.max_chunks} (raise chunk_tokens or send less content)",
-            )
-        return chunks
+                f"needs more than {settings.max_chunks} parts of up to {size:,} tokens, the "
+                "server's max_chunks (raise chunk_tokens or send less content)",
+            ) from None
 
     async def _complete_one(self, engine: Engine, work: GenerationRequest) -> Completed:
         # only the final result is read: the engine sends no text as it goes
@@ -250,18 +311,22 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
     """Translates between the contract and the engine; never blocks the event loop."""
 
     def __init__(
-        self, settings: Settings, state: ServiceState, metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        state: ServiceState,
+        prepare: PreparePool,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._state = state
-        self._documents = Documents(settings, metrics)
+        self._documents = Documents(settings, prepare, metrics)
 
     # --- the four RPCs ------------------------------------------------------------------
 
     async def Generate(
         self, request: genstruct_pb2.GenerateRequest, context: Context
     ) -> genstruct_pb2.GenerateResponse:
-        with self._state.work() as engine:
+        with self._state.work() as engine, self._state.document(context.peer()):
             work = self._documents.validate(request)
             completed = await self._documents.complete(engine, work)
             return self._documents.respond(request.id, completed, engine)
@@ -269,7 +334,7 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
     async def GenerateStream(
         self, request: genstruct_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[genstruct_pb2.GenerateStreamResponse]:
-        with self._state.work() as engine:
+        with self._state.work() as engine, self._state.document(context.peer()):
             work = self._documents.validate(request)
             if work.truncation is Truncation.CHUNK:
                 raise InvalidRequest(
@@ -301,7 +366,12 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
     ) -> AsyncIterator[genstruct_pb2.GenerateResponse]:
         with self._state.work() as engine:
             batch = _Batch(
-                self._documents, engine, request_iterator, self._settings.max_batch_in_flight
+                self._documents,
+                engine,
+                request_iterator,
+                self._settings.max_batch_in_flight,
+                self._state,
+                context.peer(),
             )
             with self._state.drain_listener(batch.drain):
                 async for response in batch.run():
@@ -356,8 +426,12 @@ class _Batch:
         engine: Engine,
         requests: AsyncIterator[genstruct_pb2.GenerateRequest],
         max_in_flight: int,
+        state: ServiceState,
+        peer: str,
     ) -> None:
         self._documents = documents
+        self._state = state
+        self._peer = peer
         self._engine = engine
         self._requests = requests
         self._permits = asyncio.Semaphore(max_in_flight)
@@ -434,11 +508,18 @@ class _Batch:
         except InvalidRequest as exc:
             self._put_error(request.id, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
+        try:
+            self._state.take_document(self._peer)
+        except QueueFull as exc:
+            self._put_error(request.id, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            return
         self._in_flight.add(request.id)
         timeout = request.timeout_ms / 1000 if request.timeout_ms else None
         task = asyncio.create_task(self._generate(request.id, work, timeout))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # a done callback runs also for a task cancelled before it started
+        task.add_done_callback(lambda _: self._state.give_document(self._peer))
 
     async def _generate(
         self, request_id: str, work: GenerationRequest, timeout: float | None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from genstruct.v1 import genstruct_pb2
 
+from .chunking import MIN_PART_TOKENS
 from .config import Settings
 from .engine.types import SAMPLING_BOUNDS, GenerationRequest, Sampling, Truncation
 from .errors import InvalidRequest
@@ -115,12 +116,21 @@ def to_generation_request(
     truncation = _TRUNCATION.get(request.truncation)
     if truncation is None:
         raise InvalidRequest("truncation", f"{request.truncation} is not a Truncation value")
-    # 0 and -1: the server's defaults, sized to the context when the document is split
+    if 0 < request.chunk_tokens < MIN_PART_TOKENS:
+        raise InvalidRequest(
+            "chunk_tokens",
+            f"is {request.chunk_tokens}; it must be 0 (the server's default) or at least "
+            f"{MIN_PART_TOKENS}",
+        )
+    # -1: the server's default, sized to the part when the document is split
     overlap = request.chunk_overlap_tokens if request.HasField("chunk_overlap_tokens") else -1
-    if request.chunk_tokens and not 2 * overlap < request.chunk_tokens:
+    part = request.chunk_tokens or settings.chunk_tokens
+    if overlap > part // 4:
+        whose = "chunk_tokens" if request.chunk_tokens else "the server's chunk_tokens"
         raise InvalidRequest(
             "chunk_overlap_tokens",
-            f"is {overlap}; it must be less than half of chunk_tokens ({request.chunk_tokens})",
+            f"is {overlap:,}; it must be at most a quarter of the part, {part // 4:,} "
+            f"({whose} {part:,})",
         )
     return GenerationRequest(
         title=title,

@@ -161,26 +161,31 @@ def test_collisions_in_the_mapping() -> None:
         ColumnMapping().extras({"title": "t", "content": "c", "parsed": 1}, 7)
 
 
-def test_a_later_jsonl_record_that_collides_stops_the_run(
+def test_hostile_jsonl_rows_become_their_own_errors_and_the_run_goes_on(
     server_process: ServerProcess, tmp_path: Path
 ) -> None:
+    # issue 34: each of these stopped every rerun at the same place
     source = tmp_path / "in.jsonl"
-    rows = [{"title": f"t{i}", "content": f"c{i}"} for i in range(5)]
-    rows[3]["model_name"] = "mine"
-    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(UsageError, match=r"record 4: .*'model_name'"):
-        run(source, tmp_path / "out.jsonl", config=ChannelConfig(server_process.target),
-            progress=False)
-    # Fixed with --columns, the rerun finishes what is left.
+    rows = [{"title": f"t{i}", "content": f"c{i}"} for i in range(6)]
+    rows[3]["model_name"] = "mine"  # a later row with a key named like an output column
+    lines = [json.dumps(r) for r in rows]
+    lines[1] = '{"title": "deep", "content": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    lines[4] = '{"title": "half", "content": "a lone \\ud800 surrogate"}'
+    source.write_text("".join(line + "\n" for line in lines))
     summary = run(source, tmp_path / "out.jsonl", config=ChannelConfig(server_process.target),
-                  columns=ColumnMapping(columns=("*", "model_name=input_model")),
                   progress=False)
-    assert summary.exit_code == 0
-    records = output_records(tmp_path / "out.jsonl")
-    assert sorted(r["id"] for r in records) == sorted(
-        derive_id(r["title"], r["content"]) for r in rows
-    )
-    assert [r.get("input_model") for r in records if r["title"] == "t3"] == ["mine"]
+    assert summary.finished and summary.failed == 3 and summary.exit_code == 1
+    assert sorted(r["title"] for r in output_records(tmp_path / "out.jsonl")) == [
+        "t0", "t2", "t5"
+    ]
+    errors = [json.loads(line) for line in summary.errors.read_text().splitlines()]
+    assert sorted((e["row"], e["code"]) for e in errors) == [
+        (2, "INVALID_ARGUMENT"), (4, "INVALID_ARGUMENT"), (5, "INVALID_ARGUMENT")
+    ]
+    messages = {e["row"]: e["message"] for e in errors}
+    assert "nests JSON too deeply" in messages[2]
+    assert "'model_name'" in messages[4]
+    assert "lone surrogate" in messages[5]
 
 
 def test_id_default_in_the_mapping() -> None:

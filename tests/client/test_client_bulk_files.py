@@ -107,6 +107,27 @@ def test_unreadable_jsonl_lines_become_error_rows(tmp_path: Path) -> None:
     assert "line 2" in (rows[1].error or "")
 
 
+def test_a_byte_that_is_not_utf8_in_a_csv_loses_only_its_own_record(tmp_path: Path) -> None:
+    # issue 34: one 0xFF in record 100 of 300 wrote no rows, and 179 were never mentioned
+    lines = [b"id,title,content"] + [
+        f"r{i},Title {i},Content of record {i}".encode() for i in range(1, 301)
+    ]
+    lines[100] = b"r100,Title 100,Content \xff of record 100"
+    path = tmp_path / "in.csv"
+    path.write_bytes(b"\r\n".join(lines) + b"\r\n")
+    rows = list(read_rows(path))
+    assert [row.number for row in rows] == list(range(1, 301))
+    errors = [row for row in rows if row.error is not None]
+    assert [row.number for row in errors] == [100]
+    assert errors[0].error == (
+        "record 100 is not valid UTF-8: byte 0xFF at character 8 in column 'content'"
+    )
+    assert all(row.values["id"] == f"r{row.number}" for row in rows if row.error is None)
+    assert rows[-1].values == {
+        "id": "r300", "title": "Title 300", "content": "Content of record 300"
+    }
+
+
 def test_format_detection(tmp_path: Path) -> None:
     assert detect_input_format(tmp_path / "x.JSONL") == "jsonl"
     assert detect_input_format(tmp_path) == "hf"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from genstruct.v1 import genstruct_pb2 as pb
 from genstruct_client import ChannelConfig, GenerationOptions
-from genstruct_client.bulk import PROMPT_TEMPLATE_VERSION, derive_id, run
+from genstruct_client.bulk import PROMPT_TEMPLATE_VERSION, ColumnMapping, derive_id, run
 from genstruct_client.bulk.run_record import addresses, differences, fingerprint, record_path
 from genstruct_client.bulk.writers import JsonlJournal
 
@@ -28,6 +28,7 @@ from tests.client.helpers import (
     write_documents,
 )
 
+DERIVED = ColumnMapping(id="")  # ids derived from the text, the default columns
 TEMPLATE = ROOT / "service" / "genstruct_service" / "templates" / "genstruct.jinja"
 # The template PROMPT_TEMPLATE_VERSION names. A change to the template fails this test: bump
 # the version (outputs made with the old prompt must not be resumed with the new), then this.
@@ -86,22 +87,37 @@ def info(**fields: Any) -> pb.GetModelInfoResponse:
 def test_every_field_of_the_fingerprint_counts(
     server: dict[str, Any], options: dict[str, Any], field: str
 ) -> None:
-    base = fingerprint(info(), GenerationOptions(), None)
-    changed = differences(base, fingerprint(info(**server), GenerationOptions(**options), None))
+    base = fingerprint(info(), GenerationOptions(), DERIVED)
+    changed = differences(base, fingerprint(info(**server), GenerationOptions(**options), DERIVED))
     assert len(changed) == 1 and changed[0].startswith(field + " "), changed
+
+
+@pytest.mark.parametrize(
+    ("mapping", "change"),
+    [
+        (ColumnMapping(id="", title="heading"), 'columns.title "title" -> "heading"'),
+        (ColumnMapping(id="", content="body"), 'columns.content "content" -> "body"'),
+        (ColumnMapping(id="", columns=("source",)),
+         'columns.passed_through ["*"] -> ["source"]'),
+    ],
+)
+def test_the_column_mapping_is_part_of_the_fingerprint(mapping: ColumnMapping, change: str) -> None:
+    # issue 34: a resume with another mapping silently mixed rows of both
+    base = fingerprint(info(), GenerationOptions(), DERIVED)
+    assert differences(base, fingerprint(info(), GenerationOptions(), mapping)) == [change]
 
 
 def test_sampling_is_compared_as_in_force() -> None:
     # Unset is the server's default (sent as a 32-bit float): asking for it is no change...
-    base = fingerprint(info(), GenerationOptions(), None)
+    base = fingerprint(info(), GenerationOptions(), DERIVED)
     assert base["sampling"]["temperature"] == 0.7
-    assert not differences(base, fingerprint(info(), GenerationOptions(temperature=0.7), None))
+    assert not differences(base, fingerprint(info(), GenerationOptions(temperature=0.7), DERIVED))
     # ... but a server whose default changed is one.
     moved = info(default_sampling=pb.SamplingParams(temperature=0.9, top_p=1.0, max_tokens=512))
-    assert differences(base, fingerprint(moved, GenerationOptions(), None)) == [
+    assert differences(base, fingerprint(moved, GenerationOptions(), DERIVED)) == [
         "sampling.temperature 0.7 -> 0.9"
     ]
-    assert differences(base, fingerprint(info(), GenerationOptions(), "id")) == [
+    assert differences(base, fingerprint(info(), GenerationOptions(), ColumnMapping(id="id"))) == [
         'id_column null -> "id"'
     ]
 

@@ -31,7 +31,8 @@ METHODS = ("Generate", "GenerateStream", "GenerateBatch")
 PREFIX = "/genstruct.v1.GenstructService/"
 MAX_MESSAGE = 4 * 1024 * 1024  # the server's default max_message_bytes
 REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
-FIELDS = ("id", "document", "num_generations", "truncation", "sampling", "request")
+FIELDS = ("id", "document", "num_generations", "truncation", "sampling", "request",
+          "chunk_tokens", "chunk_overlap_tokens")
 # Memory moves with allocator noise: over the short run's 150 requests RSS was seen to grow
 # by 6 to 8.6 MiB, and over the full run's 1,500 to fall by 2.6 MiB. Keeping each request's
 # document (up to 100,000 characters; 400 KB of emoji) would add well over this.
@@ -51,6 +52,8 @@ class Limits:
     max_stop_chars: int = 64
     max_id_chars: int = 256
     max_message_bytes: int = MAX_MESSAGE
+    min_chunk_tokens: int = 16
+    default_chunk_tokens: int = 1024
 
 
 # --- the contract as a predicate (the proto's comments, not the server's code) -------------
@@ -91,6 +94,11 @@ def expected(
         not s.HasField("max_tokens") or 1 <= s.max_tokens <= limits.max_tokens,
         len(s.stop) <= limits.max_stop_strings,
         all(0 < len(stop) <= limits.max_stop_chars for stop in s.stop),
+        # a part of chunk_tokens (0: the server's default) repeats at most a quarter of itself
+        request.chunk_tokens == 0 or request.chunk_tokens >= limits.min_chunk_tokens,
+        not request.HasField("chunk_overlap_tokens")
+        or request.chunk_overlap_tokens
+        <= (request.chunk_tokens or limits.default_chunk_tokens) // 4,
     ]
     return "ok" if all(checks) else "invalid"
 
@@ -175,6 +183,12 @@ def field_strategies(limits: Limits) -> dict[str, tuple[st.SearchStrategy[Any], 
         "max_tokens": (st.integers(1, limits.max_tokens),
                        int32s(-3, limits.max_tokens + 3)),
         "stop": (st.lists(valid_text, max_size=limits.max_stop_strings), stops(limits)),
+        "chunk_tokens": (st.one_of(st.just(0), st.integers(limits.min_chunk_tokens, 512)),
+                         st.one_of(st.integers(0, 40), st.sampled_from([2**31, 2**32 - 1]))),
+        "chunk_overlap_tokens": (
+            st.integers(0, limits.min_chunk_tokens // 4),
+            st.one_of(st.integers(0, 600), st.sampled_from([10**9, 2**32 - 1])),
+        ),
     }
 
 
@@ -197,14 +211,18 @@ def requests(draw: st.DrawFn, limits: Limits) -> pb.GenerateRequest:
     for name in SAMPLING_FIELDS:
         if name == broken or draw(st.booleans()):
             setattr(params, name, value(name))
-    return pb.GenerateRequest(
+    request = pb.GenerateRequest(
         id=value("id"),
         document=pb.Document(title=value("title"), content=value("content")),
         sampling=params,
         num_generations=value("num_generations"),
         truncation=value("truncation"),
         constrained=draw(st.booleans()),
+        chunk_tokens=value("chunk_tokens"),
     )
+    if broken == "chunk_overlap_tokens" or draw(st.booleans()):
+        request.chunk_overlap_tokens = value("chunk_overlap_tokens")
+    return request
 
 
 # --- calling ---------------------------------------------------------------------------------
@@ -248,9 +266,10 @@ def _code(number: int) -> tuple[int, str]:
     raise AssertionError(f"unknown status code {number}")
 
 
-TOO_MANY_PARTS = re.compile(
-    r"document\.content: splits into (?P<parts>\d+) parts .* limit is (?P<limit>\d+) "
-)
+TOO_MANY_PARTS = re.compile(r"document\.content: needs more than \d+ parts of up to [\d,]+ tokens")
+# chunk_tokens within the contract may still be more than one prompt holds with max_tokens
+PART_TOO_BIG = re.compile(r"chunk_tokens: is (?P<asked>[\d,]+); .* holds at most (?P<most>[\d,]+) ")
+CONTEXT_TOO_SMALL = re.compile(r"document: the title and max_tokens .* leave \d+ tokens")
 
 
 def check_outcome(outcome: Outcome, request: pb.GenerateRequest, verdict: str,
@@ -266,11 +285,16 @@ def check_outcome(outcome: Outcome, request: pb.GenerateRequest, verdict: str,
         )
         return
     if request.truncation == pb.TRUNCATION_CHUNK and outcome.code != grpc.StatusCode.OK:
-        # How many parts the content makes depends on the server's tokenizer: only the server
-        # can tell that they are more than its max_chunks, and it must say so.
-        parts = TOO_MANY_PARTS.match(outcome.details)
-        assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT and parts, outcome
-        assert int(parts["parts"]) > int(parts["limit"]), outcome.details
+        # How many parts the content makes, and how many tokens a prompt has left for a part,
+        # depend on the server's tokenizer and context: only the server can tell, and it must
+        # say so.
+        assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
+        too_big = PART_TOO_BIG.match(outcome.details)
+        if too_big:
+            assert int(too_big["asked"].replace(",", "")) > int(too_big["most"].replace(",", ""))
+        else:
+            assert TOO_MANY_PARTS.match(outcome.details) or CONTEXT_TOO_SMALL.match(
+                outcome.details), outcome
         return
     assert outcome.code == grpc.StatusCode.OK, (outcome.code, outcome.details, method)
     response = outcome.response
@@ -373,6 +397,12 @@ def test_property_requests_end_in_a_response_or_a_clear_refusal(
     @example(  # content of the most characters in more parts than the server allows
         request=pb.GenerateRequest(id="0", document=pb.Document(
             content="x" * limits.max_content_chars), truncation=pb.TRUNCATION_CHUNK),
+        method="Generate",
+    )
+    @example(  # a part that repeats all of the one before: refused at once (issue 34)
+        request=pb.GenerateRequest(id="0", document=pb.Document(
+            content="The tide turns. " * 94), truncation=pb.TRUNCATION_CHUNK,
+            chunk_overlap_tokens=10**9),
         method="Generate",
     )
     def check(request: pb.GenerateRequest, method: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,44 @@ def test_a_disk_that_fills_during_the_download_says_so_with_the_sizes(
     assert "the disk filled up while downloading" in message
     assert f"{len(content) / 1e9:.2f} GB" in message and "GENSTRUCT_MODELS_DIR" in message
     assert "resumes where it stopped" in message
+
+
+def test_the_download_is_on_the_disk_before_it_takes_its_name(
+    fake_hub: FakeHub, tmp_path: Path, content: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # issue 34: no fsync of the partial file before the rename, nor of the folder after it
+    fake_hub.add(REPO, FILE, content)
+    events: list[str] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        events.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}")
+        fsync(fd)
+
+    def recording_replace(src: str | Path, dst: str | Path) -> None:
+        events.append(f"replace {Path(src).name} -> {Path(dst)}")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    _download(tmp_path)
+    installed = events.index(next(e for e in events if e.endswith(f"-> {tmp_path / FILE}")))
+    assert events[installed - 1].startswith("fsync ") and events[installed - 1].endswith(".part")
+    assert events[installed + 1] == f"fsync {tmp_path}"
+
+
+def test_a_verified_file_whose_bytes_were_lost_is_hashed_again(tmp_path: Path) -> None:
+    # a power loss can leave zeros where the bytes were, with the size, mtime and inode kept
+    model = tmp_path / "model.gguf"
+    model.write_bytes(bytes(range(256)) * 8192)
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    integrity.record_verified(model, sha, tmp_path)
+    assert integrity.recorded_sha256(model, tmp_path) == sha
+    stat = model.stat()
+    with model.open("r+b") as fh:
+        fh.seek(stat.st_size - 4096)
+        fh.write(bytes(4096))
+    os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert integrity.recorded_sha256(model, tmp_path) is None
+    with pytest.raises(ModelError, match="checksum mismatch"):
+        integrity.verify_sha256(model, sha, tmp_path, what="a test model")

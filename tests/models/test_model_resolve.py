@@ -222,6 +222,31 @@ def test_hf_uri_parsing() -> None:
     for bad in ("hf://only-owner/x.gguf", f"hf://{REPO}/weights.bin", "hf://"):
         with pytest.raises(ModelError, match=re.escape("expected hf://OWNER/REPO/FILE.gguf")):
             parse_hf_uri(bad)
+    # the Hub's refs with slashes are one revision (issue 34: refs/pr/1 was read as "refs")
+    ref = parse_hf_uri(f"hf://{REPO}@refs/pr/1/{FILE}")
+    assert (ref.revision, ref.file) == ("refs/pr/1", FILE)
+    assert parse_hf_uri(f"hf://{REPO}@refs/convert/gguf/{FILE}").revision == "refs/convert/gguf"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        f"hf://{REPO}//etc/x.gguf",  # an absolute file path: once /etc/x.gguf
+        f"hf://{REPO}/../../x.gguf",
+        f"hf://{REPO}/a/../../../x.gguf",
+        f"hf://{REPO}@../{FILE}",  # a revision that climbs a level
+        f"hf://{REPO}@./{FILE}",
+        f"hf://{REPO}/a//{FILE}",
+        f"hf://{REPO}/a\\..\\{FILE}",
+        f"hf://TestOrg/../{FILE}",
+        f"hf://../x/{FILE}",
+    ],
+)
+def test_hf_uris_that_would_leave_the_models_folder_are_refused(spec: str, models: Path) -> None:
+    with pytest.raises(ModelError, match="hf://"):
+        ref = parse_hf_uri(spec)
+        local = hf_local_path(models, ref)  # reached only on today's code: it must stay inside
+        assert local.resolve().is_relative_to((models / "hf").resolve()), local
 
 
 def test_packaged_stand_in(registry: Registry, models: Path, stand_in_module: Path) -> None:

@@ -51,9 +51,9 @@ async def test_every_part_gives_pairs_and_its_span_points_into_the_content(
 
 
 async def test_overlap_repeats_the_end_of_the_part_before(stub: Stub) -> None:
-    text = "One two three four. Five six seven eight. Nine ten eleven twelve. Thirteen."
+    text = "One two. Three four. Five six. Seven eight. Nine ten. Eleven twelve."
     response = await stub.Generate(
-        doc(text, truncation=CHUNK, chunk_tokens=45, chunk_overlap_tokens=21), timeout=10
+        doc(text, truncation=CHUNK, chunk_tokens=40, chunk_overlap_tokens=10), timeout=10
     )
     spans = sorted({(p.chunk_start, p.chunk_end) for p in response.pairs})
     assert len(spans) == response.chunks > 1
@@ -81,7 +81,9 @@ async def test_generate_batch_answers_once_per_document_with_all_its_parts(stub:
 @pytest.mark.parametrize(
     "fields, field",
     [
-        ({"chunk_tokens": 10, "chunk_overlap_tokens": 5}, "chunk_overlap_tokens"),
+        ({"chunk_tokens": 10}, "chunk_tokens"),  # below the least part, 16 tokens
+        ({"chunk_tokens": 64, "chunk_overlap_tokens": 17}, "chunk_overlap_tokens"),
+        ({"chunk_overlap_tokens": 257}, "chunk_overlap_tokens"),  # the default part is 1,024
         ({"chunk_tokens": 2_000_000}, "chunk_tokens"),  # above what one prompt holds
         ({"chunk_tokens": 20}, "document.content"),  # more parts than max_chunks
     ],
@@ -95,6 +97,35 @@ async def test_bad_chunking_is_refused_naming_the_field(
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (error.value.details() or "")
     assert not engine.requests  # refused before any part reached the engine
+
+
+async def test_an_overlap_as_long_as_the_document_is_refused_at_once(
+    stub: Stub, engine: FakeEngine
+) -> None:
+    # issue 34: each part repeated nearly all of the one before, 37,100 prompt tokens
+    content = ("The harbour wall was rebuilt. " * 50)[:1500]
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.Generate(
+            doc(content, truncation=CHUNK, chunk_overlap_tokens=10**9), timeout=10
+        )
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.value.details() or "").startswith(
+        "chunk_overlap_tokens: is 1,000,000,000; it must be at most a quarter of the part, 256"
+    )
+    assert not engine.requests
+
+
+async def test_the_overlap_is_cut_to_a_quarter_of_a_part_the_context_made_smaller(
+    stub: Stub, engine: FakeEngine
+) -> None:
+    engine.context_chars = 100  # parts of 100 characters, so an overlap of 25 at most
+    content = " ".join(f"Short sentence {i}." for i in range(30))
+    response = await stub.Generate(
+        doc(content, truncation=CHUNK, chunk_overlap_tokens=200), timeout=10
+    )
+    spans = sorted({(p.chunk_start, p.chunk_end) for p in response.pairs})
+    overlaps = [a[1] - b[0] for a, b in itertools.pairwise(spans) if b[0] < a[1]]
+    assert overlaps and max(overlaps) <= 25
 
 
 async def test_streaming_a_chunked_document_is_refused_with_the_way_out(stub: Stub) -> None:

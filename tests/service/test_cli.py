@@ -58,6 +58,24 @@ async def test_bad_settings_exit_2_with_one_line_each() -> None:
     assert code == 2 and err.startswith("genstruct-server: n_ubatch: ") and "Traceback" not in err
 
 
+async def test_an_empty_auth_token_exits_2_rather_than_serve_without_one(tmp_path: Path) -> None:
+    for blank in ("", "  "):
+        code, out, err = await _run(
+            "--port", "0", "--metrics-port", "0",
+            env={**os.environ, "GENSTRUCT_AUTH_TOKEN": blank},
+        )
+        assert code == 2 and out == ""
+        assert err.strip().splitlines() == [
+            "genstruct-server: auth_token is empty or blank, which would let every caller in; "
+            "set a token, or unset GENSTRUCT_AUTH_TOKEN to serve without one"
+        ]
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    code, _, err = await _run("--port", "0", "--auth-token-file", str(empty))
+    assert code == 2
+    assert err.strip() == f"genstruct-server: auth_token_file {empty} is empty; put the token in it"
+
+
 async def test_version_reports_the_llama_cpp_build() -> None:
     code, out, err = await _run("--version")
     assert code == 0, err

@@ -6,7 +6,7 @@ import itertools
 import re
 
 import pytest
-from genstruct_service.chunking import Chunk, split
+from genstruct_service.chunking import Chunk, TooManyParts, split
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -72,10 +72,55 @@ def test_sentences_split_a_paragraph_too_long_for_one_part() -> None:
 
 
 def test_the_overlap_repeats_the_last_whole_sentence() -> None:
-    text = "One two three. Four five six. Seven eight nine. Ten eleven twelve."
-    parts = [text[c.start : c.end] for c in split(text, count, budget=9, overlap=4)]
-    assert parts == ["One two three. Four five six.", "Four five six. Seven eight nine.",
-                     "Seven eight nine. Ten eleven twelve."]
+    text = "A b. C d. E f. G h. I j. K l."  # three tokens a sentence
+    parts = [text[c.start : c.end] for c in split(text, count, budget=12, overlap=3)]
+    assert parts == ["A b. C d. E f. G h.", "G h. I j. K l."]
+
+
+def test_the_overlap_is_at_most_a_quarter_of_the_part() -> None:
+    text = " ".join(f"Word{i} w." for i in range(200))  # three tokens a sentence
+    chunks = split(text, count, budget=24, overlap=10**9)
+    for a, b in itertools.pairwise(chunks):
+        assert count(text[b.start : a.end]) <= 24 // 4
+    assert len(chunks) <= 600 // (24 - 6) + 1  # every part brings 18 tokens or more of new text
+
+
+class Counting:
+    """The stand-in tokenizer, adding up how many characters it was given: the split's work."""
+
+    def __init__(self) -> None:
+        self.characters = 0
+
+    def __call__(self, text: str) -> int:
+        self.characters += len(text)
+        return count(text)
+
+
+@pytest.mark.parametrize(
+    "text, budget, overlap",
+    [
+        ("潮汐" * 10_000, 16, 0),  # no spaces: every part is a cut
+        (" ".join(f"Sentence {i} goes on a while." for i in range(2_000)), 16, 10**9),
+        ("\n\n".join(["word " * 40] * 200), 1024, 256),  # paragraphs that all fit
+    ],
+    ids=["no spaces", "huge overlap", "paragraphs"],
+)
+def test_the_work_grows_with_the_length_of_the_text_not_its_square(
+    text: str, budget: int, overlap: int
+) -> None:
+    counting = Counting()
+    chunks = split(text, counting, budget=budget, overlap=overlap)
+    assert chunks[-1].end == len(text.rstrip())
+    assert counting.characters <= 40 * len(text)
+
+
+def test_the_split_stops_at_max_parts() -> None:
+    text = " ".join(f"Sentence {i} goes on a while." for i in range(2_000))
+    counting = Counting()
+    with pytest.raises(TooManyParts) as error:
+        split(text, counting, budget=16, max_parts=3)
+    assert error.value.max_parts == 3
+    assert counting.characters <= 10 * len(text)  # the units, and three parts only
 
 
 def test_text_without_breaks_is_cut_between_characters() -> None:

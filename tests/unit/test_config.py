@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from genstruct_service.config import Settings, settings_from_args
@@ -51,6 +52,38 @@ def test_bad_settings_are_refused_with_the_reason(args: list[str], words: str) -
     with pytest.raises((ValidationError, SystemExit)) as info:
         settings_from_args(args)
     assert words in str(info.value)
+
+
+def test_the_token_can_come_from_a_file(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    settings = settings_from_args(["--auth-token-file", str(token)])
+    assert settings.auth_token is not None and settings.auth_token.get_secret_value() == "s3cret"
+    with pytest.raises(ValidationError, match="not both"):
+        settings_from_args(["--auth-token-file", str(token), "--auth-token", "x"])
+    with pytest.raises(ValidationError, match="cannot be read"):
+        settings_from_args(["--auth-token-file", str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize("blank", ["", " ", "\t\n"])
+def test_an_empty_token_is_refused(monkeypatch: pytest.MonkeyPatch, blank: str) -> None:
+    monkeypatch.setenv("GENSTRUCT_AUTH_TOKEN", blank)
+    with pytest.raises(ValidationError, match="auth_token is empty or blank"):
+        settings_from_args([])
+
+
+@pytest.mark.parametrize(
+    "args, bound",
+    [
+        ([], "127.0.0.1"),
+        (["--host", "0.0.0.0"], "127.0.0.1"),  # issue 34: the metrics went with the service
+        (["--host", "::"], "::1"),
+        (["--host", "10.1.2.3"], "10.1.2.3"),
+        (["--host", "0.0.0.0", "--metrics-host", "0.0.0.0"], "0.0.0.0"),
+    ],
+)
+def test_metrics_bind_loopback_unless_told_otherwise(args: list[str], bound: str) -> None:
+    assert settings_from_args(args).metrics_bind_host == bound
 
 
 def test_help_lists_every_flag() -> None:

@@ -278,12 +278,14 @@ class GenerateRequest(_message.Message):
     """
     chunk_tokens: _builtins.int
     """TRUNCATION_CHUNK: the most content tokens in one part (0: the server's default, see
-    Limits). At most what one prompt with `max_tokens` for every generation can hold.
+    Limits). At least 16, and at most what one prompt with `max_tokens` for every generation
+    can hold.
     """
     chunk_overlap_tokens: _builtins.int
     """TRUNCATION_CHUNK: up to this many tokens of whole sentences from the end of a part are
     repeated at the start of the next (unset: the server's default, see Limits; 0: none).
-    Less than half of the part size.
+    At most a quarter of `chunk_tokens` (of the server's default when it is 0); the server
+    repeats less where the context makes its parts smaller.
     """
     @_builtins.property
     def document(self) -> Global___Document:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -88,15 +89,42 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 yield Row(number, {}, f"line {number} is not valid JSON: {exc}")
                 continue
+            except RecursionError:
+                yield Row(number, {}, f"line {number} nests JSON too deeply to be read")
+                continue
             if not isinstance(values, dict):
                 yield Row(number, {}, f"line {number} is not a JSON object")
+                continue
+            if not _encodable(values):
+                yield Row(
+                    number, {}, f"line {number} holds a lone surrogate (such as \\ud800), "
+                    "which is not text in UTF-8"
+                )
                 continue
             yield Row(number, values)
 
 
+def _encodable(values: dict[str, Any]) -> bool:
+    """Whether every string of a JSON object (keys too) can be written as UTF-8: JSON's
+    escapes can spell lone surrogates, which every later step (ids, protobuf, the output)
+    would refuse, some after the server has done the work."""
+    try:
+        json.dumps(values, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        return False
+    return True
+
+
+# what the surrogateescape error handler makes of a byte that is not UTF-8
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
 def _read_csv(path: Path) -> Iterator[Row]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with path.open(newline="", encoding="utf-8-sig") as file:
+    # Bytes that are not UTF-8 are kept as stand-ins (surrogateescape) rather than raised: a
+    # decode error raised from inside the csv reader loses the rest of the decoder's buffer,
+    # and the records in it with it. The record that holds them becomes an error row.
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
         reader = csv.DictReader(file)
         number = 0
         while True:
@@ -105,13 +133,28 @@ def _read_csv(path: Path) -> Iterator[Row]:
                 values = next(reader)
             except StopIteration:
                 return
-            except (csv.Error, UnicodeDecodeError) as exc:
+            except csv.Error as exc:
                 yield Row(number, {}, f"record {number} cannot be read: {exc}")
                 continue
             if None in values:  # more fields than the header has
                 yield Row(number, {}, f"record {number} has more fields than the header")
                 continue
+            bad = _not_utf8(values)
+            if bad is not None:
+                yield Row(number, {}, f"record {number} is not valid UTF-8: {bad}")
+                continue
             yield Row(number, dict(values))
+
+
+def _not_utf8(values: dict[str, Any]) -> str | None:
+    """Where the first byte that is not UTF-8 is in a CSV record (names and values)."""
+    for name, value in values.items():
+        for text, what in ((name, "in the header"), (value, f"in column {name!r}")):
+            found = _NOT_UTF8.search(text) if isinstance(text, str) else None
+            if found is not None:
+                byte = ord(found.group()) - 0xDC00
+                return f"byte 0x{byte:02X} at character {found.start()} {what}"
+    return None
 
 
 def _pyarrow() -> Any:

@@ -27,6 +27,7 @@ from genstruct.v1 import genstruct_pb2 as pb
 
 from genstruct_client._batching import ResubmitPolicy
 from genstruct_client.aio import AsyncGenstructClient
+from genstruct_client.bulk.documents import ColumnMapping
 from genstruct_client.bulk.errors import UsageError
 from genstruct_client.bulk.writers import ensure_unlocked, has_content, write_json_atomic
 from genstruct_client.channel import ChannelConfig
@@ -80,11 +81,12 @@ def _number(value: Any) -> Any:
 
 
 def fingerprint(
-    info: pb.GetModelInfoResponse, options: GenerationOptions, id_column: str | None
+    info: pb.GetModelInfoResponse, options: GenerationOptions, columns: ColumnMapping
 ) -> dict[str, Any]:
     """What makes two runs' rows comparable. Sampling is as in force: a setting left unset
     is the server's default (GetModelInfo `default_sampling`), so a server whose defaults
-    changed is a change too; `seed` None is a fresh seed per request."""
+    changed is a change too; `seed` None is a fresh seed per request. `columns` is resolved
+    (its id column settled)."""
     defaults = {field.name: value for field, value in info.default_sampling.ListFields()}
     sampling: dict[str, Any] = {}
     for name in _SAMPLING:
@@ -105,7 +107,13 @@ def fingerprint(
         "constrained": options.constrained,
         "truncation": "chunk" if options.chunk else "truncate" if options.truncate
         else "refuse",
-        "id_column": id_column,  # other ids: every document would be written again
+        "id_column": columns.id_column,  # other ids: every document would be written again
+        # other columns: other documents under the same ids, or rows of other shapes, mixed
+        "columns": {
+            "title": columns.title,
+            "content": columns.content,
+            "passed_through": ["*"] if columns.columns is None else list(columns.columns),
+        },
         # the parts a document is split into: another size would write other parts
         **({"chunking": {
             "chunk_tokens": options.chunk_tokens or info.limits.default_chunk_tokens,
@@ -307,10 +315,10 @@ async def server_infos(
 def agreed_fingerprint(
     answers: Mapping[str, pb.GetModelInfoResponse],
     options: GenerationOptions,
-    id_column: str | None,
+    columns: ColumnMapping,
 ) -> dict[str, Any]:
     """The fingerprint every server gives; RunMismatch when two servers differ."""
-    prints = {target: fingerprint(info, options, id_column) for target, info in answers.items()}
+    prints = {target: fingerprint(info, options, columns) for target, info in answers.items()}
     (first, current), *others = prints.items()
     for target, other in others:
         changed = differences(current, other)

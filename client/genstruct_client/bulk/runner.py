@@ -267,7 +267,7 @@ async def arun(
     if answers is None:
         summary.elapsed_seconds = time.monotonic() - started
         return summary
-    current = agreed_fingerprint(answers, options, columns.id_column)
+    current = agreed_fingerprint(answers, options, columns)
     # Part of what the output is made with: a rerun with another shard would add another
     # shard's documents to it, and a merge would write them twice.
     current["shard"] = shard.record() if shard else None
@@ -449,7 +449,17 @@ async def _generate(
                 summary.other_shards += 1
                 bar.skip()
                 continue
-            extras = columns.extras(row.values, row.number)
+            try:
+                extras = columns.extras(row.values, row.number)
+            except UsageError as exc:  # this row's own column names: its error, not the run's
+                if document.id in ledger.failed:
+                    summary.already_done += 1
+                    summary.failed_before += 1
+                    bar.skip()
+                else:
+                    fail(document.id, grpc.StatusCode.INVALID_ARGUMENT.value[0], str(exc),
+                         row.number)
+                continue
             if document.id in seen:
                 summary.duplicates += 1
                 bar.skip()

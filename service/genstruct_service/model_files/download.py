@@ -292,7 +292,10 @@ def _fetch_and_install(
         except ModelError:
             part.unlink(missing_ok=True)
             raise
+    # on the disk before the rename, and the rename before the mark that trusts the file
+    integrity.fsync_file(part)
     os.replace(part, dest)
+    integrity.fsync_dir(dest.parent)
     sha256 = want_sha256 if want_sha256 is not None else integrity.sha256_file(dest)
     integrity.record_verified(dest, sha256, dest.parent)
     logger.info("downloaded %s to %s (%s, sha256 %s)", what, dest, _gb(got), sha256)

@@ -14,6 +14,38 @@ logger = logging.getLogger(__name__)
 
 CHUNK = 8 * 1024 * 1024
 CACHE_DIR = ".cache"
+TAIL_BYTES = 1024 * 1024  # hashed on every load: a file zeroed by a power loss keeps its stamp
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's bytes to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to the disk, where the system allows."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # e.g. Windows opens no folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder
+    finally:
+        os.close(fd)
+
+
+def tail_sha256(path: Path) -> str:
+    """The sha256 of a file's last TAIL_BYTES: cheap enough to check at every load."""
+    with Path(path).open("rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - TAIL_BYTES))
+        return hashlib.sha256(fh.read()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -47,11 +79,17 @@ def _stamp(path: Path) -> dict[str, int]:
 
 
 def recorded_sha256(path: Path, models_dir: Path) -> str | None:
-    """The sha256 recorded when `path` was last verified, if the file has not changed since."""
+    """The sha256 recorded when `path` was last verified, if the file has not changed since:
+    the same size, mtime and inode, and the same last bytes (a file that lost its data in a
+    power loss, zeros where the bytes were, keeps the first three)."""
     marker = _marker(path, models_dir)
     try:
         record = json.loads(marker.read_text(encoding="utf-8"))
-        if record.get("stamp") == _stamp(path) and isinstance(record.get("sha256"), str):
+        if (
+            record.get("stamp") == _stamp(path)
+            and isinstance(record.get("sha256"), str)
+            and record.get("tail_sha256") == tail_sha256(path)
+        ):
             return str(record["sha256"])
     except (OSError, ValueError):
         pass
@@ -64,11 +102,12 @@ def record_verified(path: Path, sha256: str, models_dir: Path) -> None:
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
         tmp = marker.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(
-            json.dumps({"path": str(path.resolve()), "sha256": sha256, "stamp": _stamp(path)}),
-            encoding="utf-8",
-        )
+        record = {"path": str(path.resolve()), "sha256": sha256, "stamp": _stamp(path),
+                  "tail_sha256": tail_sha256(path)}
+        tmp.write_text(json.dumps(record), encoding="utf-8")
+        fsync_file(tmp)
         os.replace(tmp, marker)
+        fsync_dir(marker.parent)
     except OSError as exc:
         logger.debug("cannot record verification of %s: %s", path, exc)
 

@@ -9,6 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from huggingface_hub.errors import HFValidationError
+
+# public and documented, but exported through a lazy import list that mypy cannot see
+from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]
+
 from genstruct_service.errors import ModelError
 from genstruct_service.model_files import integrity
 from genstruct_service.model_files.download import (
@@ -23,9 +28,15 @@ from genstruct_service.model_files.registry import ModelEntry, Registry, load_re
 logger = logging.getLogger(__name__)
 
 HF_SCHEME = "hf://"
+# A revision is one path segment, or one of the Hub's refs that hold slashes (as
+# huggingface_hub's HfFileSystem reads them): refs/pr/N and refs/convert/NAME.
 _HF_URI = re.compile(
-    r"hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>[\w./-]+?))?/(?P<file>[^@]+\.gguf)"
+    r"hf://(?P<repo>[^/@]+/[^/@]+)"
+    r"(?:@(?P<revision>refs/pr/\d+|refs/convert/\w+|[^/]+))?"
+    r"/(?P<file>[^@]+\.gguf)"
 )
+_SEGMENT = re.compile(r"[\w.-]+")  # of a revision
+_HF_EXPECTED = "expected hf://OWNER/REPO/FILE.gguf (or hf://OWNER/REPO@REVISION/FILE.gguf)"
 
 
 @dataclass(frozen=True)
@@ -51,14 +62,30 @@ class HfFile:
 
 
 def parse_hf_uri(spec: str) -> HfFile:
-    """Parse hf://OWNER/REPO[@REVISION]/FILE.gguf; ModelError if it is not one."""
+    """Parse hf://OWNER/REPO[@REVISION]/FILE.gguf; ModelError if it is not one.
+
+    Every component is checked, because each becomes part of a path under the models folder:
+    the repository as the Hub names them, a revision and a file of plain segments (no `..`,
+    no empty or absolute part).
+    """
     match = _HF_URI.fullmatch(spec.strip())
     if match is None:
-        raise ModelError(
-            f"cannot read {spec!r} as a Hub file: expected hf://OWNER/REPO/FILE.gguf "
-            "(or hf://OWNER/REPO@REVISION/FILE.gguf)"
-        )
-    return HfFile(match["repo"], match["file"], match["revision"] or "main")
+        raise ModelError(f"cannot read {spec!r} as a Hub file: {_HF_EXPECTED}")
+    repo, file, revision = match["repo"], match["file"], match["revision"] or "main"
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as exc:
+        raise ModelError(f"{spec!r}: {repo!r} is not a Hub repository name: {exc}") from None
+    for part, what, allowed in ((revision, "revision", _SEGMENT), (file, "file path", None)):
+        for segment in part.split("/"):
+            if segment in ("", ".", "..") or "\\" in segment or "\x00" in segment or (
+                allowed is not None and not allowed.fullmatch(segment)
+            ):
+                raise ModelError(
+                    f"{spec!r}: the {what} {part!r} has a part {segment!r} that is not a plain "
+                    f"name (no '..', no empty or absolute part); {_HF_EXPECTED}"
+                )
+    return HfFile(repo, file, revision)
 
 
 def resolve_model(
@@ -174,7 +201,11 @@ def hf_local_path(models_dir: Path, ref: HfFile) -> Path:
     files of the same name from other repositories or revisions never stand in for it."""
     owner, name = ref.repo.split("/", 1)
     revision = ref.revision.replace("/", "--")
-    return Path(models_dir) / "hf" / f"{owner}--{name}" / revision / ref.file
+    home = Path(models_dir) / "hf"
+    local = home / f"{owner}--{name}" / revision / ref.file
+    if not local.resolve().is_relative_to(home.resolve()):  # what parse_hf_uri rules out
+        raise ModelError(f"hf://{ref.repo}@{ref.revision}/{ref.file} would be kept outside {home}")
+    return local
 
 
 def _resolve_hf(
