@@ -100,8 +100,10 @@ def build(source: Path, build_dir: Path, version: str, cuda_arch: str | None, *,
     done = read_record(build_dir)
     if done and done.get("key") == wanted:
         return build_dir
-    # An earlier build in the folder is configured again: CMake takes the new arguments and
-    # ninja recompiles only what they change.
+    # An earlier build of the same source in the folder is configured again: CMake takes
+    # the new arguments and ninja recompiles only what they change.
+    if _configured_source(build_dir) not in (None, source.resolve()):
+        shutil.rmtree(build_dir)
     cmake = ["cmake", "-S", str(source), "-B", str(build_dir), *cmake_args(cuda_arch),
              *(extra or [])]
     if shutil.which("ninja"):
@@ -117,6 +119,18 @@ def build(source: Path, build_dir: Path, version: str, cuda_arch: str | None, *,
     }
     (build_dir / "bin" / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return build_dir
+
+
+def _configured_source(build_dir: Path) -> Path | None:
+    """The source folder an existing CMake build folder was configured from."""
+    try:
+        cache = (build_dir / "CMakeCache.txt").read_text(errors="replace")
+    except OSError:
+        return None
+    for line in cache.splitlines():
+        if line.startswith("CMAKE_HOME_DIRECTORY:"):
+            return Path(line.split("=", 1)[1]).resolve()
+    return None
 
 
 def read_record(build_dir: Path) -> dict[str, object] | None:

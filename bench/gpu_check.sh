@@ -211,11 +211,14 @@ fi
 # ------------------------------------------------------------------------ 2. the one build
 
 STEP="build"
-build_from_source() {
+build_from_source() {  # the source beside its build, so that a rerun recompiles nothing
     log "compiling llama.cpp ($NPROC jobs) into $BUILD_DIR"
-    rm -rf "$WORK/llama.cpp"
-    tar -xJf "$STAGE/llama.cpp.tar.xz" -C "$WORK"
-    "$PY" -m bench.gpu_build build --source "$WORK/llama.cpp" --build-dir "$BUILD_DIR" \
+    if [[ ! -f $BUILD_DIR.src/llama.cpp/CMakeLists.txt ]]; then
+        rm -rf "$BUILD_DIR.src"
+        mkdir -p "$BUILD_DIR.src"
+        tar -xJf "$STAGE/llama.cpp.tar.xz" -C "$BUILD_DIR.src"
+    fi
+    "$PY" -m bench.gpu_build build --source "$BUILD_DIR.src/llama.cpp" --build-dir "$BUILD_DIR" \
         --version "$VERSION" ${CUDA_ARCH:+--cuda-arch "$CUDA_ARCH"} --jobs "$NPROC"
 }
 # The build report (GetModelInfo.build): the backends and devices llama.cpp sees.

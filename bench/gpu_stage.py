@@ -55,9 +55,9 @@ IMAGE_PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64")
 # Parts of the llama.cpp source the check's build never reads.
+# (scripts/ and licenses/ are read by the build: the web UI's assets, the license notice.)
 SOURCE_SKIP_TOP = {".git", ".github", "models", "docs", "tests", "examples", "benches",
-                   "pocs", "media", "gguf-py", "conversion", "requirements", "skills", "ci",
-                   "scripts", "grammars", "licenses"}
+                   "pocs", "media", "gguf-py", "conversion", "requirements", "skills", "ci"}
 SOURCE_KEEP_BACKENDS = {"ggml-cpu", "ggml-cuda", "ggml-blas"}
 
 

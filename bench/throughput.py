@@ -5,8 +5,8 @@
 Every system gets the same Genstruct prompts (bench/corpus.py), the same model, threads,
 context, batch sizes, offload, flash attention (bench/settings.py) and sampling, and
 generates exactly `--max-tokens` tokens per generation (end of sequence suppressed), so
-tokens/s compare like for like. Scenarios: 1, 4, 8 and 16 documents in flight, one document
-at a time with 4 generations each, and 32 in flight on request (`--scenarios`); each sends
+tokens/s compare like for like. Scenarios: 1, 4, 8 and 16 documents in flight, and one document
+at a time with 4 generations each, by default; `--scenarios` takes any others; each sends
 `--docs` documents (default 4 per slot in flight, at least 12), so every slot stays busy to
 the end. Each system runs in its own process (engine, loop) or is a separate server
 (llama-server), one after another, never together; peak RSS is that process's high-water
@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -45,9 +46,21 @@ class Scenario:
         return f"c{self.concurrency}n{self.num_generations}"
 
 
-SCENARIOS = (Scenario(1, 1), Scenario(4, 1), Scenario(8, 1), Scenario(16, 1), Scenario(1, 4),
-             Scenario(32, 1), Scenario(64, 1))
 DEFAULT_SCENARIOS = "c1n1,c4n1,c8n1,c16n1,c1n4"
+
+
+def parse_scenarios(text: str) -> list[Scenario]:
+    """`c8n1,c1n4`: documents in flight and generations per document, in the order given."""
+    chosen = []
+    for name in filter(None, text.split(",")):
+        found = re.fullmatch(r"c([1-9]\d*)n([1-9]\d*)", name)
+        if found is None:
+            raise argparse.ArgumentTypeError(
+                f"scenario {name!r}: write c<documents in flight>n<generations>, e.g. c8n1")
+        chosen.append(Scenario(int(found[1]), int(found[2])))
+    if not chosen:
+        raise argparse.ArgumentTypeError("no scenario given")
+    return chosen
 
 SAMPLING = settings.SAMPLING
 
@@ -254,10 +267,8 @@ def _print_table(records: list[Record]) -> None:
               f"{'n_cmpl tok/s':>14}{'eng/loop':>10}{'eng/server':>12}{'eng/n_cmpl':>12}")
     print(header)
     print("-" * len(header))
-    for s in SCENARIOS:
-        if not any((r.concurrency, r.num_generations) == (s.concurrency, s.num_generations)
-                   for r in records):
-            continue
+    for s in sorted({Scenario(r.concurrency, r.num_generations) for r in records},
+                    key=lambda s: (s.num_generations, s.concurrency)):
         engine = find("engine", s)
         loop = find("llama_cpp.Llama loop", s) or find(
             "llama_cpp.Llama loop", Scenario(1, s.num_generations))
@@ -294,8 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "live plan; seeded sampled requests are drafted only when alone)")
     parser.add_argument("--systems", default="engine,loop,server",
                         help="comma-separated subset of engine,loop,server")
-    parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS,
-                        help="comma-separated subset of " + ",".join(s.name for s in SCENARIOS))
+    parser.add_argument("--scenarios", type=parse_scenarios,
+                        default=parse_scenarios(DEFAULT_SCENARIOS),
+                        help=f"comma-separated c<in flight>n<generations> (default "
+                        f"{DEFAULT_SCENARIOS})")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run everything this many times, the peers interleaved; the table "
                         "shows each one's median run")
@@ -327,8 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench import llama_server
 
         binary = llama_server.ensure_built()
-    chosen = [s for s in SCENARIOS if s.name in args.scenarios.split(",")]
-    for _, scenario in [(r, s) for r in range(args.repeat) for s in chosen]:
+    for _, scenario in [(r, s) for r in range(args.repeat) for s in args.scenarios]:
         s, args = scenario, sized(args, scenario)
         if "engine" in systems:
             _keep(records, _in_subprocess("engine", s, args), args.out)

@@ -91,7 +91,8 @@ def load_engine(settings: Settings, on_step: Callable[[int], None]) -> Engine:
         return factory(settings, on_step=on_step)
 
     from .engine.llama import LlamaEngine
-    from .model_files import load_registry, resolve_model
+    from .model_files.registry import load_registry
+    from .model_files.resolve import resolve_model
     from .prompt import GENSTRUCT_FORMAT
 
     try:
