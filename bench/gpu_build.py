@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 from tools import llama_build
@@ -149,10 +150,16 @@ def kept_files(build_dir: Path) -> list[Path]:
 
 
 def pack(build_dir: Path, archive: Path) -> Path:
-    """The kept files as a .tar.xz, for the stage (CUDA code compresses to a fraction)."""
-    with tarfile.open(archive, "w:xz") as tar:
+    """The kept files, without their symbol tables, as a .tar.xz for the stage."""
+    with tempfile.TemporaryDirectory() as tmp:
         for path in kept_files(build_dir):
-            tar.add(path, arcname=f"bin/{path.name}")
+            copy = Path(tmp) / path.name
+            shutil.copy2(path, copy, follow_symlinks=False)
+            if not copy.is_symlink() and copy.name != RECORD and shutil.which("strip"):
+                subprocess.run(["strip", "--strip-unneeded", str(copy)], check=True)
+        with tarfile.open(archive, "w:xz", preset=9) as tar:
+            for copy in sorted(Path(tmp).iterdir()):
+                tar.add(copy, arcname=f"bin/{copy.name}")
     return archive
 
 
