@@ -34,6 +34,7 @@
 #   GPU_CHECK_LEVELS        documents in flight [1,8,32,64]
 #   GPU_CHECK_MAX_TOKENS    tokens per generation [128]
 #   GPU_CHECK_PROFILE_LEVEL the step profile's documents in flight [32]
+#   GPU_CHECK_ROUNDS        rounds of the throughput table, the later ones while time is left [3]
 #   GPU_CHECK_THREADS       CPU threads [nproc]
 #   GPU_CHECK_NVIDIA_SMI    the nvidia-smi command [nvidia-smi]
 
@@ -79,6 +80,7 @@ MODEL=${GPU_CHECK_MODEL:-synthetic}
 LEVELS=${GPU_CHECK_LEVELS:-1,8,32,64}
 MAX_TOKENS=${GPU_CHECK_MAX_TOKENS:-128}
 PROFILE_LEVEL=${GPU_CHECK_PROFILE_LEVEL:-32}
+ROUNDS=${GPU_CHECK_ROUNDS:-3}
 NPROC=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)
 THREADS=${GPU_CHECK_THREADS:-$NPROC}
 if (( CPU_MODE )); then
@@ -321,16 +323,16 @@ if (( ! CPU_MODE )); then
 fi
 
 IFS=, read -r -a LEVEL_LIST <<<"$LEVELS"
-throughput() {  # system level
+throughput() {  # system level round
     local docs=$(( 2 * $2 > 8 ? 2 * $2 : 8 ))
     "$PY" -m bench.throughput "${COMMON[@]}" --systems "$1" --scenarios "c$2n1" \
-        --docs "$docs" --max-tokens "$MAX_TOKENS" --out "$WORK/throughput-$1-c$2.json"
+        --docs "$docs" --max-tokens "$MAX_TOKENS" --out "$WORK/throughput-$1-c$2-r$3.json"
 }
 rm -f "$WORK"/throughput-*.json "$WORK"/step_profile.json "$WORK"/speculation.json \
     "$WORK"/verify_cost.txt
 # The engine at every level first, so a later failure still leaves its figures.
-for level in "${LEVEL_LIST[@]}"; do guarded "engine-c$level" 45 throughput engine "$level"; done
-for level in "${LEVEL_LIST[@]}"; do guarded "server-c$level" 45 throughput server "$level"; done
+for level in "${LEVEL_LIST[@]}"; do guarded "engine-c$level" 45 throughput engine "$level" 1; done
+for level in "${LEVEL_LIST[@]}"; do guarded "server-c$level" 45 throughput server "$level" 1; done
 profile() {
     "$PY" -m bench.step_profile "${COMMON[@]}" --in-flight "$PROFILE_LEVEL" \
         --docs $(( 2 * PROFILE_LEVEL )) --max-tokens "$MAX_TOKENS" >"$WORK/step_profile.json"
@@ -342,6 +344,14 @@ guarded speculation 70 "$PY" -m bench.speculation "${COMMON[@]}" --levels 1 --do
     --out "$WORK/speculation.json"
 verify_cost() { "$PY" -m bench.verify_cost "${COMMON[@]}" >"$WORK/verify_cost.txt"; }
 guarded verify-cost 40 verify_cost
+# More rounds while time is left, each peer beside the other at each level: the table gives
+# the median run of each.
+for (( round = 2; round <= ROUNDS; round++ )); do
+    for level in "${LEVEL_LIST[@]}"; do
+        guarded "engine-c$level-r$round" 45 throughput engine "$level" "$round"
+        guarded "server-c$level-r$round" 45 throughput server "$level" "$round"
+    done
+done
 
 # ------------------------------------------------------------------------ 5. results.json
 
@@ -371,16 +381,22 @@ target.write_text(json.dumps(results, indent=2) + "\n")
 
 def gib(b):
     return f"{b / 2**30:.1f}" if b else "-"
+runs = {}
+for r in throughput:
+    runs.setdefault((r["system"], r["concurrency"]), []).append(r)
+def median(system, level):
+    """The median run (the lower middle one when even) and the number of runs."""
+    found = sorted(runs.get((system, level), []), key=lambda r: r["tokens_per_second"])
+    return (found[(len(found) - 1) // 2], len(found)) if found else (None, 0)
 print(f"{'in flight':>9} {'engine tok/s':>13} {'server tok/s':>13} {'ratio':>7} "
-      f"{'engine GiB':>11} {'server GiB':>11}")
-by = {(r["system"], r["concurrency"]): r for r in throughput}
+      f"{'engine GiB':>11} {'server GiB':>11}  runs")
 for level in sorted({r["concurrency"] for r in throughput}):
-    e, s = by.get(("engine", level)), by.get(("llama-server", level))
+    (e, ne), (s, ns) = median("engine", level), median("llama-server", level)
     ratio = f"{e['tokens_per_second'] / s['tokens_per_second']:.2f}x" if e and s else "-"
     print(f"{level:>9} {e['tokens_per_second'] if e else 0:>13.1f} "
           f"{s['tokens_per_second'] if s else 0:>13.1f} {ratio:>7} "
           f"{gib(e and e.get('peak_gpu_memory_bytes')):>11} "
-          f"{gib(s and s.get('peak_gpu_memory_bytes')):>11}")
+          f"{gib(s and s.get('peak_gpu_memory_bytes')):>11}  {ne}/{ns}")
 skipped = [n for n, v in results["steps"].items() if v["status"] != "done"]
 print("steps not done: " + (", ".join(skipped) if skipped else "none"))
 PY
