@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -76,22 +77,31 @@ def _version_line(command: str, contains: str = "") -> str:
     return lines[0].strip() if lines else "?"
 
 
-def driverless_args(stub_dir: Path) -> list[str]:
+def driverless_args(stub_dir: Path, cuda_include: Path = Path("/usr/local/cuda/include")
+                    ) -> list[str]:
     """Extra arguments to build the CUDA form where no NVIDIA driver is installed.
 
-    ggml-cuda links libcuda (for its virtual memory pool), which only a driver installs. An
-    empty stand-in with its soname lets the link finish; at run time the real driver's
-    libcuda.so.1 is loaded. Not part of the key: the code is the same.
+    ggml-cuda links libcuda (for its virtual memory pool), which only a driver installs. A
+    stand-in with its soname that defines every function of the driver API (the names as
+    cuda.h's macros make them) lets the link finish and record libcuda.so.1 as needed; at
+    run time the real driver's library is loaded (the stand-in's folder stays in the build's
+    RUNPATH, after $ORIGIN; it does not exist where the build runs, and each of its functions
+    would fail loudly if it did). Not part of the key: the code is the same.
     """
     stub_dir.mkdir(parents=True, exist_ok=True)
     stub = stub_dir / "libcuda.so"
     if not stub.exists():
+        expanded = subprocess.run(["cc", "-E", f"-I{cuda_include}", "-"],
+                                  input="#include <cuda.h>\n", capture_output=True, text=True,
+                                  check=True).stdout
+        names = sorted(set(re.findall(r"CUresult\s+(cu\w+)\s*\(", expanded)))
         source = stub_dir / "stub.c"
-        source.write_text("void genstruct_libcuda_stub(void) {}\n")
+        source.write_text("".join(f"int {name}(void) {{ return 999; }}\n" for name in names))
         subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(stub),
                         str(source)], check=True)
-    return [f"-DCUDA_cuda_driver_LIBRARY={stub}",
-            "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined"]
+        # the name the linker looks for when llama-server links libggml-cuda
+        (stub_dir / "libcuda.so.1").symlink_to(stub.name)
+    return [f"-DCUDA_cuda_driver_LIBRARY={stub}"]
 
 
 def build(source: Path, build_dir: Path, version: str, cuda_arch: str | None, *,
