@@ -33,7 +33,7 @@
 #   GPU_CHECK_MODEL         synthetic, synthetic:N, synthetic:tiny or a GGUF path [synthetic]
 #   GPU_CHECK_LEVELS        documents in flight [1,8,32,64]
 #   GPU_CHECK_MAX_TOKENS    tokens per generation [128]
-#   GPU_CHECK_PROFILE_LEVEL the step profile's documents in flight [32]
+#   GPU_CHECK_PROFILE_LEVELS the step profiles: documents in flight [1,32,64]
 #   GPU_CHECK_ROUNDS        rounds of the throughput table, the later ones while time is left [3]
 #   GPU_CHECK_THREADS       CPU threads [nproc]
 #   GPU_CHECK_NVIDIA_SMI    the nvidia-smi command [nvidia-smi]
@@ -79,7 +79,7 @@ RESULTS=$(absolute "${GPU_CHECK_OUT:-${OUT:-$ROOT/bench/results/gpu-check-$(date
 MODEL=${GPU_CHECK_MODEL:-synthetic}
 LEVELS=${GPU_CHECK_LEVELS:-1,8,32,64}
 MAX_TOKENS=${GPU_CHECK_MAX_TOKENS:-128}
-PROFILE_LEVEL=${GPU_CHECK_PROFILE_LEVEL:-32}
+PROFILE_LEVELS=${GPU_CHECK_PROFILE_LEVELS:-1,32,64}
 ROUNDS=${GPU_CHECK_ROUNDS:-3}
 NPROC=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)
 THREADS=${GPU_CHECK_THREADS:-$NPROC}
@@ -328,16 +328,17 @@ throughput() {  # system level round
     "$PY" -m bench.throughput "${COMMON[@]}" --systems "$1" --scenarios "c$2n1" \
         --docs "$docs" --max-tokens "$MAX_TOKENS" --out "$WORK/throughput-$1-c$2-r$3.json"
 }
-rm -f "$WORK"/throughput-*.json "$WORK"/step_profile.json "$WORK"/speculation.json \
+rm -f "$WORK"/throughput-*.json "$WORK"/step_profile-*.json "$WORK"/speculation.json \
     "$WORK"/verify_cost.txt
 # The engine at every level first, so a later failure still leaves its figures.
 for level in "${LEVEL_LIST[@]}"; do guarded "engine-c$level" 45 throughput engine "$level" 1; done
 for level in "${LEVEL_LIST[@]}"; do guarded "server-c$level" 45 throughput server "$level" 1; done
-profile() {
-    "$PY" -m bench.step_profile "${COMMON[@]}" --in-flight "$PROFILE_LEVEL" \
-        --docs $(( 2 * PROFILE_LEVEL )) --max-tokens "$MAX_TOKENS" >"$WORK/step_profile.json"
+profile() {  # level
+    "$PY" -m bench.step_profile "${COMMON[@]}" --in-flight "$1" --docs $(( $1 < 4 ? 4 : 2 * $1 )) \
+        --max-tokens "$MAX_TOKENS" >"$WORK/step_profile-c$1.json"
 }
-guarded "step-profile-c$PROFILE_LEVEL" 50 profile
+IFS=, read -r -a PROFILE_LIST <<<"$PROFILE_LEVELS"
+for level in "${PROFILE_LIST[@]}"; do guarded "step-profile-c$level" 50 profile "$level"; done
 # Random weights accept almost no draft: this is what speculation costs at worst.
 guarded speculation 70 "$PY" -m bench.speculation "${COMMON[@]}" --levels 1 --docs 4 \
     --max-tokens "$MAX_TOKENS" --repeat 1 --engine-modes off,always --server-specs "" \
@@ -370,7 +371,8 @@ throughput = [r for f in sorted(work.glob("throughput-*.json")) for r in read(f.
 cost = work / "verify_cost.txt"
 results = {
     "throughput": throughput,
-    "step_profile": read("step_profile.json"),
+    "step_profile": [read(f.name) for f in sorted(work.glob("step_profile-c*.json"),
+                                                   key=lambda f: int(f.stem.split("-c")[1]))],
     "speculation": read("speculation.json"),
     "verify_cost": cost.read_text().splitlines() if cost.exists() else None,
     "steps": {name: {"status": value.split(":")[0], "seconds": int(value.split(":")[1])}

@@ -1,5 +1,5 @@
-"""Where one decode step of the engine goes: llama_decode, sampling, the rest of Python, and
-how often the asyncio side is woken per request.
+"""Where one decode step of the engine goes: llama_decode (until the device is done), sampling,
+the rest of Python, and how often the asyncio side is woken per request.
 
     python -m bench.step_profile [--model synthetic:4] [--in-flight 1] [--stream]
 
@@ -49,7 +49,16 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     from genstruct_service.engine import sampling as sampling_module
 
     decode, sample, step, sends = Timer(), Timer(), Timer(), Timer()
-    llama_cpp.llama_decode = decode.wrap(llama_cpp.llama_decode)
+    queue_decode = llama_cpp.llama_decode
+
+    def decode_and_wait(ctx: Any, batch: Any) -> Any:
+        # On a GPU llama_decode only queues the work, and the first sampler to read the
+        # logits waits for it: waiting here puts the GPU's time in decode, not in sampling.
+        rc = queue_decode(ctx, batch)
+        llama_cpp.llama_synchronize(ctx)
+        return rc
+
+    llama_cpp.llama_decode = decode.wrap(decode_and_wait)
     llama_cpp.llama_sampler_sample = sample.wrap(llama_cpp.llama_sampler_sample)
     constrained = sampling_module.ConstrainedSampler
     constrained.sample = sample.wrap(constrained.sample)  # type: ignore[method-assign]

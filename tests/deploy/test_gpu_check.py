@@ -213,7 +213,7 @@ def rehearsal_env(stage: Path, python: Path, tmp: Path, **more: str) -> dict[str
     env = clean_env(
         GPU_CHECK_CPU="1", GPU_CHECK_STAGE=str(stage), GPU_CHECK_PYTHON=str(python),
         GPU_CHECK_MODEL="synthetic:tiny", GPU_CHECK_LEVELS="1,2", GPU_CHECK_MAX_TOKENS="8",
-        GPU_CHECK_PROFILE_LEVEL="2", GPU_CHECK_ROUNDS="2", GPU_CHECK_WORK=str(tmp / "work"),
+        GPU_CHECK_PROFILE_LEVELS="1,2", GPU_CHECK_ROUNDS="2", GPU_CHECK_WORK=str(tmp / "work"),
         GPU_CHECK_OUT=str(tmp / "out"), **more,
     )
     # nothing of the project's environment leaks in
@@ -240,13 +240,14 @@ def test_rehearsal_cpu_form_offline_from_the_stage(stage: Path, image_python: Pa
     measured = [f"{system}-c{level}{suffix}" for suffix in ("", "-r2")
                 for system in ("engine", "server") for level in (1, 2)]
     assert {name: step["status"] for name, step in results["steps"].items()} == {
-        name: "done" for name in ("build", *measured, "step-profile-c2", "speculation",
-                                  "verify-cost")}
+        name: "done" for name in ("build", *measured, "step-profile-c1", "step-profile-c2",
+                                  "speculation", "verify-cost")}
     runs = sorted((r["system"], r["concurrency"]) for r in results["throughput"])
     assert runs == sorted(2 * [(s, c) for s in ("engine", "llama-server") for c in (1, 2)])
     assert all(r["tokens_per_second"] > 0 and r["peak_gpu_memory_bytes"] is None
                for r in results["throughput"])
-    assert results["step_profile"]["in_flight"] == 2 and results["step_profile"]["steps"] > 0
+    assert [p["in_flight"] for p in results["step_profile"]] == [1, 2]
+    assert all(p["steps"] > 0 and p["decode_ms_per_step"] > 0 for p in results["step_profile"])
     modes = {run["system"] for run in results["speculation"]}
     assert modes == {"engine:off", "engine:always"}
     assert any(line.split()[:1] == ["16"] for line in results["verify_cost"])
@@ -271,5 +272,5 @@ def test_rehearsal_past_its_budget_skips_every_measurement(stage: Path, image_py
     steps = results["steps"]
     assert steps.pop("build")["status"] == "done"
     assert steps and all(step["status"] == "skipped" for step in steps.values())
-    assert results["throughput"] == [] and results["step_profile"] is None
+    assert results["throughput"] == [] and results["step_profile"] == []
     assert "engine-c1 skipped: it would end past the budget" in done.stdout
