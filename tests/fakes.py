@@ -142,7 +142,7 @@ class FakeEngine:
 
     def fail_engine(self, error: BaseException) -> None:
         """Fail for good, as LlamaEngine does when its thread dies: requests in flight raise
-        ModelError at their next step (held ones at once), later ones Unavailable."""
+        ModelError at their next step (held ones at once), later ones at once."""
         if self._failure is not None:
             return
         self._failure = error
@@ -223,7 +223,7 @@ class FakeEngine:
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         submitted = time.perf_counter()
         self.requests.append(request)
-        self._check_alive(Unavailable)
+        self._check_alive(ModelError)
         if self._fail:
             raise self._fail.pop(0)
         if self._refusal is not None:

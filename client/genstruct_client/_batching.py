@@ -18,6 +18,8 @@ import grpc.aio
 from genstruct.v1 import genstruct_pb2 as pb
 from google.rpc import status_pb2
 
+from genstruct_client.errors import ErrorDetails
+
 # Stream-wide failures after which the documents without a result are sent again: the server
 # went away (killed, restarted, draining, connection lost) or pushed back.
 STREAM_RETRY_CODES = frozenset(
@@ -70,7 +72,8 @@ class ResubmitPolicy:
     its own deadline (the server answers it DEADLINE_EXCEEDED; the stream goes on), or is in
     flight on a stream that the server was answering when it broke. Streams are reopened with
     exponential backoff and full jitter; the run gives up (BatchAborted) when no result at all
-    has come back for `budget_seconds`.
+    has come back for `budget_seconds`. A refusal with the server's RetryInfo waits at least
+    its delay (up to `max_backoff`) before the next try.
     """
 
     max_attempts: int = 5
@@ -87,12 +90,22 @@ class ResubmitPolicy:
 
 
 class BatchAborted(Exception):
-    """The servers stayed unreachable (or failed the stream for good): the rest was not done."""
+    """The servers stayed unreachable (or failed the stream for good): the rest was not done.
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    `error_details` are the server's details of the last failure (reason, field, retry delay).
+    """
+
+    def __init__(
+        self, code: grpc.StatusCode, message: str, error_details: ErrorDetails | None = None
+    ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+        self.error_details = error_details or ErrorDetails()
+
+    @property
+    def reason(self) -> str | None:
+        return self.error_details.reason
 
 
 @dataclass(slots=True)
@@ -103,11 +116,14 @@ class Item:
     attempts: int = 0  # tries used up
 
 
-def error_response(item: Item, code: int, message: str) -> pb.GenerateResponse:
-    """A result that says the document failed."""
-    return pb.GenerateResponse(
-        id=item.request.id, error=status_pb2.Status(code=code, message=message)
-    )
+def error_response(
+    item: Item, code: int, message: str, details: ErrorDetails | None = None
+) -> pb.GenerateResponse:
+    """A result that says the document failed, with the server's details of why, if any."""
+    status = status_pb2.Status(code=code, message=message)
+    if details is not None:
+        status.details.extend(details.packed)
+    return pb.GenerateResponse(id=item.request.id, error=status)
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from genstruct_client.channel import ChannelConfig, resolve_target
+from genstruct_client.errors import rich_error
 
 # One server ("host:port", "dns:///name:port"), or several to balance across.
 Target = str | Sequence[str] | None
@@ -55,14 +56,16 @@ class StreamAttempts:
         self.received = False
 
     def failed(self, error: grpc.RpcError) -> None:
-        """Note a failed attempt; re-raise `error` when it is not to be retried."""
-        code: grpc.StatusCode = error.code()
+        """Note a failed attempt; raise it (a GenstructRpcError) when it is not to be retried.
+
+        The next attempt waits at least the server's RetryInfo delay, when it sent one."""
+        rich = rich_error(error)
         retry = self._retry
         if self.received or retry is None:
-            raise error
-        self._wait = retry.delay(code, self._attempt, self._deadline)
+            raise rich from None
+        self._wait = retry.delay(rich.code(), self._attempt, self._deadline, rich.retry_delay)
         if self._wait is None:
-            raise error
+            raise rich from None
 
     def _next(self) -> float | None:
         if self._wait is None:

@@ -31,13 +31,15 @@ from genstruct_client._calls import (
     health_request,
     status_name,
 )
-from genstruct_client.channel import ChannelConfig, create_aio_channel
+from genstruct_client.channel import ChannelConfig, create_aio_channel, honour
+from genstruct_client.errors import ErrorDetails, rich_error
 from genstruct_client.types import GenerationOptions, RequestLike, to_request
 
 log = logging.getLogger("genstruct_client")
 
 _Outcome = pb.GenerateResponse | BaseException | None
-_Failure = tuple[grpc.StatusCode, str]
+# why a stream failed: its code, its message, and the server's details (RetryInfo included)
+_Failure = tuple[grpc.StatusCode, str, ErrorDetails]
 _DEADLINE_EXCEEDED: int = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 _MAX_TIMEOUT_MS = 2**32 - 1  # uint32
 
@@ -48,7 +50,8 @@ class AsyncGenstructClient:
     Use it as `async with AsyncGenstructClient("127.0.0.1:50051") as client:`; create it
     inside the event loop that uses it. `timeout` arguments are deadlines in seconds. Calls
     refused with UNAVAILABLE or RESOURCE_EXHAUSTED are retried, each in one layer (see
-    RetryPolicy).
+    RetryPolicy). A failed call raises GenstructRpcError (a grpc.aio.AioRpcError) with the
+    server's `reason`, `field_violations` and `retry_delay`.
     """
 
     def __init__(self, target: Target = None, *, config: ChannelConfig | None = None) -> None:
@@ -85,7 +88,10 @@ class AsyncGenstructClient:
     ) -> pb.GenerateResponse:
         """Pairs for one document (a Document with `options`, or a ready GenerateRequest)."""
         request = to_request(document, options)
-        return await self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
+        try:
+            return await self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise rich_error(exc) from None
 
     async def generate_stream(
         self,
@@ -128,14 +134,19 @@ class AsyncGenstructClient:
         try:
             async for message in call:
                 yield message
+        except grpc.aio.AioRpcError as exc:
+            raise rich_error(exc) from None
         finally:
             call.cancel()
 
     async def model_info(self, *, timeout: float | None = None) -> pb.GetModelInfoResponse:
         """The loaded model and the server's limits and defaults."""
-        return await self._stub.GetModelInfo(
-            pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata
-        )
+        try:
+            return await self._stub.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise rich_error(exc) from None
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The health status name ("SERVING", "NOT_SERVING", ...) of `service` ("" = server)."""
@@ -252,9 +263,11 @@ class AsyncGenstructClient:
                         break
                     failures = 0
                     continue
-                code, details = failure
+                code, details, error_details = failure
                 failures += 1
-                await asyncio.sleep(policy.backoff(failures))
+                await asyncio.sleep(
+                    honour(policy.backoff(failures), error_details.retry_delay, policy.max_backoff)
+                )
                 remaining = policy.budget_seconds - scheduler.stalled_for()
                 try:
                     if remaining <= 0:
@@ -263,7 +276,9 @@ class AsyncGenstructClient:
                     await asyncio.wait_for(self._channel.channel_ready(), remaining)
                 except TimeoutError:
                     raise BatchAborted(
-                        code, f"no result for {policy.budget_seconds:g}s; last error: {details}"
+                        code,
+                        f"no result for {policy.budget_seconds:g}s; last error: {details}",
+                        error_details,
                     ) from None
             for result in await asyncio.gather(*draining):
                 del result  # failures of draining streams were handled by the streams
@@ -306,12 +321,15 @@ class AsyncGenstructClient:
                 if isinstance(message, _SourceFailed):
                     raise message.error
                 if isinstance(message, grpc.aio.AioRpcError):
-                    failure = (message.code(), message.details() or "")
+                    failure = (
+                        message.code(), message.details() or "", ErrorDetails.from_error(message)
+                    )
                     transient = stream_failure_is_transient(message)
                     break
                 if message is None:  # the server closed the stream
                     if in_flight:
-                        failure = (grpc.StatusCode.UNAVAILABLE, "stream ended early")
+                        ended = "stream ended early"
+                        failure = (grpc.StatusCode.UNAVAILABLE, ended, ErrorDetails())
                     break
                 item = in_flight.pop(message.id, None)
                 if item is None:
@@ -327,9 +345,9 @@ class AsyncGenstructClient:
             await asyncio.gather(pump, writer, return_exceptions=True)
         if failure is None:
             return None
-        code, details = failure
+        code, details, error_details = failure
         if not transient:
-            raise BatchAborted(code, details)
+            raise BatchAborted(code, details, error_details)
         log.warning(
             "GenerateBatch stream failed (%s: %s); resubmitting %d documents",
             code.name,
@@ -345,9 +363,9 @@ class AsyncGenstructClient:
                 item.attempts += 1
             if item.attempts >= policy.max_attempts:
                 scheduler.done(item)
-                await out.put(
-                    error_response(item, code.value[0], f"{details} ({item.attempts} tries)")
-                )
+                await out.put(error_response(
+                    item, code.value[0], f"{details} ({item.attempts} tries)", error_details
+                ))
             else:
                 scheduler.retry(item, 0.0)
         return failure
@@ -369,7 +387,9 @@ class AsyncGenstructClient:
         if code in ITEM_RETRY_CODES or code == _DEADLINE_EXCEEDED or cancelled:
             item.attempts += 1
             if item.attempts < policy.max_attempts:
-                scheduler.retry(item, policy.backoff(item.attempts))
+                hint = ErrorDetails.from_status(response.error).retry_delay
+                backoff = policy.backoff(item.attempts)
+                scheduler.retry(item, honour(backoff, hint, policy.max_backoff))
                 return
             if cancelled:
                 response = error_response(

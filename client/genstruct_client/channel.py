@@ -32,6 +32,14 @@ TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOUR
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 
 
+def honour(backoff: float, retry_delay: float | None, most: float) -> float:
+    """The wait before a retry: the backoff drawn, or the server's RetryInfo delay when that
+    is longer, though never past `most` (a server cannot stall a client without bound)."""
+    if retry_delay is None:
+        return backoff
+    return max(backoff, min(retry_delay, most))
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Retries of calls refused with a transient code, with exponential backoff and jitter.
@@ -50,6 +58,10 @@ class RetryPolicy:
     after which gRPC retries nothing, so the clients retry GenerateStream until its first
     message themselves (`delay`, `max_attempts` in all), and `generate_many` reopens
     GenerateBatch streams (ResubmitPolicy). Neither retries a stream that delivered messages.
+
+    A refusal that says how long to wait (google.rpc.RetryInfo) is honoured in whichever layer
+    retries it: gRPC waits the `grpc-retry-pushback-ms` the server sends with it, and the
+    clients' own retries wait at least the delay, up to `max_backoff`.
     """
 
     max_attempts: int = 5
@@ -64,16 +76,21 @@ class RetryPolicy:
     token_ratio: float = 0.1
 
     def delay(
-        self, code: grpc.StatusCode, attempt: int, deadline: float | None = None
+        self,
+        code: grpc.StatusCode,
+        attempt: int,
+        deadline: float | None = None,
+        retry_delay: float | None = None,
     ) -> float | None:
         """Seconds to wait before trying again after attempt number `attempt` (1-based) failed
         with `code`; None when not to try again (a code not retried, attempts or the
-        deadline, a time.monotonic() value, used up)."""
+        deadline, a time.monotonic() value, used up). `retry_delay` is the server's RetryInfo:
+        the wait is at least that, up to max_backoff."""
         if code not in self.retryable_codes or attempt >= self.max_attempts:
             return None
         growth = self.backoff_multiplier ** (attempt - 1)
         ceiling = min(self.max_backoff, self.initial_backoff * growth)
-        delay = ceiling * random.random()
+        delay = honour(ceiling * random.random(), retry_delay, self.max_backoff)
         if deadline is not None and time.monotonic() + delay >= deadline:
             return None
         return delay

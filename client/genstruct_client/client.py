@@ -24,6 +24,7 @@ from genstruct_client._calls import (
 )
 from genstruct_client.aio import AsyncGenstructClient
 from genstruct_client.channel import ChannelConfig, create_channel
+from genstruct_client.errors import rich_error
 from genstruct_client.types import GenerationOptions, RequestLike, to_request
 
 _Outcome = pb.GenerateResponse | BaseException | None
@@ -34,7 +35,8 @@ class GenstructClient:
 
     Use it as `with GenstructClient("127.0.0.1:50051") as client:`. `timeout` arguments are
     deadlines in seconds. Calls refused with UNAVAILABLE or RESOURCE_EXHAUSTED are retried,
-    each in one layer (see RetryPolicy).
+    each in one layer (see RetryPolicy). A failed call raises GenstructRpcError (a
+    grpc.RpcError) with the server's `reason`, `field_violations` and `retry_delay`.
     """
 
     def __init__(self, target: Target = None, *, config: ChannelConfig | None = None) -> None:
@@ -71,7 +73,10 @@ class GenstructClient:
     ) -> pb.GenerateResponse:
         """Pairs for one document (a Document with `options`, or a ready GenerateRequest)."""
         request = to_request(document, options)
-        return self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
+        try:
+            return self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise rich_error(exc) from None
 
     def generate_stream(
         self,
@@ -109,14 +114,19 @@ class GenstructClient:
         call = self._stub.GenerateBatch(iter(requests), timeout=timeout, metadata=self._metadata)
         try:
             yield from call
+        except grpc.RpcError as exc:
+            raise rich_error(exc) from None
         finally:
             call.cancel()  # type: ignore[no-untyped-call]
 
     def model_info(self, *, timeout: float | None = None) -> pb.GetModelInfoResponse:
         """The loaded model and the server's limits and defaults."""
-        return self._stub.GetModelInfo(
-            pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata
-        )
+        try:
+            return self._stub.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise rich_error(exc) from None
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The health status name ("SERVING", "NOT_SERVING", ...) of `service` ("" = server)."""

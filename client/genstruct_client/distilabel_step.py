@@ -37,6 +37,7 @@ from genstruct_client.channel import (
     resolve_target,
     target_addresses,
 )
+from genstruct_client.errors import ErrorDetails
 from genstruct_client.types import Document, GenerationOptions
 
 if TYPE_CHECKING:
@@ -345,7 +346,7 @@ class GenstructService(Step):  # type: ignore[misc]  # distilabel is untyped
             if documents:
                 self._connection.run(self._collect(documents, responses))
         except BatchAborted as exc:
-            failure = str(exc)
+            failure = _with_details(str(exc), exc.error_details)
             self._log().warning(
                 "%d of %d documents got no result: %s",
                 len(documents) - len(responses),
@@ -368,7 +369,9 @@ class GenstructService(Step):  # type: ignore[misc]  # distilabel is untyped
                 rows += self._pair_rows(row, response)
             elif response is not None:
                 name = _CODE_NAMES.get(response.error.code, str(response.error.code))
-                reason = f"{name}: {response.error.message}"
+                reason = _with_details(
+                    f"{name}: {response.error.message}", ErrorDetails.from_status(response.error)
+                )
                 if not response.HasField("error"):
                     reason = "INTERNAL: a result without pairs"
                 rows += self._error_rows(row, reason, response.model_name or model_name)
@@ -499,3 +502,12 @@ class GenstructService(Step):  # type: ignore[misc]  # distilabel is untyped
     def _log(self) -> logging.Logger:
         logger: logging.Logger | None = self._logger
         return logger or logging.getLogger(f"distilabel.step.{self.name}")
+
+
+def _with_details(text: str, details: ErrorDetails) -> str:
+    """An error column's text: `CODE: message`, then the server's reason and field, if any,
+    e.g. `INVALID_ARGUMENT: document.content: is empty; ... (reason FIELD_INVALID, field
+    document.content)`."""
+    said = [f"reason {details.reason}"] if details.reason else []
+    said += [f"field {details.field}"] if details.field else []
+    return f"{text} ({', '.join(said)})" if said else text

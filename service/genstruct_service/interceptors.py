@@ -1,7 +1,8 @@
 """The one interceptor of the service: request id, auth, logging, metrics and error mapping.
 
-It wraps unary and streaming handlers alike, so a domain error raised anywhere in a handler
-(before or after the first streamed message) becomes the same status code.
+It wraps unary and streaming handlers alike (one `_serving` scope), so a domain error raised
+anywhere in a handler (before or after the first streamed message) becomes the same status,
+with the same details (status.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,8 +23,9 @@ import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
 
-from .errors import GenstructError, InvalidRequest, ModelError, QueueFull, Unavailable
+from .errors import GenstructError, MalformedRequest, Unauthenticated
 from .metrics import Metrics
+from .status import RetryDelay, code_of, error_status, internal_status, trailers
 
 log = logging.getLogger("genstruct_service.rpc")
 
@@ -61,21 +63,9 @@ def current_call() -> CallRecord | None:
     return _current.get()
 
 
-class Unauthenticated(GenstructError):
-    """No bearer token, or the wrong one, on a server that requires one: UNAUTHENTICATED."""
-
-
-def domain_status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """The status code and message of a domain error; None for anything else (a bug)."""
-    if isinstance(exc, InvalidRequest):  # ContextOverflow included
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, QueueFull):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "the queue is full; retry later"
-    if isinstance(exc, Unavailable | ModelError):
-        return grpc.StatusCode.UNAVAILABLE, str(exc) or "the service is not available"
-    if isinstance(exc, Unauthenticated):
-        return grpc.StatusCode.UNAUTHENTICATED, str(exc)
-    return None
+def _own_delay(error: GenstructError) -> float | None:
+    """The wait an error was raised with (a server without ServiceState's estimates)."""
+    return error.retry_after
 
 
 @dataclass(frozen=True)
@@ -84,8 +74,8 @@ class _Malformed:
 
     reason: str
 
-    def error(self) -> InvalidRequest:
-        return InvalidRequest("request", f"is not a valid protobuf message: {self.reason}")
+    def error(self) -> MalformedRequest:
+        return MalformedRequest(self.reason)
 
 
 def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -109,7 +99,7 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 
 
 class _Checked:
-    """A request stream that raises InvalidRequest at a malformed message.
+    """A request stream that raises MalformedRequest at a malformed message.
 
     A plain iterator, not an async generator, so nothing is left suspended (and finalized
     later by the garbage collector) when the call ends mid-stream.
@@ -147,9 +137,15 @@ def _code_name(code: Any) -> str:
 class ServiceInterceptor(_Interceptor):
     """Wraps every GenstructService handler; health and reflection pass through untouched."""
 
-    def __init__(self, metrics: Metrics | None = None, auth_token: str | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics | None = None,
+        auth_token: str | None = None,
+        retry_delay: RetryDelay = _own_delay,
+    ) -> None:
         self._metrics = metrics
         self._token = auth_token.encode() if auth_token else None
+        self._retry_delay = retry_delay
 
     async def intercept_service(
         self,
@@ -169,7 +165,7 @@ class ServiceInterceptor(_Interceptor):
         )
         authorized = self._authorized(metadata.get("authorization"))
         name = method.removeprefix(SERVICE_PREFIX)
-        call = _Call(self._metrics, CallRecord(request_id, name), authorized)
+        call = _Call(self._metrics, CallRecord(request_id, name), authorized, self._retry_delay)
         return call.wrap(handler)
 
     def _authorized(self, header: Any) -> bool:
@@ -183,10 +179,14 @@ class ServiceInterceptor(_Interceptor):
 class _Call:
     """One RPC: runs its handler, maps what it raises, then logs and counts it."""
 
-    def __init__(self, metrics: Metrics | None, record: CallRecord, authorized: bool) -> None:
+    def __init__(
+        self, metrics: Metrics | None, record: CallRecord, authorized: bool,
+        retry_delay: RetryDelay,
+    ) -> None:
         self.metrics = metrics
         self.record = record
         self.authorized = authorized
+        self.retry_delay = retry_delay
         self.code: grpc.StatusCode = grpc.StatusCode.OK
         self.started = 0.0
         self.peer = ""
@@ -232,19 +232,27 @@ class _Call:
                 "`authorization: Bearer <token>`"
             )
 
+    @asynccontextmanager
+    async def _serving(
+        self, context: grpc.aio.ServicerContext[Any, Any], *, stream_out: bool
+    ) -> AsyncIterator[None]:
+        """The scope of one handler, unary or streaming: what it raises becomes the call's
+        status (with its details), and the call is logged and counted when it ends."""
+        try:
+            await self._begin(context, stream_out=stream_out)
+            yield
+            self.code = context.code() or grpc.StatusCode.OK
+        except BaseException as exc:
+            await self._fail(exc, context)
+            raise
+        finally:
+            self._finish(context)
+
     def _unary(self, behavior: Callable[..., Any], *, streamed: bool = False) -> Callable[..., Any]:
         async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            try:
-                await self._begin(context, stream_out=False)
-                request = _check_request(request, streamed)
-                response = await behavior(request, context)
-                self.code = context.code() or grpc.StatusCode.OK
-                return response
-            except BaseException as exc:
-                await self._fail(exc, context)
-                raise
-            finally:
-                self._finish(context)
+            async with self._serving(context, stream_out=False):
+                response = await behavior(_check_request(request, streamed), context)
+            return response
 
         return run
 
@@ -254,18 +262,11 @@ class _Call:
         async def run(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
-            try:
-                await self._begin(context, stream_out=True)
-                request = _check_request(request, streamed)
-                async with aclosing(behavior(request, context)) as responses:
+            async with self._serving(context, stream_out=True):
+                responses = behavior(_check_request(request, streamed), context)
+                async with aclosing(responses):
                     async for response in responses:
                         yield response
-                self.code = context.code() or grpc.StatusCode.OK
-            except BaseException as exc:
-                await self._fail(exc, context)
-                raise
-            finally:
-                self._finish(context)
 
         return run
 
@@ -282,9 +283,9 @@ class _Call:
                 else grpc.StatusCode.CANCELLED
             )
             return
-        mapped = domain_status(exc)
         remaining = context.time_remaining()
-        if mapped is None and (context.cancelled() or (remaining is not None and remaining <= 0)):
+        ended = context.cancelled() or (remaining is not None and remaining <= 0)
+        if not isinstance(exc, GenstructError) and ended:
             # The call ended under the handler (its deadline passed, or the caller cancelled
             # it), so gRPC refuses what the handler does next: not a bug of ours.
             self.code = (
@@ -293,20 +294,21 @@ class _Call:
                 else grpc.StatusCode.DEADLINE_EXCEEDED
             )
             return
-        if mapped is None:
+        if isinstance(exc, GenstructError):
+            status = error_status(exc, self.retry_delay(exc))
+        else:
             log.error(
                 "bug while serving %s",
                 self.record.method,
                 exc_info=exc,
                 extra={"request_id": self.record.request_id},
             )
-            mapped = (
-                grpc.StatusCode.INTERNAL,
-                f"internal error; please report it with x-request-id {self.record.request_id}",
-            )
-        self.code = mapped[0]
+            status = internal_status(self.record.request_id)
+        self.code = code_of(status)
         await context.abort(
-            mapped[0], mapped[1], trailing_metadata=((REQUEST_ID_KEY, self.record.request_id),)
+            self.code,
+            status.message,
+            trailing_metadata=((REQUEST_ID_KEY, self.record.request_id), *trailers(status)),
         )
 
     def _finish(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:

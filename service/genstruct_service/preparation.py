@@ -37,7 +37,8 @@ class PreparePool:
         """
         if self._in >= self._limit:
             raise QueueFull(
-                f"the server is preparing {self._in} documents already; retry with backoff"
+                f"the server is preparing {self._in} documents already; retry with backoff",
+                figures={"held": self._in, "limit": self._limit, "scope": "preparation"},
             )
         self._in += 1
         try:

@@ -80,11 +80,9 @@ def to_response(
     )
 
 
-def error_response(request_id: str, code: int, message: str) -> genstruct_pb2.GenerateResponse:
-    """A GenerateBatch item that failed: `code` is a google.rpc.Code (grpc.StatusCode's int)."""
-    return genstruct_pb2.GenerateResponse(
-        id=request_id, error=status_pb2.Status(code=code, message=message)
-    )
+def error_response(request_id: str, error: status_pb2.Status) -> genstruct_pb2.GenerateResponse:
+    """A GenerateBatch item that failed, answered with its Status (and the details in it)."""
+    return genstruct_pb2.GenerateResponse(id=request_id, error=error)
 
 
 def speculation_message(

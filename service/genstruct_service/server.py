@@ -110,7 +110,7 @@ class RunningServer:
         seconds = self.settings.drain_seconds if seconds is None else seconds
         await self.health.enter_graceful_shutdown()
         if self.engine_failure is None:
-            self.state.start_draining()
+            self.state.start_draining(seconds)
         # else the engine itself refuses new work, with a message naming the failure
         log.info("draining", extra={"in_flight": self.state.active, "seconds": seconds})
         finished = await self.state.wait_idle(seconds)
@@ -169,8 +169,13 @@ async def start_server(
     """
     metrics = metrics or Metrics()
     token = settings.auth_token.get_secret_value() if settings.auth_token else None
+    max_documents = settings.max_queue + settings.n_parallel
+    state = ServiceState(
+        max_documents=max_documents,
+        max_per_connection=max(1, int(max_documents * settings.queue_share_per_connection)),
+    )
     server = grpc.aio.server(
-        interceptors=[ServiceInterceptor(metrics, token)],
+        interceptors=[ServiceInterceptor(metrics, token, retry_delay=state.retry_delay)],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -179,11 +184,6 @@ async def start_server(
             # with GOAWAY "too_many_pings".
             *keepalive.server_options(),
         ],
-    )
-    max_documents = settings.max_queue + settings.n_parallel
-    state = ServiceState(
-        max_documents=max_documents,
-        max_per_connection=max(1, int(max_documents * settings.queue_share_per_connection)),
     )
     prepare = PreparePool(settings.prepare_threads, settings.max_queue)
     genstruct_pb2_grpc.add_GenstructServiceServicer_to_server(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -25,8 +26,18 @@ from .engine.types import (
     TokenDelta,
     Truncation,
 )
-from .errors import ContextOverflow, InvalidRequest, QueueFull, Unavailable
-from .interceptors import current_call, domain_status
+from .errors import (
+    ContextOverflow,
+    DocumentTimeout,
+    Draining,
+    GenstructError,
+    InvalidRequest,
+    Loading,
+    QueueFull,
+    Reason,
+    TooManyChunks,
+)
+from .interceptors import current_call
 from .metrics import Metrics
 from .preparation import PreparePool
 from .responses import (
@@ -36,11 +47,16 @@ from .responses import (
     speculation_message,
     to_response,
 )
+from .status import code_of, error_status, internal_status
 from .validation import default_sampling, limits, to_generation_request
 
 log = logging.getLogger("genstruct_service.servicer")
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+# The RetryInfo a refusal carries stays within these bounds (seconds).
+MIN_RETRY_DELAY = 0.05
+MAX_RETRY_DELAY = 60.0
 
 
 class ServiceState:
@@ -51,9 +67,17 @@ class ServiceState:
         engine: Engine | None = None,
         max_documents: int | None = None,
         max_per_connection: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
         self.draining = False
+        self._clock = clock
+        self._drain_ends: float | None = None  # clock() when the drain's time is up
+        # the time between two documents' answers while others were held (moving average),
+        # and when the last one was answered with others still held: a refused caller's
+        # expected wait for room
+        self._answer_gap: float | None = None
+        self._last_answer: float | None = None
         # documents held from their arrival to their answer, whatever step they are at
         # (validation, tokenization, the engine's queue, a slot); None: no limit
         self.max_documents = max_documents
@@ -75,9 +99,9 @@ class ServiceState:
     def ready_engine(self) -> Engine:
         """The engine, or Unavailable while the model loads or the server drains."""
         if self.draining:
-            raise Unavailable("the server is shutting down; retry on another replica")
+            raise Draining("the server is shutting down; retry on another replica")
         if self.engine is None:
-            raise Unavailable("the model is still loading; retry in a moment")
+            raise Loading("the model is still loading; retry in a moment")
         return self.engine
 
     @contextmanager
@@ -104,13 +128,18 @@ class ServiceState:
         if self.max_documents is not None and self.documents >= self.max_documents:
             raise QueueFull(
                 f"the server holds {self.documents} documents already (max_queue waiting "
-                "plus n_parallel decoding); retry with backoff"
+                "plus n_parallel decoding); retry with backoff",
+                figures={"held": self.documents, "limit": self.max_documents, "scope": "server"},
+                retry_after=self._expected_wait(1),
             )
         held = self._by_peer.get(peer, 0)
         if self.max_per_connection is not None and held >= self.max_per_connection:
             raise QueueFull(
                 f"this connection holds {held} documents already, its share of the server "
-                "(queue_share_per_connection); retry with backoff as they finish"
+                "(queue_share_per_connection); retry with backoff as they finish",
+                figures={"held": held, "limit": self.max_per_connection, "scope": "connection"},
+                # one of this connection's documents must be answered, not any one
+                retry_after=self._expected_wait(held / max(self.documents, 1)),
             )
         self.documents += 1
         self._by_peer[peer] = held + 1
@@ -122,6 +151,32 @@ class ServiceState:
             self._by_peer[peer] = held
         else:
             del self._by_peer[peer]
+        now = self._clock()
+        if self._last_answer is not None:
+            gap = now - self._last_answer
+            previous = self._answer_gap
+            self._answer_gap = gap if previous is None else 0.8 * previous + 0.2 * gap
+        # a gap that starts while nothing is held would measure idleness, not the queue
+        self._last_answer = now if self.documents else None
+
+    def _expected_wait(self, share: float) -> float | None:
+        """Seconds until one document of a `share` of those held is answered (None: no
+        measure yet); answers come one `_answer_gap` apart."""
+        if self._answer_gap is None or share <= 0:
+            return None
+        return min(max(self._answer_gap / share, MIN_RETRY_DELAY), MAX_RETRY_DELAY)
+
+    def retry_delay(self, error: GenstructError) -> float | None:
+        """The wait a caller refused with `error` should keep before trying again, or None
+        when the server knows no useful one (sent as RetryInfo)."""
+        if error.retry_after is not None:
+            return error.retry_after
+        if error.reason is Reason.QUEUE_FULL:  # the engine's queue, the preparing threads
+            return self._expected_wait(1)
+        if error.reason is Reason.DRAINING and self._drain_ends is not None:
+            left = self._drain_ends - self._clock()
+            return min(max(left, MIN_RETRY_DELAY), MAX_RETRY_DELAY) if left > 0 else None
+        return None
 
     @contextmanager
     def document(self, peer: str) -> Iterator[None]:
@@ -132,9 +187,12 @@ class ServiceState:
         finally:
             self.give_document(peer)
 
-    def start_draining(self) -> None:
-        """Refuse new work from now on and tell open GenerateBatch streams to stop reading."""
+    def start_draining(self, seconds: float | None = None) -> None:
+        """Refuse new work from now on and tell open GenerateBatch streams to stop reading;
+        the work in flight has `seconds` to finish (None: not known)."""
         self.draining = True
+        if seconds is not None:
+            self._drain_ends = self._clock() + seconds
         for listener in list(self._drain_listeners):
             listener()
 
@@ -244,6 +302,7 @@ class Documents:
                 f"the title and max_tokens {work.sampling.max_tokens:,} x "
                 f"{work.num_generations} leave {max(budget, 0)} tokens of the context for "
                 "content; lower max_tokens or num_generations",
+                figures={"contentTokens": max(budget, 0), "limit": MIN_PART_TOKENS},
             )
         size = work.chunk_tokens or min(settings.chunk_tokens, budget)
         if size > budget:
@@ -251,6 +310,7 @@ class Documents:
                 "chunk_tokens",
                 f"is {size:,}; with max_tokens {work.sampling.max_tokens:,} x "
                 f"{work.num_generations} a prompt holds at most {budget:,} content tokens",
+                figures={"value": size, "limit": budget},
             )
         # a quarter of the part at most, also where the context made the part smaller
         overlap = work.chunk_overlap if work.chunk_overlap >= 0 else settings.chunk_overlap_tokens
@@ -263,10 +323,11 @@ class Documents:
                 max_parts=settings.max_chunks,
             )
         except TooManyParts:
-            raise InvalidRequest(
+            raise TooManyChunks(
                 "document.content",
                 f"needs more than {settings.max_chunks} parts of up to {size:,} tokens, the "
                 "server's max_chunks (raise chunk_tokens or send less content)",
+                figures={"limit": settings.max_chunks, "chunkTokens": size},
             ) from None
 
     async def _complete_one(self, engine: Engine, work: GenerationRequest) -> Completed:
@@ -382,7 +443,7 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
     ) -> genstruct_pb2.GetModelInfoResponse:
         engine = self._state.engine
         if engine is None:
-            raise Unavailable("the model is still loading; retry in a moment")
+            raise Loading("the model is still loading; retry in a moment")
         info = engine.info
         return genstruct_pb2.GetModelInfoResponse(
             model_name=info.model_name,
@@ -465,7 +526,7 @@ class _Batch:
                     yield item
                     self._permits.release()
             if cut_short:
-                raise Unavailable(
+                raise Draining(
                     "the server is shutting down: the documents above were finished, later "
                     "ones were not read; send them to another replica"
                 )
@@ -506,12 +567,12 @@ class _Batch:
                     "among the documents in flight",
                 )
         except InvalidRequest as exc:
-            self._put_error(request.id, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            self._put_error(request.id, exc)
             return
         try:
             self._state.take_document(self._peer)
         except QueueFull as exc:
-            self._put_error(request.id, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            self._put_error(request.id, exc)
             return
         self._in_flight.add(request.id)
         timeout = request.timeout_ms / 1000 if request.timeout_ms else None
@@ -534,28 +595,31 @@ class _Batch:
                 if not scope.expired():
                     raise
                 self._in_flight.discard(request_id)
-                self._put_error(
-                    request_id,
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"the document's timeout_ms ({round((timeout or 0) * 1000)}) ran out",
-                )
+                timeout_ms = round((timeout or 0) * 1000)
+                self._put_error(request_id, DocumentTimeout(
+                    f"the document's timeout_ms ({timeout_ms}) ran out",
+                    figures={"timeoutMs": timeout_ms},
+                ))
                 return
             response = self._documents.respond(request_id, completed, self._engine)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            mapped = domain_status(exc)
-            if mapped is None:
+            if not isinstance(exc, GenstructError):
                 log.error("bug in a GenerateBatch document", exc_info=exc)
-                mapped = (grpc.StatusCode.INTERNAL, "internal error; please report it")
             self._in_flight.discard(request_id)
-            self._put_error(request_id, *mapped)
+            self._put_error(request_id, exc)
             return
         self._in_flight.discard(request_id)
         self._documents.count_batch_item(grpc.StatusCode.OK)
         self._out.put_nowait(response)
 
-    def _put_error(self, request_id: str, code: grpc.StatusCode, message: str) -> None:
-        self._documents.count_batch_item(code)
-        status_code: int = code.value[0]
-        self._out.put_nowait(error_response(request_id, status_code, message))
+    def _put_error(self, request_id: str, error: Exception) -> None:
+        """Answer one document with the Status of `error` (a bug's says no more than that)."""
+        if isinstance(error, GenstructError):
+            status = error_status(error, self._state.retry_delay(error))
+        else:
+            call = current_call()
+            status = internal_status(call.request_id if call is not None else "")
+        self._documents.count_batch_item(code_of(status))
+        self._out.put_nowait(error_response(request_id, status))

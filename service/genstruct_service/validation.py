@@ -27,7 +27,8 @@ def check_id(request_id: str, settings: Settings, *, required: bool) -> None:
         )
     if len(request_id) > settings.max_id_chars:
         raise InvalidRequest(
-            "id", f"has {len(request_id)} characters; the limit is {settings.max_id_chars}"
+            "id", f"has {len(request_id)} characters; the limit is {settings.max_id_chars}",
+            figures={"value": len(request_id), "limit": settings.max_id_chars},
         )
 
 
@@ -40,12 +41,15 @@ def _sampling(params: genstruct_pb2.SamplingParams, settings: Settings) -> Sampl
         value = getattr(params, name)
         why = bound.problem(value)
         if why is not None:
-            raise InvalidRequest(f"sampling.{name}", why)
+            raise InvalidRequest(f"sampling.{name}", why, figures={"value": value})
         values[name] = value
     seed: int | None = None
     if params.HasField("seed"):
         if params.seed > _MAX_SEED:
-            raise InvalidRequest("sampling.seed", f"is {params.seed}; it must be 0 to 2^32 - 1")
+            raise InvalidRequest(
+                "sampling.seed", f"is {params.seed}; it must be 0 to 2^32 - 1",
+                figures={"value": params.seed, "limit": _MAX_SEED},
+            )
         seed = params.seed
     max_tokens = settings.default_max_tokens
     if params.HasField("max_tokens"):
@@ -54,12 +58,14 @@ def _sampling(params: genstruct_pb2.SamplingParams, settings: Settings) -> Sampl
                 "sampling.max_tokens",
                 f"is {params.max_tokens}; it must be 1 to {settings.max_tokens_limit} "
                 "(the server's max_tokens_limit)",
+                figures={"value": params.max_tokens, "limit": settings.max_tokens_limit},
             )
         max_tokens = params.max_tokens
     if len(params.stop) > settings.max_stop_strings:
         raise InvalidRequest(
             "sampling.stop",
             f"has {len(params.stop)} strings; the limit is {settings.max_stop_strings}",
+            figures={"value": len(params.stop), "limit": settings.max_stop_strings},
         )
     for i, stop in enumerate(params.stop):
         if not stop:
@@ -68,6 +74,7 @@ def _sampling(params: genstruct_pb2.SamplingParams, settings: Settings) -> Sampl
             raise InvalidRequest(
                 f"sampling.stop[{i}]",
                 f"has {len(stop)} characters; the limit is {settings.max_stop_chars}",
+                figures={"value": len(stop), "limit": settings.max_stop_chars},
             )
     return Sampling(
         temperature=values["temperature"],
@@ -96,6 +103,7 @@ def to_generation_request(
         raise InvalidRequest(
             "document.title",
             f"has {len(title)} characters; the limit is {settings.max_title_chars}",
+            figures={"value": len(title), "limit": settings.max_title_chars},
         )
     if not content.strip():
         raise InvalidRequest("document.content", "is empty; send the document's text")
@@ -104,6 +112,7 @@ def to_generation_request(
             "document.content",
             f"has {len(content)} characters; the limit is {settings.max_content_chars} "
             "(split the document)",
+            figures={"value": len(content), "limit": settings.max_content_chars},
         )
     num_generations = request.num_generations or 1
     if num_generations > settings.generations_limit:
@@ -112,6 +121,7 @@ def to_generation_request(
             f"is {num_generations}; the limit is {settings.generations_limit} "
             f"(max_num_generations {settings.max_num_generations}, n_parallel "
             f"{settings.n_parallel}: each generation takes a slot)",
+            figures={"value": num_generations, "limit": settings.generations_limit},
         )
     truncation = _TRUNCATION.get(request.truncation)
     if truncation is None:
@@ -121,6 +131,7 @@ def to_generation_request(
             "chunk_tokens",
             f"is {request.chunk_tokens}; it must be 0 (the server's default) or at least "
             f"{MIN_PART_TOKENS}",
+            figures={"value": request.chunk_tokens, "limit": MIN_PART_TOKENS},
         )
     # -1: the server's default, sized to the part when the document is split
     overlap = request.chunk_overlap_tokens if request.HasField("chunk_overlap_tokens") else -1
@@ -131,6 +142,7 @@ def to_generation_request(
             "chunk_overlap_tokens",
             f"is {overlap:,}; it must be at most a quarter of the part, {part // 4:,} "
             f"({whose} {part:,})",
+            figures={"value": overlap, "limit": part // 4},
         )
     return GenerationRequest(
         title=title,

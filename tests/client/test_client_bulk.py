@@ -149,6 +149,12 @@ def test_per_document_errors_go_to_the_errors_file(
     )
     assert all(e["code"] == "INVALID_ARGUMENT" and e["message"] and not e["retryable"]
                for e in errors)
+    # the server's reason and field next to the message; a row that did not read has none
+    assert sorted((e["id"], e["reason"], e["field"]) for e in errors) == sorted([
+        ("row:3", None, None),
+        (derive_id("long", "x" * 5000), "FIELD_INVALID", "document.content"),
+        (derive_id("blank", "   "), "FIELD_INVALID", "document.content"),
+    ])
     assert len(output_records(output)) == 5
     # A rerun does not try them again and does not repeat them, and still says they failed.
     result = genstruct(*args)

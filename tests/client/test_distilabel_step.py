@@ -217,6 +217,8 @@ def test_generations_grouping_and_bad_rows_with_the_fake_server(
     assert good["model_name"] == "fake-model:Q4_K_M"
     assert empty["user"] == [None, None] and empty["model_name"] == "fake-model:Q4_K_M"
     assert empty["error"][0].startswith("INVALID_ARGUMENT: document.content")
+    # the server's reason and the field it named, for a program reading the column
+    assert empty["error"][0].endswith("(reason FIELD_INVALID, field document.content)")
     assert missing["error"] == ["INVALID_ARGUMENT: content is NoneType, not text"] * 2
 
 

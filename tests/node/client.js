@@ -1,12 +1,16 @@
 // A Node client of the contract (@grpc/grpc-js + @grpc/proto-loader): calls Generate and
-// GenerateBatch and prints what came back as one JSON object on stdout.
+// GenerateBatch and prints what came back as one JSON object on stdout, with the
+// google.rpc.Status details of one refusal read from its grpc-status-details-bin trailer
+// (decoded with protobufjs and the google.rpc protos).
 //
 //   node tests/node/client.js <host:port> <protos dir> <dir holding google/rpc/status.proto>
 "use strict";
 
 const path = require("path");
+const fs = require("fs");
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
+const protobuf = require("protobufjs");
 
 const [target, protosDir, googleDir] = process.argv.slice(2);
 if (!target || !protosDir || !googleDir) {
@@ -56,6 +60,37 @@ function generate() {
   });
 }
 
+// google.rpc.Status and its details, resolved from the googleapis protos (protobufjs knows
+// google/protobuf/*.proto itself).
+const rpcProtos = new protobuf.Root();
+rpcProtos.resolvePath = (origin, target) => {
+  const local = path.join(googleDir, target);
+  return fs.existsSync(local) ? local : target;
+};
+rpcProtos.loadSync(["google/rpc/status.proto", "google/rpc/error_details.proto"], { keepCase: true });
+
+function statusDetails(metadata) {
+  const [bytes] = metadata.get("grpc-status-details-bin");
+  if (!bytes) return null;
+  const status = rpcProtos.lookupType("google.rpc.Status").decode(bytes);
+  const details = status.details.map((any) => {
+    const type = rpcProtos.lookupType(any.type_url.slice(any.type_url.lastIndexOf("/") + 1));
+    return { type: type.fullName.slice(1), value: type.toObject(type.decode(any.value)) };
+  });
+  return { code: status.code, message: status.message, details };
+}
+
+function refusal() {
+  // an empty document: INVALID_ARGUMENT, with ErrorInfo and BadRequest in the trailer
+  return new Promise((resolve, reject) => {
+    const request = { id: "empty", document: { title: "Empty", content: "" } };
+    client.Generate(request, new grpc.Metadata(), { deadline: deadline() }, (err) => {
+      if (!err) reject(new Error("an empty document was not refused"));
+      else resolve({ code: err.code, details: err.details, status: statusDetails(err.metadata) });
+    });
+  });
+}
+
 function batch() {
   return new Promise((resolve, reject) => {
     const results = [];
@@ -73,7 +108,8 @@ function batch() {
 async function main() {
   const generated = await generate();
   const batched = await batch();
-  console.log(JSON.stringify({ generate: generated, batch: batched }));
+  const refused = await refusal();
+  console.log(JSON.stringify({ generate: generated, batch: batched, refusal: refused }));
   client.close();
 }
 

@@ -1,4 +1,5 @@
-"""A Node @grpc/grpc-js client calls Generate and GenerateBatch on a server this test starts."""
+"""A Node @grpc/grpc-js client calls Generate and GenerateBatch on a server this test starts,
+and reads a refusal's google.rpc.Status details as a program in another language would."""
 
 from __future__ import annotations
 
@@ -50,3 +51,14 @@ async def test_node_client_generate_and_batch(server: RunningServer) -> None:
     assert bad["code"] == 3 and "document.content" in bad["message"]
     assert by_id["a"]["error"] is None and by_id["a"]["pairs"][0]["parsed"] is True
     assert by_id["c"]["pairs"][0]["assistant"] == "It is about testing."
+
+    refusal = result["refusal"]
+    assert refusal["code"] == 3 and refusal["details"].startswith("document.content: ")
+    status = refusal["status"]
+    assert status is not None, "no grpc-status-details-bin trailer"
+    assert status["code"] == 3 and status["message"] == refusal["details"]
+    details = {d["type"]: d["value"] for d in status["details"]}
+    info = details["google.rpc.ErrorInfo"]
+    assert (info["reason"], info["domain"]) == ("FIELD_INVALID", "genstruct.v1")
+    [violation] = details["google.rpc.BadRequest"]["field_violations"]
+    assert violation["field"] == "document.content"

@@ -28,6 +28,130 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ErrorReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
+    """Never sent."""
+    ERROR_REASON_FIELD_INVALID: _ErrorReason.ValueType  # 1
+    """INVALID_ARGUMENT. A request field is out of range, empty, too long or not allowed here
+    (or, in GenerateBatch, an `id` that is missing or already in flight). BadRequest names
+    the field; metadata "field", and "value" and "limit" where the field has them. Sending the
+    same request again fails again.
+    """
+    ERROR_REASON_MESSAGE_MALFORMED: _ErrorReason.ValueType  # 2
+    """INVALID_ARGUMENT. The request's bytes are not a valid GenerateRequest (e.g. a string
+    field that is not UTF-8). No field is named.
+    """
+    ERROR_REASON_CONTEXT_OVERFLOW: _ErrorReason.ValueType  # 3
+    """INVALID_ARGUMENT. The prompt and the tokens asked for (max_tokens x num_generations) can
+    never fit the model's context. Lower max_tokens or num_generations, or send the document
+    with TRUNCATION_TRUNCATE or TRUNCATION_CHUNK. BadRequest names "document.content" (or
+    "document" when even the title does not leave room).
+    """
+    ERROR_REASON_TOO_MANY_CHUNKS: _ErrorReason.ValueType  # 4
+    """INVALID_ARGUMENT. TRUNCATION_CHUNK would split the content into more parts than the
+    server's `max_chunks`. BadRequest names "document.content"; metadata "limit" (max_chunks)
+    and "chunkTokens" (the part size). Raise chunk_tokens or send less content.
+    """
+    ERROR_REASON_QUEUE_FULL: _ErrorReason.ValueType  # 5
+    """RESOURCE_EXHAUSTED. The server, or this connection's share of it, holds as many documents
+    as it may; metadata "held", "limit" and "scope" ("server", "connection", or
+    "preparation" for the threads that split long documents; none when the engine's own queue
+    refused). Retry after RetryInfo's delay when there is one, else with backoff.
+    """
+    ERROR_REASON_LOADING: _ErrorReason.ValueType  # 6
+    """UNAVAILABLE. The model is still loading. Retry with backoff, or on another replica."""
+    ERROR_REASON_DRAINING: _ErrorReason.ValueType  # 7
+    """UNAVAILABLE. The server is shutting down (SIGTERM): it finishes what it has and takes
+    nothing new. Retry on another replica; RetryInfo, when present, is what is left of the
+    drain.
+    """
+    ERROR_REASON_ENGINE_FAILED: _ErrorReason.ValueType  # 8
+    """UNAVAILABLE. The engine failed (the model could not be run) and the server must be
+    restarted; health is NOT_SERVING. Retry on another replica.
+    """
+    ERROR_REASON_NOT_SERVING: _ErrorReason.ValueType  # 9
+    """UNAVAILABLE. The service takes no work now for a reason not listed here. Retry with
+    backoff.
+    """
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 10
+    """UNAUTHENTICATED. The server requires a bearer token: send metadata
+    `authorization: Bearer <token>`.
+    """
+    ERROR_REASON_DOCUMENT_TIMEOUT: _ErrorReason.ValueType  # 11
+    """DEADLINE_EXCEEDED, GenerateBatch only: the document's own `timeout_ms` ran out (the stream
+    goes on); metadata "timeoutMs".
+    """
+    ERROR_REASON_INTERNAL_ERROR: _ErrorReason.ValueType  # 12
+    """INTERNAL. A bug in the server; metadata "requestId" is the id to report it with."""
+
+class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
+    """Why a call, or one GenerateBatch document, was refused: google.rpc.ErrorInfo.reason is the
+    value's name without the `ERROR_REASON_` prefix (ERROR_REASON_QUEUE_FULL: "QUEUE_FULL"), and
+    its `domain` is "genstruct.v1". A reason is a stable contract: new ones may be added, and a
+    caller should treat one it does not know by the status code alone.
+    """
+
+ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
+"""Never sent."""
+ERROR_REASON_FIELD_INVALID: ErrorReason.ValueType  # 1
+"""INVALID_ARGUMENT. A request field is out of range, empty, too long or not allowed here
+(or, in GenerateBatch, an `id` that is missing or already in flight). BadRequest names
+the field; metadata "field", and "value" and "limit" where the field has them. Sending the
+same request again fails again.
+"""
+ERROR_REASON_MESSAGE_MALFORMED: ErrorReason.ValueType  # 2
+"""INVALID_ARGUMENT. The request's bytes are not a valid GenerateRequest (e.g. a string
+field that is not UTF-8). No field is named.
+"""
+ERROR_REASON_CONTEXT_OVERFLOW: ErrorReason.ValueType  # 3
+"""INVALID_ARGUMENT. The prompt and the tokens asked for (max_tokens x num_generations) can
+never fit the model's context. Lower max_tokens or num_generations, or send the document
+with TRUNCATION_TRUNCATE or TRUNCATION_CHUNK. BadRequest names "document.content" (or
+"document" when even the title does not leave room).
+"""
+ERROR_REASON_TOO_MANY_CHUNKS: ErrorReason.ValueType  # 4
+"""INVALID_ARGUMENT. TRUNCATION_CHUNK would split the content into more parts than the
+server's `max_chunks`. BadRequest names "document.content"; metadata "limit" (max_chunks)
+and "chunkTokens" (the part size). Raise chunk_tokens or send less content.
+"""
+ERROR_REASON_QUEUE_FULL: ErrorReason.ValueType  # 5
+"""RESOURCE_EXHAUSTED. The server, or this connection's share of it, holds as many documents
+as it may; metadata "held", "limit" and "scope" ("server", "connection", or
+"preparation" for the threads that split long documents; none when the engine's own queue
+refused). Retry after RetryInfo's delay when there is one, else with backoff.
+"""
+ERROR_REASON_LOADING: ErrorReason.ValueType  # 6
+"""UNAVAILABLE. The model is still loading. Retry with backoff, or on another replica."""
+ERROR_REASON_DRAINING: ErrorReason.ValueType  # 7
+"""UNAVAILABLE. The server is shutting down (SIGTERM): it finishes what it has and takes
+nothing new. Retry on another replica; RetryInfo, when present, is what is left of the
+drain.
+"""
+ERROR_REASON_ENGINE_FAILED: ErrorReason.ValueType  # 8
+"""UNAVAILABLE. The engine failed (the model could not be run) and the server must be
+restarted; health is NOT_SERVING. Retry on another replica.
+"""
+ERROR_REASON_NOT_SERVING: ErrorReason.ValueType  # 9
+"""UNAVAILABLE. The service takes no work now for a reason not listed here. Retry with
+backoff.
+"""
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 10
+"""UNAUTHENTICATED. The server requires a bearer token: send metadata
+`authorization: Bearer <token>`.
+"""
+ERROR_REASON_DOCUMENT_TIMEOUT: ErrorReason.ValueType  # 11
+"""DEADLINE_EXCEEDED, GenerateBatch only: the document's own `timeout_ms` ran out (the stream
+goes on); metadata "timeoutMs".
+"""
+ERROR_REASON_INTERNAL_ERROR: ErrorReason.ValueType  # 12
+"""INTERNAL. A bug in the server; metadata "requestId" is the id to report it with."""
+Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
+
 class _Truncation:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -494,8 +618,9 @@ class GenerateResponse(_message.Message):
     @_builtins.property
     def error(self) -> _status_pb2.Status:
         """GenerateBatch only: set when this document was refused or failed. `code` is a
-        google.rpc.Code (3 = INVALID_ARGUMENT, 8 = RESOURCE_EXHAUSTED, ...) and `message` says
-        what to fix. Unset on success.
+        google.rpc.Code (3 = INVALID_ARGUMENT, 8 = RESOURCE_EXHAUSTED, ...), `message` says
+        what to fix, and `details` hold the ErrorInfo (with its ErrorReason), BadRequest and
+        RetryInfo a call's trailer would (see GenstructService). Unset on success.
         """
 
     def __init__(

@@ -40,6 +40,23 @@ class GenstructServiceStub:
     CANCELLED / DEADLINE_EXCEEDED  the call was cancelled or ran past its deadline; the
     generation is stopped and its resources freed.
     INTERNAL            a bug in the server; please report it with the `x-request-id`.
+
+    Every refusal also carries a google.rpc.Status with typed details (AIP-193) in the
+    `grpc-status-details-bin` trailer, and a refused GenerateBatch document carries the same
+    Status in its response's `error`; the message stays a sentence for people, the details are
+    for programs:
+    google.rpc.ErrorInfo   always: `reason` (one of ErrorReason below, without its
+    `ERROR_REASON_` prefix: "FIELD_INVALID", "QUEUE_FULL", ...),
+    `domain` "genstruct.v1", and `metadata` with the figures that apply
+    (lowerCamelCase keys such as "limit", "value", "held").
+    google.rpc.BadRequest  on INVALID_ARGUMENT for a field: one violation whose `field` is the
+    request field's path ("document.content", "sampling.temperature",
+    "sampling.stop[1]", "chunk_tokens") and whose `description` says
+    what is wrong with it.
+    google.rpc.RetryInfo   on RESOURCE_EXHAUSTED and UNAVAILABLE when the server knows a useful
+    wait: the expected time until the queue has room, or what is left of
+    a drain. The same wait goes in the `grpc-retry-pushback-ms` trailer,
+    which gRPC's own retry of unary calls honours.
     """
 
     def __init__(self, channel):
@@ -85,6 +102,23 @@ class GenstructServiceServicer:
     CANCELLED / DEADLINE_EXCEEDED  the call was cancelled or ran past its deadline; the
     generation is stopped and its resources freed.
     INTERNAL            a bug in the server; please report it with the `x-request-id`.
+
+    Every refusal also carries a google.rpc.Status with typed details (AIP-193) in the
+    `grpc-status-details-bin` trailer, and a refused GenerateBatch document carries the same
+    Status in its response's `error`; the message stays a sentence for people, the details are
+    for programs:
+    google.rpc.ErrorInfo   always: `reason` (one of ErrorReason below, without its
+    `ERROR_REASON_` prefix: "FIELD_INVALID", "QUEUE_FULL", ...),
+    `domain` "genstruct.v1", and `metadata` with the figures that apply
+    (lowerCamelCase keys such as "limit", "value", "held").
+    google.rpc.BadRequest  on INVALID_ARGUMENT for a field: one violation whose `field` is the
+    request field's path ("document.content", "sampling.temperature",
+    "sampling.stop[1]", "chunk_tokens") and whose `description` says
+    what is wrong with it.
+    google.rpc.RetryInfo   on RESOURCE_EXHAUSTED and UNAVAILABLE when the server knows a useful
+    wait: the expected time until the queue has room, or what is left of
+    a drain. The same wait goes in the `grpc-retry-pushback-ms` trailer,
+    which gRPC's own retry of unary calls honours.
     """
 
     def Generate(self, request, context):
@@ -168,6 +202,23 @@ class GenstructService:
     CANCELLED / DEADLINE_EXCEEDED  the call was cancelled or ran past its deadline; the
     generation is stopped and its resources freed.
     INTERNAL            a bug in the server; please report it with the `x-request-id`.
+
+    Every refusal also carries a google.rpc.Status with typed details (AIP-193) in the
+    `grpc-status-details-bin` trailer, and a refused GenerateBatch document carries the same
+    Status in its response's `error`; the message stays a sentence for people, the details are
+    for programs:
+    google.rpc.ErrorInfo   always: `reason` (one of ErrorReason below, without its
+    `ERROR_REASON_` prefix: "FIELD_INVALID", "QUEUE_FULL", ...),
+    `domain` "genstruct.v1", and `metadata` with the figures that apply
+    (lowerCamelCase keys such as "limit", "value", "held").
+    google.rpc.BadRequest  on INVALID_ARGUMENT for a field: one violation whose `field` is the
+    request field's path ("document.content", "sampling.temperature",
+    "sampling.stop[1]", "chunk_tokens") and whose `description` says
+    what is wrong with it.
+    google.rpc.RetryInfo   on RESOURCE_EXHAUSTED and UNAVAILABLE when the server knows a useful
+    wait: the expected time until the queue has room, or what is left of
+    a drain. The same wait goes in the `grpc-retry-pushback-ms` trailer,
+    which gRPC's own retry of unary calls honours.
     """
 
     @staticmethod

@@ -46,6 +46,7 @@ from genstruct_client.bulk.writers import (
     journal_path,
 )
 from genstruct_client.channel import ChannelConfig, target_addresses
+from genstruct_client.errors import ErrorDetails
 from genstruct_client.progress import Progress
 from genstruct_client.types import GenerationOptions
 
@@ -408,12 +409,19 @@ async def _generate(
     # id -> (title, content, the columns passed through) of the documents sent
     waiting: dict[str, tuple[str, str, dict[str, Any]]] = {}
 
-    def fail(doc_id: str, code: int, message: str, row: int | None = None) -> None:
+    def fail(
+        doc_id: str, code: int, message: str, row: int | None = None,
+        details: ErrorDetails | None = None,
+    ) -> None:
         retryable = code in RETRYABLE_CODES
+        details = details or ErrorDetails()
         record: dict[str, Any] = {
             "id": doc_id,
             "code": _CODE_NAMES.get(code, str(code)),
             "message": message,
+            # the server's ErrorReason and the request field it named (None when it did not)
+            "reason": details.reason,
+            "field": details.field,
             "retryable": retryable,
         }
         if row is not None:
@@ -484,7 +492,9 @@ async def _generate(
                 async for response in results:
                     title, content, extras = waiting.pop(response.id, ("", "", {}))
                     if response.HasField("error"):
-                        fail(response.id, response.error.code, response.error.message)
+                        error = response.error
+                        fail(response.id, error.code, error.message,
+                             details=ErrorDetails.from_status(error))
                     else:
                         if response.model_name and response.model_name != model_name:
                             # A server changed behind the target (a rolling update, a

@@ -93,10 +93,10 @@ from genstruct_service.engine.types import (
     sampling_problem,
 )
 from genstruct_service.errors import (
+    Draining,
     InvalidRequest,
     ModelError,
     QueueFull,
-    Unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -363,12 +363,10 @@ class LlamaEngine:
 
     def _check_open(self) -> None:
         """Refuse at once when the engine is closing, has failed, or its queue is full."""
-        if self._closing or self._broken is not None:
-            raise Unavailable(
-                "the engine is shutting down"
-                if self._closing
-                else f"the engine failed and must be restarted: {self._broken}"
-            )
+        if self._closing:
+            raise Draining("the engine is shutting down")
+        if self._broken is not None:
+            raise ModelError(f"the engine failed and must be restarted: {self._broken}")
         if self._n_waiting >= self._max_queue:
             raise QueueFull(
                 f"the queue is full ({self._max_queue} requests waiting for "
@@ -1147,10 +1145,10 @@ class LlamaEngine:
             self._complete(active)
         unavailable = "the engine is shutting down"
         for job in inbox:
-            job.send(Unavailable(unavailable))
+            job.send(Draining(unavailable))
         waiting = self._scheduler.drain()
         for ticket in waiting:
-            ticket.item.send(Unavailable(unavailable))
+            ticket.item.send(Draining(unavailable))
         with self._lock:
             self._n_waiting -= len(inbox) + len(waiting)
 
