@@ -46,7 +46,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     import llama_cpp
     from genstruct_service.engine import GenerationRequest, Sampling
     from genstruct_service.engine import llama as engine_module
-    from genstruct_service.engine import sampling as sampling_module
+    from genstruct_service.engine.backend import sampling as sampling_module
 
     decode, sample, step, sends = Timer(), Timer(), Timer(), Timer()
     llama_cpp.llama_decode = decode.wrap(llama_cpp.llama_decode)

@@ -8,8 +8,8 @@ from functools import cache
 
 import jinja2
 
-from genstruct_service.engine.grammar import ASSISTANT_MARK
 from genstruct_service.engine.types import PromptFormat
+from genstruct_service.grammar import ASSISTANT_MARK
 
 __all__ = ["ASSISTANT_MARK", "GENSTRUCT_FORMAT", "USER_MARK", "ParsedCompletion",
            "end_of_answer", "parse_completion", "render_prompt"]

@@ -49,19 +49,19 @@ from typing import Any
 
 import llama_cpp as ll
 
-from genstruct_service.engine import llama_log, threadpool
-from genstruct_service.engine.build_info import load_backends, read_build_info
-from genstruct_service.engine.cpus import available_cpus
-from genstruct_service.engine.fitting import FittedPrompt, KvLayout, content_budget, fit_prompt
-from genstruct_service.engine.gguf_info import engine_info
-from genstruct_service.engine.grammar import ANSWER_RESERVE, ASSISTANT_MARK, GENSTRUCT_GBNF
-from genstruct_service.engine.sampling import (
+from genstruct_service.engine.backend import llama_log, threadpool
+from genstruct_service.engine.backend.build_info import load_backends, read_build_info
+from genstruct_service.engine.backend.gguf_info import engine_info
+from genstruct_service.engine.backend.sampling import (
     ConstrainedSampler,
     build_chain,
     build_grammar,
     greedy_token,
     is_plain_greedy,
 )
+from genstruct_service.engine.backend.tokenizer import LlamaTokenizer
+from genstruct_service.engine.cpus import available_cpus
+from genstruct_service.engine.fitting import FittedPrompt, KvLayout, content_budget, fit_prompt
 from genstruct_service.engine.scheduler import Scheduler, Ticket
 from genstruct_service.engine.speculation import (
     STEEP_ROW_COST,
@@ -77,7 +77,6 @@ from genstruct_service.engine.speculation import (
     rows_left,
 )
 from genstruct_service.engine.text import TextAssembler
-from genstruct_service.engine.tokenizer import LlamaTokenizer
 from genstruct_service.engine.types import (
     Completed,
     EngineEvent,
@@ -98,6 +97,7 @@ from genstruct_service.errors import (
     QueueFull,
     Unavailable,
 )
+from genstruct_service.grammar import ANSWER_RESERVE, ASSISTANT_MARK, GENSTRUCT_GBNF
 
 log = logging.getLogger(__name__)
 
