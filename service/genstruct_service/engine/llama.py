@@ -17,7 +17,7 @@ skips only the cells masked for every row of a tile, so a step that mixes sequen
 every cell in use. On 2 CPU cores, 15 decoding rows beside a 200-token prompt chunk took
 1.9x as long unified as split (Gemma 3 270M; 1.5x with Genstruct-7B's layers).
 
-Admission (engine/scheduler.py). A request reserves `prompt_tokens + n * max_tokens` KV
+Admission (engine/admission.py). A request reserves `prompt_tokens + n * max_tokens` KV
 cells, which bounds what it can ever use, and starts when it has n slots and its cells; a
 smaller request may go past one that does not fit yet, a bounded number of times. A
 request that could not fit even in an empty engine is refused with ContextOverflow, or its
@@ -62,7 +62,7 @@ from genstruct_service.engine.backend.sampling import (
 from genstruct_service.engine.backend.tokenizer import LlamaTokenizer
 from genstruct_service.engine.cpus import available_cpus
 from genstruct_service.engine.fitting import FittedPrompt, KvLayout, content_budget, fit_prompt
-from genstruct_service.engine.scheduler import Scheduler, Ticket
+from genstruct_service.engine.admission import Admission, Ticket
 from genstruct_service.engine.speculation import (
     STEEP_ROW_COST,
     Acceptance,
@@ -506,7 +506,7 @@ class LlamaEngine:
         for i in range(self._n_batch):
             n_seq_id[i] = 1
 
-        self._scheduler: Scheduler[_Job] = Scheduler(self._n_parallel, self._layout.n_ctx)
+        self._scheduler: Admission[_Job] = Admission(self._n_parallel, self._layout.n_ctx)
         self._active: list[_Active] = []
         self._seen_cancel_epoch = 0
         self._marker_tokens = len(self._tokenizer.tokenize(ASSISTANT_MARK, add_special=False))
@@ -1162,6 +1162,6 @@ class LlamaEngine:
             inbox, self._inbox = self._inbox, []
         for job in inbox:
             job.send(ModelError(str(error)))
-        scheduler: Scheduler[_Job] | None = getattr(self, "_scheduler", None)
+        scheduler: Admission[_Job] | None = getattr(self, "_scheduler", None)
         for ticket in scheduler.drain() if scheduler is not None else ():
             ticket.item.send(ModelError(str(error)))

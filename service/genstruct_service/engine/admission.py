@@ -1,7 +1,8 @@
 """Admission for the continuous batch: the waiting queue, the slots and the KV cache budget.
 
-Pure: no llama.cpp, no threads, no clock; the engine thread owns one `Scheduler` and asks it,
-between decode steps, which waiting requests start now and on which slots.
+Pure: no llama.cpp, no threads, no clock; the step scheduler (engine/scheduler.py) owns one
+`Admission` and asks it, between decode steps, which waiting requests start now and on which
+slots.
 
 A request needs one slot per generation and reserves KV cells for everything it can ever
 write: its prompt (shared by its generations) plus `max_tokens` per generation, and starts
@@ -19,6 +20,10 @@ After that nothing starts until it fits, which it will: its reservation fits an 
 Each generation gives its `max_tokens` share back when it ends, and the prompt's share comes
 back with the request's last generation, so a request whose generations end early frees its
 cells for others at once.
+
+Where reuse of a prompt's cells across requests would go (not built): a slot whose cells
+already hold a prefix of the prompt would be chosen over the lowest free one, the reserved
+cells would count that prefix once, and the request would start with those tokens computed.
 """
 
 from __future__ import annotations
@@ -49,12 +54,12 @@ class Ticket(Generic[T]):
         return self.prompt_cells + self.generations * self.cells_per_generation
 
 
-class Scheduler(Generic[T]):
+class Admission(Generic[T]):
     """The queue, the free slots and the free KV cells of one engine."""
 
     def __init__(self, n_slots: int, n_cells: int, *, max_bypass: int | None = None) -> None:
         if n_slots < 1 or n_cells < 1:
-            raise ValueError("a scheduler needs at least one slot and one cell")
+            raise ValueError("admission needs at least one slot and one cell")
         self.n_slots = n_slots
         self.n_cells = n_cells
         self.max_bypass = n_slots if max_bypass is None else max_bypass
