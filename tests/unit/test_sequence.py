@@ -36,14 +36,14 @@ class Vocab:
 
 class Sampler:
     def __init__(self) -> None:
-        self.accepted: list[int] = []
+        self.forced: list[int] = []
         self.closed = False
 
     def sample(self, row: int) -> int:
         raise AssertionError("a sequence never samples by itself")
 
-    def accept(self, token: int) -> None:
-        self.accepted.append(token)
+    def take_forced(self, token: int) -> None:
+        self.forced.append(token)
 
     def close(self) -> None:
         self.closed = True
@@ -107,7 +107,7 @@ def test_forced_tokens_are_written_counted_fed_and_given_to_the_sampler() -> Non
     seq.append(1)
     seq.force([6, 7])
     assert seq.pending == [1, 6, 7] and seq.n_generated == 3
-    assert isinstance(seq.sampler, Sampler) and seq.sampler.accepted == [6, 7]
+    assert isinstance(seq.sampler, Sampler) and seq.sampler.forced == [6, 7]
     assert seq.text.text == "What[[A]]]"
 
 
@@ -119,7 +119,7 @@ def test_the_marker_is_forced_when_the_budget_runs_low() -> None:
     assert seq.append(2)  # 6 left, but 6 - 3 > 2
     assert not seq.append(3)  # 5 left: 5 - 3 <= 2, forced
     assert seq.pending == [1, 2, 3, 6, 12, 7] and seq.n_generated == 6  # none decoded yet
-    assert isinstance(seq.sampler, Sampler) and seq.sampler.accepted == [6, 12, 7]
+    assert isinstance(seq.sampler, Sampler) and seq.sampler.forced == [6, 12, 7]
     assert seq.text.text == "What is it[[[A]]]" and seq.generating
     assert seq.append(8)  # the marker is written: nothing more is forced
     assert seq.pending[-1] == 8

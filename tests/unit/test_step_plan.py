@@ -67,7 +67,7 @@ class CycleSampler:
             self.last = token
         return token
 
-    def accept(self, token: int) -> None:
+    def take_forced(self, token: int) -> None:
         pass
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ class TokenSampler(Protocol):
         sampler takes it as its own."""
         ...
 
-    def accept(self, token: int) -> None:
+    def take_forced(self, token: int) -> None:
         """Take a token the sampler did not pick (a forced one)."""
         ...
 
@@ -174,7 +174,7 @@ class Sequence:
     def force(self, tokens: list[int]) -> None:
         """Write `tokens` as if sampled (the sampler takes them too), to feed next."""
         for token in tokens:
-            self.sampler.accept(token)
+            self.sampler.take_forced(token)
             self.n_generated += 1
             if self.history is not None:
                 self.history.append(token)

@@ -104,7 +104,8 @@ class Updater:
                 seq.advance(len(rows.tokens))
                 if rows.n_logits:
                     n_sampled += 1
-                    self._take(request, seq, seq.sampler.sample(rows.first_row + rows.logits_from))
+                    token = seq.sampler.sample(rows.first_row + rows.logits_from)
+                    self._append(request, seq, token)
         if drafts is not None and n_sampled:
             drafts.observe_sampling(time.perf_counter() - now, n_sampled)
 
@@ -119,7 +120,7 @@ class Updater:
             seq.pos = total
         request.status = Status.GENERATING
         for seq in request.seqs:
-            self._take(request, seq, seq.sampler.sample(row))
+            self._append(request, seq, seq.sampler.sample(row))
         return len(request.seqs)
 
     def _verify(self, request: Request, seq: Sequence, rows: SlotRows) -> int:
@@ -129,7 +130,7 @@ class Updater:
         first_row = rows.first_row
         seq.advance(1)
         tokens = verify(draft, lambda i: seq.sampler.sample(first_row + i),
-                        lambda token: self._take(request, seq, token))  # fmt: skip
+                        lambda token: self._append(request, seq, token))  # fmt: skip
         k, hits = len(draft), drafted_hits(draft, tokens)
         if self._drafts is not None:
             self._drafts.acceptance.record(rows.draft_match, k, hits)
@@ -143,7 +144,7 @@ class Updater:
                 self._scheduler.trim(seq)
         return len(tokens)
 
-    def _take(self, request: Request, seq: Sequence, token: int) -> bool:
+    def _append(self, request: Request, seq: Sequence, token: int) -> bool:
         """A sampled token for `seq`; whether it goes on as the token alone to feed."""
         if seq.append(token):
             return True
