@@ -92,19 +92,16 @@ class StepScheduler:
         gone = self._drop_cancelled() if cancelled else ()
         admitted = tuple(ticket.item for ticket in self.admission.admit())
         self.running.extend(admitted)
-        slot_of = {
-            seq: seq.slot for r in self.running for seq in r.seqs if seq.finish_reason is None
-        }
         moves = [
             SlotMove(seq, -1, slot)
             for r in admitted
             for seq, slot in zip(r.seqs, r.ticket.slots, strict=True)
         ]
-        for move in moves:
-            slot_of[move.seq] = move.target
         if self._split_kv and self.admission.has_gap:
-            moves.extend(self._close_gaps(slot_of))
-        rows, n_rows, prompt_rows = self._compose(slot_of)
+            moves.extend(self._close_gaps({move.seq: move.target for move in moves}))
+        # the slots that update gives the sequences after this step
+        moved = {move.seq: move.target for move in moves}
+        rows, n_rows, prompt_rows = self._compose(moved)
         copies, trims, clears = self._copies, self._trims, self._clears
         self._copies, self._trims, self._clears = [], [], []
         return StepPlan(
@@ -123,7 +120,7 @@ class StepScheduler:
             gone.append(request)
         return tuple(gone)
 
-    def _close_gaps(self, slot_of: dict[Sequence, int]) -> list[SlotMove]:
+    def _close_gaps(self, taken: dict[Sequence, int]) -> list[SlotMove]:
         """Move sequences from the highest busy slots into lower free ones.
 
         With a stream per slot, llama.cpp decodes one run of consecutive slots per pass over
@@ -134,17 +131,25 @@ class StepScheduler:
         when documents end one after another and the next arrive just after, each new one
         prefills on the top slot, and a gap below it would last its whole prefill.
         """
-        owner = {seq: r for r in self.running for seq in r.seqs}
+        live = sorted(
+            (
+                (taken.get(seq, seq.slot), seq, r)
+                for r in self.running
+                for seq in r.seqs
+                if seq.finish_reason is None
+            ),
+            key=lambda entry: entry[0],
+            reverse=True,
+        )
         moves = []
-        for seq, slot in sorted(slot_of.items(), key=lambda item: item[1], reverse=True):
-            lower = self.admission.move_down(owner[seq].ticket, slot)
+        for slot, seq, request in live:
+            lower = self.admission.move_down(request.ticket, slot)
             if lower is None:
                 break
             moves.append(SlotMove(seq, slot, lower))
-            slot_of[seq] = lower
         return moves
 
-    def _compose(self, slot_of: dict[Sequence, int]) -> tuple[tuple[SlotRows, ...], int, int]:
+    def _compose(self, moved: dict[Sequence, int]) -> tuple[tuple[SlotRows, ...], int, int]:
         cap = self._n_batch
         drafts = self.drafts.choose(self.running) if self.drafts is not None else {}
         parts: list[_Part] = []
@@ -156,18 +161,19 @@ class StepScheduler:
                 pending = seq.pending
                 if seq.finish_reason is not None or not pending:
                     continue
+                slot = moved.get(seq, seq.slot)
                 draft = drafts.get(seq) if drafts else None
                 if draft is not None:
                     tokens = [pending[0], *draft.tokens]
-                    parts.append((slot_of[seq], RowKind.VERIFY, seq.pos, tokens, 0, request,
-                                  seq, draft.match))  # fmt: skip
+                    parts.append((slot, RowKind.VERIFY, seq.pos, tokens, 0, request, seq,
+                                  draft.match))  # fmt: skip
                     n += len(tokens)
                     continue
                 rows = min(len(pending), cap - n)
                 if rows:
                     logits_from = rows - 1 if rows == len(pending) else rows
-                    parts.append((slot_of[seq], RowKind.DECODE, seq.pos, pending[:rows],
-                                  logits_from, request, seq, 0))  # fmt: skip
+                    parts.append((slot, RowKind.DECODE, seq.pos, pending[:rows], logits_from,
+                                  request, seq, 0))  # fmt: skip
                     n += rows
         prompt_rows = 0
         for request in self.running:
@@ -178,8 +184,9 @@ class StepScheduler:
             start = request.computed
             logits_from = take - 1 if take == left else take
             chunk = request.tokens[start : start + take]
-            parts.append((slot_of[request.seqs[0]], RowKind.PROMPT, start, chunk, logits_from,
-                          request, None, 0))  # fmt: skip
+            first = request.seqs[0]  # the prompt is decoded on the first generation's slot
+            parts.append((moved.get(first, first.slot), RowKind.PROMPT, start, chunk,
+                          logits_from, request, None, 0))  # fmt: skip
             n += take
             prompt_rows += take
         parts.sort(key=lambda part: part[0])
