@@ -36,7 +36,7 @@ class _Context:
     """One llama.cpp context of the benchmark's settings in one layout, its slots filled."""
 
     def __init__(self, ll: Any, model: Any, args: argparse.Namespace, *, unified: bool) -> None:
-        from genstruct_service.engine.llama import FLASH_ATTN
+        from genstruct_service.engine.backend.model import FLASH_ATTN
 
         self._ll = ll
         cparams = ll.llama_context_default_params()

@@ -51,7 +51,7 @@ def _binary_path(version: str, key: str) -> Path:
 
 def bindings_lib_dir() -> Path:
     """The folder of the shared libraries the installed llama-cpp-python loads."""
-    from genstruct_service.engine.build_info import library_dir
+    from genstruct_service.engine.backend.build_info import library_dir
 
     return library_dir()
 

@@ -73,7 +73,7 @@ def resolve(args: argparse.Namespace) -> None:
 
 def has_gpu() -> bool:
     import llama_cpp
-    from genstruct_service.engine.build_info import load_backends
+    from genstruct_service.engine.backend.build_info import load_backends
 
     load_backends()
     return bool(llama_cpp.llama_supports_gpu_offload())
@@ -83,7 +83,7 @@ def load_model(args: argparse.Namespace) -> Any:
     """The benchmark's model through llama.cpp's own API, offloaded as `args` say, for the
     benchmarks that time `llama_decode` directly; the caller frees it."""
     import llama_cpp as ll
-    from genstruct_service.engine.build_info import load_backends
+    from genstruct_service.engine.backend.build_info import load_backends
 
     ll.llama_backend_init()
     load_backends()
@@ -123,7 +123,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def llama_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """For `llama_cpp.Llama`, whose flash_attn is on or off: auto is on where supported,
     as llama.cpp's own auto resolves on the CPU and on CUDA."""
-    from genstruct_service.engine.build_info import load_backends
+    from genstruct_service.engine.backend.build_info import load_backends
 
     load_backends()
     return {

@@ -46,7 +46,9 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     import llama_cpp
     from genstruct_service.engine import GenerationRequest, Sampling
     from genstruct_service.engine import llama as engine_module
-    from genstruct_service.engine import sampling as sampling_module
+    from genstruct_service.engine import loop as loop_module
+    from genstruct_service.engine import request as request_module
+    from genstruct_service.engine.backend import sampling as sampling_module
 
     decode, sample, step, sends = Timer(), Timer(), Timer(), Timer()
     queue_decode = llama_cpp.llama_decode
@@ -63,8 +65,10 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     constrained = sampling_module.ConstrainedSampler
     constrained.sample = sample.wrap(constrained.sample)  # type: ignore[method-assign]
     engine_cls = engine_module.LlamaEngine
-    engine_cls._step = step.wrap(engine_cls._step)  # type: ignore[method-assign]
-    job_cls = engine_module._Job
+    # a step is schedule, execute and update (the old engine's _step: the same less admission)
+    loop_cls = loop_module.EngineLoop
+    loop_cls._step = step.wrap(loop_cls._step)  # type: ignore[method-assign]
+    job_cls = request_module.Job
     job_cls.send = sends.wrap(job_cls.send)  # type: ignore[method-assign]
 
     kwargs = settings.engine_kwargs(args)

@@ -25,7 +25,7 @@ from bench import settings
 
 def measure(args: argparse.Namespace, drafts: list[int]) -> dict[int, float]:
     import llama_cpp as ll
-    from genstruct_service.engine.llama import CACHE_TYPES, FLASH_ATTN
+    from genstruct_service.engine.backend.model import CACHE_TYPES, FLASH_ATTN
 
     model = settings.load_model(args)
     cparams = ll.llama_context_default_params()

@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from genstruct_service.engine.scheduler import Scheduler, Ticket
+from genstruct_service.engine.admission import Admission, Ticket
 from genstruct_service.engine.types import (
     Completed,
     EngineEvent,
@@ -105,7 +105,7 @@ class FakeEngine:
         self._released: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None
         # admission as the real engine's: one slot per generation, the same scheduler
-        self._scheduler: Scheduler[asyncio.Future[None]] | None = None
+        self._scheduler: Admission[asyncio.Future[None]] | None = None
         self._fail: list[BaseException] = []
         self._refusal: BaseException | None = None
         self._failure: BaseException | None = None
@@ -238,7 +238,7 @@ class FakeEngine:
                 )
             truncated = True
         if self._scheduler is None:
-            self._scheduler = Scheduler(self.n_parallel, _FAKE_CONTEXT)
+            self._scheduler = Admission(self.n_parallel, _FAKE_CONTEXT)
         scheduler = self._scheduler
         n = request.num_generations
         if n > scheduler.n_slots:
@@ -330,7 +330,7 @@ class FakeEngine:
 _FAKE_CONTEXT = 1 << 40
 
 
-def _fits_now(scheduler: Scheduler[Any], generations: int) -> bool:
+def _fits_now(scheduler: Admission[Any], generations: int) -> bool:
     return scheduler.n_slots - scheduler.busy_slots >= generations
 
 

@@ -70,7 +70,7 @@ def version_report() -> str:
     """`genstruct-server --version`: the service's version and the llama.cpp build it runs."""
     lines = [f"genstruct-server {__version__}"]
     try:
-        from .engine.build_info import load_backends, read_build_info
+        from .engine.backend.build_info import load_backends, read_build_info
     except ImportError as exc:  # the server extra is not installed
         lines.append(f"llama.cpp: not available ({exc})")
     else:

@@ -8,8 +8,8 @@ from functools import cache
 
 import jinja2
 
-from genstruct_service.engine.grammar import ASSISTANT_MARK
 from genstruct_service.engine.types import PromptFormat
+from genstruct_service.grammar import ANSWER_RESERVE, ASSISTANT_MARK, GENSTRUCT_GBNF
 
 __all__ = ["ASSISTANT_MARK", "GENSTRUCT_FORMAT", "USER_MARK", "ParsedCompletion",
            "end_of_answer", "parse_completion", "render_prompt"]
@@ -36,8 +36,12 @@ def render_prompt(title: str, content: str) -> str:
     return _template().render(title=title, content=content)
 
 
-# What the engine is given: the template, and the next user turn, which ends an answer.
-GENSTRUCT_FORMAT = PromptFormat(render=render_prompt, stop=USER_MARK)
+# What the engine is given: the template, the next user turn, which ends an answer, and the
+# grammar and marker of constrained output.
+GENSTRUCT_FORMAT = PromptFormat(
+    render=render_prompt, stop=USER_MARK, grammar=GENSTRUCT_GBNF, answer_marker=ASSISTANT_MARK,
+    answer_reserve=ANSWER_RESERVE,
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,7 +103,7 @@ def test_the_running_bindings_are_the_build_their_flags_ask_for() -> None:
 @x86_only
 def test_the_running_bindings_have_no_amx_kernels() -> None:
     pytest.importorskip("llama_cpp")
-    from genstruct_service.engine.build_info import load_backends, read_build_info
+    from genstruct_service.engine.backend.build_info import load_backends, read_build_info
 
     load_backends()
     build = read_build_info()
@@ -115,7 +115,7 @@ def test_the_running_bindings_have_no_amx_kernels() -> None:
 
 def test_the_service_reads_the_record_where_the_tool_writes_it() -> None:
     pytest.importorskip("llama_cpp")
-    from genstruct_service.engine import build_info
+    from genstruct_service.engine.backend import build_info
 
     assert build_info.BUILD_RECORD == llama_build.BUILD_INFO
 

@@ -178,17 +178,17 @@ async def test_an_end_of_generation_token_inside_a_draft_ends_it_there(
     _, full = await collect(plain, req(doc))
     text = full.generations[0].text
     ids = plain._tokenizer.tokenize(text, add_special=False)
-    saved = plain._eog_set, drafting._eog_set
+    saved = plain._tokenizer.eog, drafting._tokenizer.eog
     try:
         # the text re-tokenized may merge differently from what was generated: take the
         # first token from the middle on that does end the plain engine's generation
         for token in ids[len(ids) // 2 :][:8]:
-            plain._eog_set = drafting._eog_set = saved[0] | {token}
+            plain._tokenizer.eog = drafting._tokenizer.eog = saved[0] | {token}
             a, b = await both(drafting, plain, req(doc))
             if b.generations[0].finish_reason is FinishReason.EOS:
                 break
     finally:
-        plain._eog_set, drafting._eog_set = saved
+        plain._tokenizer.eog, drafting._tokenizer.eog = saved
     same_output(a, b)
     assert a.generations[0].finish_reason is FinishReason.EOS
     assert a.generations[0].completion_tokens < full.generations[0].completion_tokens
@@ -223,10 +223,10 @@ def _learn_that_drafts_pay(engine: Any) -> None:
     were accepted."""
     for _ in range(40):
         for rows in range(1, N_BATCH + 1):
-            engine._cost.observe(rows, 0.01)
+            engine._drafts.cost.observe(rows, 0.01)
     for _ in range(400):
         for match in range(engine._spec.ngram_max + 1):
-            engine._acceptance.record(match, drafted=16, accepted=16)
+            engine._drafts.acceptance.record(match, drafted=16, accepted=16)
 
 
 async def test_auto_plans_a_seeded_request_run_alone_from_itself(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import llama_cpp as ll
 import pytest
-from genstruct_service.engine.sampling import build_chain, greedy_token, is_plain_greedy
+from genstruct_service.engine.backend.sampling import build_chain, greedy_token, is_plain_greedy
 from genstruct_service.engine.types import Sampling
 
 pytestmark = pytest.mark.model

@@ -428,10 +428,10 @@ async def test_the_context_runs_on_persistent_thread_pools(model_path: str) -> N
     engine = LlamaEngine(model_path, prompt_format=GENSTRUCT_FORMAT, n_parallel=1, n_ctx=256,
                          n_batch=64, n_threads=1, n_threads_batch=2)  # fmt: skip
     try:
-        pools = engine._pools
+        pools = engine._runner.pools
         assert pools is not None and pools.generate and pools.batch
         _, done = await collect(engine, request(0, max_tokens=4, temperature=0.0))
         assert done.generations[0].completion_tokens == 4
     finally:
         await engine.close()
-    assert engine._pools is None  # freed with the context
+    assert engine._runner.pools is None  # freed with the context

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genstruct_service.engine.llama_log import flash_attn_in_force
+from genstruct_service.engine.backend.llama_log import flash_attn_in_force
 
 ENABLED = "resolve_fused_ops: Flash Attention enabled\n"
 UNSUPPORTED = "resolve_fused_ops: Flash Attention not supported, set to disabled\n"

@@ -1,164 +1,198 @@
-"""Admission for the continuous batch: the waiting queue, the slots and the KV cache budget.
+"""The step scheduler: what the next decode step does, decided before it runs, as a `StepPlan`.
 
-Pure: no llama.cpp, no threads, no clock; the engine thread owns one `Scheduler` and asks it,
-between decode steps, which waiting requests start now and on which slots.
+Pure: no llama.cpp, no threads. Each step, in this order (vLLM V1's `Scheduler.schedule`):
+requests cancelled since the last step leave (their slots come back at once); waiting
+requests are admitted on the lowest free slots (engine/admission.py); with a KV stream per
+slot, sequences move down into free slots below them, so the busy slots stay one run; the
+drafts that pay are chosen (engine/drafts.py); and the batch is composed. Composing: one
+row (or the pending forced tokens) and its draft for every generating sequence, then prompt
+chunks for prefilling requests, first admitted first, up to `n_batch` rows; written in slot
+order, since a split KV cache decodes a run of consecutive slots in one ubatch and starts
+another wherever the next row's slot is not the next one.
 
-A request needs one slot per generation and reserves KV cells for everything it can ever
-write: its prompt (shared by its generations) plus `max_tokens` per generation, and starts
-when it has its slots and its cells. The lowest free slots are handed out first, so the
-slots in use stay one run from 0 where they can: a split KV cache decodes a run of
-consecutive slots in one pass, and each gap costs another. Where a gap opens with nothing to
-fill it, `move_down` gives a running generation the lowest free slot in place of its own.
+The scheduler changes only its own books (slots, cells, the running list); the requests are
+changed by the engine's update (engine/update.py), which tells it what to give back:
+`release` a sequence's slot, `trim` a rejected draft's cells, `copy` a prompt.
 
-Order is first come, first served, with one exception against head-of-line blocking: when
-the request at the head does not fit yet (a long document, or many generations), later
-requests that do fit go past it, but only `max_bypass` times while it waits at the head.
-After that nothing starts until it fits, which it will: its reservation fits an empty engine
-(`fits_ever`), and every running request ends. So idle slots are used, and nothing starves.
-
-Each generation gives its `max_tokens` share back when it ends, and the prompt's share comes
-back with the request's last generation, so a request whose generations end early frees its
-cells for others at once.
+Where reuse of a prompt's cells across requests would go (not built): admission would pick a
+slot whose cells hold a prefix of the prompt (engine/admission.py), the plan's first prompt
+chunk would start at that prefix's length (`Request.computed`) instead of 0, and the slot
+would not be cleared when taken.
 """
 
 from __future__ import annotations
 
-import heapq
-from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from genstruct_service.engine.admission import Admission
+from genstruct_service.engine.drafts import DraftChooser
+from genstruct_service.engine.plan import RowKind, SlotMove, SlotRows, StepPlan
+from genstruct_service.engine.request import Job, Request, Status
+from genstruct_service.engine.sequence import Sequence
 
-T = TypeVar("T")
-
-
-@dataclass(eq=False)
-class Ticket(Generic[T]):
-    """One request as the scheduler sees it; `item` is the caller's own."""
-
-    item: T
-    generations: int  # slots it needs, one per generation
-    prompt_cells: int
-    cells_per_generation: int  # max_tokens
-    bypassed: int = 0  # times a later request started while this one waited at the head
-    slots: list[int] = field(default_factory=list)  # held while running
-
-    @property
-    def cells(self) -> int:
-        """KV cells it reserves while running."""
-        return self.prompt_cells + self.generations * self.cells_per_generation
+_Part = tuple[int, RowKind, int, list[int], int, Request, Sequence | None, int]
 
 
-class Scheduler(Generic[T]):
-    """The queue, the free slots and the free KV cells of one engine."""
+class StepScheduler:
+    """The requests running, the admission books, and the plan of every step."""
 
-    def __init__(self, n_slots: int, n_cells: int, *, max_bypass: int | None = None) -> None:
-        if n_slots < 1 or n_cells < 1:
-            raise ValueError("a scheduler needs at least one slot and one cell")
-        self.n_slots = n_slots
-        self.n_cells = n_cells
-        self.max_bypass = n_slots if max_bypass is None else max_bypass
-        self._free_slots = list(range(n_slots))  # a heap: the lowest is handed out first
-        self._free_cells = n_cells
-        self._waiting: deque[Ticket[T]] = deque()
-
-    # -- what a request could ever get
-
-    def fits_ever(self, ticket: Ticket[T]) -> bool:
-        """Whether it could start in an empty engine."""
-        return ticket.generations <= self.n_slots and ticket.cells <= self.n_cells
+    def __init__(
+        self, n_slots: int, n_cells: int, *, n_batch: int, split_kv: bool,
+        drafts: DraftChooser | None,
+    ) -> None:
+        self.admission: Admission[Request] = Admission(n_slots, n_cells)
+        self.running: list[Request] = []  # holding slots, in admission order
+        self.drafts = drafts  # None without speculation
+        self._n_batch = n_batch
+        self._split_kv = split_kv
+        # KV edits that update asked for, done by the runner before the next batch
+        self._copies: list[tuple[int, int]] = []
+        self._trims: list[tuple[int, int]] = []
+        self._clears: list[int] = []
 
     # -- the queue
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return self.admission.waiting
 
     @property
-    def busy_slots(self) -> int:
-        return self.n_slots - len(self._free_slots)
+    def has_work(self) -> bool:
+        return bool(self.running) or self.admission.waiting > 0
 
-    @property
-    def has_gap(self) -> bool:
-        """Whether a free slot lies below a busy one: the busy slots are not one run from 0."""
-        return bool(self._free_slots) and self._free_slots[0] < self.busy_slots
+    def enqueue(self, request: Request) -> None:
+        self.admission.enqueue(request.ticket)
 
-    @property
-    def reserved_cells(self) -> int:
-        return self.n_cells - self._free_cells
-
-    def enqueue(self, ticket: Ticket[T]) -> None:
-        if not self.fits_ever(ticket):
-            raise ValueError("this request can never start; check fits_ever before enqueue")
-        self._waiting.append(ticket)
-
-    def drop(self, unwanted: Callable[[Ticket[T]], bool]) -> list[Ticket[T]]:
-        """Take waiting requests out of the queue (cancelled ones); returns them."""
-        dropped = [t for t in self._waiting if unwanted(t)]
-        if dropped:
-            self._waiting = deque(t for t in self._waiting if not unwanted(t))
-        return dropped
-
-    def drain(self) -> list[Ticket[T]]:
+    def drain(self) -> list[Request]:
         """Empty the queue (shutdown); returns what was waiting, in order."""
-        waiting, self._waiting = list(self._waiting), deque()
-        return waiting
+        return [ticket.item for ticket in self.admission.drain()]
 
-    def __iter__(self) -> Iterator[Ticket[T]]:
-        return iter(self._waiting)
+    # -- what update gives back
 
-    # -- starting and ending
+    def release(self, request: Request, seq: Sequence) -> None:
+        """A sequence ended: its slot and its share of cells come back, its cells go."""
+        self.admission.release(request.ticket, seq.slot)
+        self._clears.append(seq.slot)
 
-    def _fits_now(self, ticket: Ticket[T]) -> bool:
-        return ticket.generations <= len(self._free_slots) and ticket.cells <= self._free_cells
+    def trim(self, seq: Sequence) -> None:
+        """A draft's rejected tail: the cells from the sequence's position on go."""
+        self._trims.append((seq.slot, seq.pos))
 
-    def _take(self, ticket: Ticket[T]) -> None:
-        ticket.slots = [heapq.heappop(self._free_slots) for _ in range(ticket.generations)]
-        self._free_cells -= ticket.cells
+    def copy(self, source: int, target: int) -> None:
+        """A prompt decoded on `source` is copied to another generation's slot."""
+        self._copies.append((source, target))
 
-    def admit(self) -> list[Ticket[T]]:
-        """The requests that start now, in order, each with its `slots` assigned."""
-        started: list[Ticket[T]] = []
-        while self._waiting and self._fits_now(self._waiting[0]):
-            ticket = self._waiting.popleft()
-            self._take(ticket)
-            started.append(ticket)
-        if not self._waiting:
-            return started
-        head = self._waiting[0]
-        passed: list[Ticket[T]] = []
-        for ticket in list(self._waiting)[1:]:
-            if head.bypassed >= self.max_bypass or not self._free_slots:
+    def retire(self, request: Request) -> None:
+        self.running.remove(request)
+
+    # -- the plan
+
+    def schedule(
+        self, *, cancelled: bool, refused: tuple[tuple[Job, BaseException], ...] = ()
+    ) -> StepPlan:
+        """The next step. `cancelled`: some caller cancelled since the last step."""
+        gone = self._drop_cancelled() if cancelled else ()
+        admitted = tuple(ticket.item for ticket in self.admission.admit())
+        self.running.extend(admitted)
+        moves = [
+            SlotMove(seq, -1, slot)
+            for r in admitted
+            for seq, slot in zip(r.seqs, r.ticket.slots, strict=True)
+        ]
+        if self._split_kv and self.admission.has_gap:
+            moves.extend(self._close_gaps({move.seq: move.target for move in moves}))
+        # the slots that update gives the sequences after this step
+        moved = {move.seq: move.target for move in moves}
+        rows, n_rows, prompt_rows = self._compose(moved)
+        copies, trims, clears = self._copies, self._trims, self._clears
+        self._copies, self._trims, self._clears = [], [], []
+        return StepPlan(
+            rows=rows, n_rows=n_rows, prompt_rows=prompt_rows, copies=tuple(copies),
+            trims=tuple(trims), clears=tuple(clears), moves=tuple(moves), admitted=admitted,
+            refused=refused, cancelled=gone, timed=self.drafts is not None,
+        )
+
+    def _drop_cancelled(self) -> tuple[Request, ...]:
+        gone = [ticket.item for ticket in self.admission.drop(lambda t: t.item.job.cancelled)]
+        for request in [r for r in self.running if r.job.cancelled]:
+            self.running.remove(request)
+            for seq in request.seqs:
+                if seq.finish_reason is None:
+                    self.release(request, seq)
+            gone.append(request)
+        return tuple(gone)
+
+    def _close_gaps(self, taken: dict[Sequence, int]) -> list[SlotMove]:
+        """Move sequences from the highest busy slots into lower free ones.
+
+        With a stream per slot, llama.cpp decodes one run of consecutive slots per pass over
+        the weights, and a free slot below busy ones (a generation ended, and nothing that
+        waits could take its slot) splits every step in two until it is filled. A move costs
+        a copy of one stream at the next decode, too little to time on a CPU (14 decoding
+        rows took 88 ms with one and without, Gemma 3 270M). Prefilling requests move too:
+        when documents end one after another and the next arrive just after, each new one
+        prefills on the top slot, and a gap below it would last its whole prefill.
+        """
+        live = sorted(
+            (
+                (taken.get(seq, seq.slot), seq, r)
+                for r in self.running
+                for seq in r.seqs
+                if seq.finish_reason is None
+            ),
+            key=lambda entry: entry[0],
+            reverse=True,
+        )
+        moves = []
+        for slot, seq, request in live:
+            lower = self.admission.move_down(request.ticket, slot)
+            if lower is None:
                 break
-            if self._fits_now(ticket):
-                self._take(ticket)
-                head.bypassed += 1
-                passed.append(ticket)
-        if passed:
-            gone = {id(t) for t in passed}
-            self._waiting = deque(t for t in self._waiting if id(t) not in gone)
-        return started + passed
+            moves.append(SlotMove(seq, slot, lower))
+        return moves
 
-    def release(self, ticket: Ticket[T], slot: int) -> None:
-        """One generation of a running request ended: its slot and its cells come back
-        (the prompt's cells with the last one)."""
-        ticket.slots.remove(slot)
-        heapq.heappush(self._free_slots, slot)
-        self._free_cells += ticket.cells_per_generation
-        if not ticket.slots:
-            self._free_cells += ticket.prompt_cells
-
-    def move_down(self, ticket: Ticket[T], slot: int) -> int | None:
-        """Give one of a running request's generations the lowest free slot in place of
-        `slot`, when that one is lower; returns the new slot, or None (no lower one free).
-        The caller moves the sequence's KV cells from the old slot to the new."""
-        if not self._free_slots or self._free_slots[0] > slot:
-            return None
-        lower = heapq.heapreplace(self._free_slots, slot)
-        ticket.slots[ticket.slots.index(slot)] = lower
-        return lower
-
-    def release_all(self, ticket: Ticket[T]) -> None:
-        """Every generation of a running request ended (or it could not start after all)."""
-        for slot in list(ticket.slots):
-            self.release(ticket, slot)
+    def _compose(self, moved: dict[Sequence, int]) -> tuple[tuple[SlotRows, ...], int, int]:
+        cap = self._n_batch
+        drafts = self.drafts.choose(self.running) if self.drafts is not None else {}
+        parts: list[_Part] = []
+        n = 0
+        for request in self.running:
+            if request.status is not Status.GENERATING:
+                continue
+            for seq in request.seqs:
+                pending = seq.pending
+                if seq.finish_reason is not None or not pending:
+                    continue
+                slot = moved.get(seq, seq.slot)
+                draft = drafts.get(seq) if drafts else None
+                if draft is not None:
+                    tokens = [pending[0], *draft.tokens]
+                    parts.append((slot, RowKind.VERIFY, seq.pos, tokens, 0, request, seq,
+                                  draft.match))  # fmt: skip
+                    n += len(tokens)
+                    continue
+                rows = min(len(pending), cap - n)
+                if rows:
+                    logits_from = rows - 1 if rows == len(pending) else rows
+                    parts.append((slot, RowKind.DECODE, seq.pos, pending[:rows], logits_from,
+                                  request, seq, 0))  # fmt: skip
+                    n += rows
+        prompt_rows = 0
+        for request in self.running:
+            left = request.prompt_left
+            if request.status is Status.GENERATING or left <= 0 or n >= cap:
+                continue
+            take = min(left, cap - n)
+            start = request.computed
+            logits_from = take - 1 if take == left else take
+            chunk = request.tokens[start : start + take]
+            first = request.seqs[0]  # the prompt is decoded on the first generation's slot
+            parts.append((moved.get(first, first.slot), RowKind.PROMPT, start, chunk,
+                          logits_from, request, None, 0))  # fmt: skip
+            n += take
+            prompt_rows += take
+        parts.sort(key=lambda part: part[0])
+        rows_out = []
+        at = 0
+        for part in parts:
+            rows_out.append(SlotRows(*part, at))
+            at += len(part[3])
+        return tuple(rows_out), n, prompt_rows

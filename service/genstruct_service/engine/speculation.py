@@ -4,7 +4,7 @@ A Genstruct answer restates its document. When the last tokens a sequence genera
 occur in its prompt (or earlier in its own output), the tokens that followed them there are
 a likely continuation: a *draft*. The engine decodes the draft with the sequence's last
 token in one step, with logits at every position, and keeps the drafted tokens its sampler
-picks itself (engine/llama.py). Each accepted token is a decode step saved.
+picks itself (engine/verify.py). Each accepted token is a decode step saved.
 
 Verifying costs batch rows. On a GPU at low concurrency they are nearly free; on a few CPU
 cores that already decode many sequences they are not. So each step is planned: the
@@ -18,7 +18,7 @@ planned from itself: its own record against a start fixed per match length, and 
 cost shape (`STEEP_ROW_COST`) instead of the measured one. The same request run alone then
 drafts the same rows, and writes the same text, on every run and after every restart.
 Alongside other requests its batches depend on theirs anyway: the live plan applies to a
-greedy request, and under auto a seeded sampled one is not drafted there (engine/llama.py).
+greedy request, and under auto a seeded sampled one is not drafted there (engine/drafts.py).
 
 Everything here is pure Python over token ids, tested without a model.
 """

@@ -99,14 +99,20 @@ def sampling_problem(sampling: Sampling) -> tuple[str, str] | None:
 
 @dataclass(frozen=True, slots=True)
 class PromptFormat:
-    """How a document becomes a completion prompt, and the text that ends an answer.
+    """How a document becomes a completion prompt, the text that ends an answer, and what
+    constrained output must look like.
 
     The engine is given one (Genstruct's is `genstruct_service.prompt.GENSTRUCT_FORMAT`), so it
-    knows token ids and stop strings, not the template.
+    knows token ids, stop strings, a grammar and a marker, not the template.
     """
 
     render: Callable[[str, str], str]  # (title, content) -> prompt text
     stop: str  # a new turn after the answer, e.g. `[[[User]]]`
+    grammar: str | None = None  # constrained mode's GBNF (root rule `root`); None: no such mode
+    # constrained mode: the text between question and answer (ASCII), which the engine
+    # writes for the model when its budget runs low, so that the output still parses
+    answer_marker: str = ""
+    answer_reserve: int = 0  # tokens kept for the answer after a forced marker
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +277,7 @@ class Engine(Protocol):
         """Return the error once the engine has failed for good (at once if it already has).
 
         From then on it serves nothing: every request in flight has been failed and new ones
-        raise Unavailable. It never returns for an engine that is closed without failing, so
-        a caller watching it cancels the wait when it stops.
+        raise ModelError. It never returns for an engine that is closed without failing, so a
+        caller watching it cancels the wait when it stops.
         """
         ...

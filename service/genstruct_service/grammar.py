@@ -5,7 +5,8 @@ marker, which the grammar then forces to completion, and a new `[[[User]]]` turn
 begin. Each part allows at most one whitespace character before its first visible one, so
 after one or two tokens it is non-empty; the grammar accepts the end of sequence anywhere
 after the answer's first visible character. The engine forces the rest of the marker when
-the token budget runs low (see `LlamaEngine`), so a LENGTH finish still parses.
+the token budget runs low (engine/sequence.py's `AnswerMarker`, given these through
+`prompt.GENSTRUCT_FORMAT`), so a LENGTH finish still parses.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
-"""One llama.cpp sampler chain per generated sequence (penalties and grammar are stateful)."""
+"""One sampler per generated sequence (penalties and grammar are stateful), over llama.cpp's
+sampler chains; each offers `sample(row)`, `accept(token)` and `close()` (engine/sequence.py's
+TokenSampler)."""
 
 from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp as ll
@@ -163,3 +166,83 @@ class ConstrainedSampler:
         ll.llama_sampler_accept(chain, token)
         ll.llama_sampler_accept(grammar, token)
         return token
+
+
+@dataclass(frozen=True, slots=True)
+class GreedySampler:
+    """A greedy sampler alone: the first largest logit, with no candidate list to fill."""
+
+    ctx: Any
+    n_vocab: int
+
+    def sample(self, row: int) -> int:
+        return greedy_token(self.ctx, row, self.n_vocab)
+
+    def take_forced(self, token: int) -> None:
+        """Greedy holds no state: nothing to take."""
+
+    def close(self) -> None:
+        """Nothing to free."""
+
+
+class ChainSampler:
+    """A llama.cpp sampler chain (`build_chain`), which it frees."""
+
+    __slots__ = ("_chain", "_ctx")
+
+    def __init__(self, ctx: Any, chain: Any) -> None:
+        self._ctx = ctx
+        self._chain = chain
+
+    def sample(self, row: int) -> int:
+        return int(ll.llama_sampler_sample(self._chain, self._ctx, row))
+
+    def take_forced(self, token: int) -> None:
+        ll.llama_sampler_accept(self._chain, token)
+
+    def close(self) -> None:
+        if self._chain:
+            ll.llama_sampler_free(self._chain)
+            self._chain = None
+
+
+class GrammarSampler:
+    """A chain and a grammar kept apart from it, sampled through a `ConstrainedSampler`."""
+
+    __slots__ = ("_chain", "_constrained", "_grammar")
+
+    def __init__(self, constrained: ConstrainedSampler, chain: Any, grammar: Any) -> None:
+        self._constrained = constrained
+        self._chain = chain
+        self._grammar = grammar
+
+    def sample(self, row: int) -> int:
+        return self._constrained.sample(self._chain, self._grammar, row)
+
+    def take_forced(self, token: int) -> None:
+        ll.llama_sampler_accept(self._chain, token)
+        ll.llama_sampler_accept(self._grammar, token)
+
+    def close(self) -> None:
+        for sampler in (self._chain, self._grammar):
+            if sampler:
+                ll.llama_sampler_free(sampler)
+        self._chain = self._grammar = None
+
+
+def make_sampler(
+    ctx: Any, vocab: Any, n_vocab: int, constrained: ConstrainedSampler, sampling: Sampling,
+    seed: int, *, grammar: str | None, banned: Sequence[int],
+) -> GreedySampler | ChainSampler | GrammarSampler:
+    """One sequence's sampler for `sampling`: greedy alone where it may be, a grammar apart
+    from its chain where there is one."""
+    if grammar is None and is_plain_greedy(sampling, banned=banned):
+        return GreedySampler(ctx, n_vocab)
+    chain = build_chain(vocab, n_vocab, sampling, seed, banned=banned)
+    if grammar is None:
+        return ChainSampler(ctx, chain)
+    try:
+        return GrammarSampler(constrained, chain, build_grammar(vocab, grammar))
+    except BaseException:
+        ll.llama_sampler_free(chain)
+        raise

@@ -22,6 +22,10 @@ class LlamaTokenizer:
     def __init__(self, vocab: Any) -> None:
         self._vocab = vocab
         self._pieces: dict[int, bytes] = {}  # token -> bytes; filled as tokens are seen
+        self.n_vocab = int(ll.llama_vocab_n_tokens(vocab))
+        # the end-of-generation tokens (end of sequence, end of turn, ...)
+        self.eog_tokens = [t for t in range(self.n_vocab) if ll.llama_vocab_is_eog(vocab, t)]
+        self.eog = frozenset(self.eog_tokens)
 
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
         """Ids of `text`; `add_special` adds the model's BOS. Special-token text stays text."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from llama_cpp import llama_cpp as _llama
 
-from genstruct_service.engine.build_info import libggml
+from genstruct_service.engine.backend.build_info import libggml
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from genstruct_service.engine.scheduler import Scheduler, Ticket
+from genstruct_service.engine.admission import Admission, Ticket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +20,7 @@ def names(tickets: list[Ticket[str]]) -> list[str]:
 
 
 def test_first_come_first_served_while_everything_fits() -> None:
-    s: Scheduler[str] = Scheduler(4, 10_000)
+    s: Admission[str] = Admission(4, 10_000)
     for name in "abc":
         s.enqueue(ticket(name))
     started = s.admit()
@@ -31,7 +31,7 @@ def test_first_come_first_served_while_everything_fits() -> None:
 
 def test_the_lowest_free_slot_is_handed_out_first() -> None:
     # a KV stream per slot decodes a run of consecutive slots in one pass: gaps are refilled
-    s: Scheduler[str] = Scheduler(4, 10_000)
+    s: Admission[str] = Admission(4, 10_000)
     for name in "abcd":
         s.enqueue(ticket(name))
     a, _, c, _ = s.admit()
@@ -44,7 +44,7 @@ def test_the_lowest_free_slot_is_handed_out_first() -> None:
 
 
 def test_move_down_trades_a_busy_slot_for_the_lowest_free_one_below_it() -> None:
-    s: Scheduler[str] = Scheduler(5, 10_000)
+    s: Admission[str] = Admission(5, 10_000)
     for name in "abcd":
         s.enqueue(ticket(name, n=2 if name == "d" else 1))
     a, b, c, d = s.admit()
@@ -68,7 +68,7 @@ def test_move_down_trades_a_busy_slot_for_the_lowest_free_one_below_it() -> None
 
 
 def test_a_long_document_at_the_head_no_longer_idles_free_slots() -> None:
-    s: Scheduler[str] = Scheduler(4, 2_000)
+    s: Admission[str] = Admission(4, 2_000)
     running = ticket("running", prompt=800, max_tokens=200)
     s.enqueue(running)
     assert names(s.admit()) == ["running"]  # 1,000 of 2,000 cells, 3 slots free
@@ -83,7 +83,7 @@ def test_a_long_document_at_the_head_no_longer_idles_free_slots() -> None:
 
 
 def test_the_head_waits_at_most_max_bypass_admissions() -> None:
-    s: Scheduler[str] = Scheduler(8, 1_000, max_bypass=2)
+    s: Admission[str] = Admission(8, 1_000, max_bypass=2)
     blocker = ticket("blocker", prompt=300, max_tokens=100)
     s.enqueue(blocker)
     s.admit()
@@ -99,7 +99,7 @@ def test_the_head_waits_at_most_max_bypass_admissions() -> None:
 
 
 def test_each_generation_gives_its_share_back_when_it_ends() -> None:
-    s: Scheduler[str] = Scheduler(4, 1_000)
+    s: Admission[str] = Admission(4, 1_000)
     four = ticket("four", prompt=200, max_tokens=200, n=4)  # 1,000: the whole cache, 4 slots
     s.enqueue(four)
     s.admit()
@@ -115,7 +115,7 @@ def test_each_generation_gives_its_share_back_when_it_ends() -> None:
 
 
 def test_a_request_that_can_never_fit_is_refused_at_the_door() -> None:
-    s: Scheduler[str] = Scheduler(2, 1_000)
+    s: Admission[str] = Admission(2, 1_000)
     assert not s.fits_ever(ticket("big", prompt=950, max_tokens=100))
     assert not s.fits_ever(ticket("wide", n=3))
     with pytest.raises(ValueError):
@@ -123,7 +123,7 @@ def test_a_request_that_can_never_fit_is_refused_at_the_door() -> None:
 
 
 def test_drop_and_drain_take_only_waiting_requests() -> None:
-    s: Scheduler[str] = Scheduler(1, 1_000)
+    s: Admission[str] = Admission(1, 1_000)
     for name in "abc":
         s.enqueue(ticket(name))
     s.admit()
@@ -145,7 +145,7 @@ def test_every_request_starts_and_the_books_balance(
     """Requests arrive, generations end and move down in any order: the cells and slots in
     use never exceed the engine's, each request starts exactly once, and none waits forever."""
     rng = random.Random(seed)
-    s: Scheduler[int] = Scheduler(4, 2_000, max_bypass=max_bypass)
+    s: Admission[int] = Admission(4, 2_000, max_bypass=max_bypass)
     tickets = [Ticket(i, generations=n, prompt_cells=p, cells_per_generation=m)
                for i, (p, m, n) in enumerate(wanted)]
     tickets = [t for t in tickets if s.fits_ever(t)]

@@ -1,0 +1,101 @@
+"""Which sequences verify a draft this step, and how many tokens of it: the engine's side of
+grounded speculation (speculation.py holds the pure planner and the drafts themselves).
+
+It keeps what the planner weighs, learned as the engine runs: the step time by batch rows
+(measured before serving, refined by every step without a prompt chunk), the acceptance of
+drafts by match length, and the sampling time per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+from genstruct_service.engine.request import Request, Status
+from genstruct_service.engine.sequence import Sequence
+from genstruct_service.engine.speculation import (
+    STEEP_ROW_COST,
+    Acceptance,
+    Candidate,
+    Draft,
+    SpeculationSettings,
+    StepCost,
+    plan_drafts,
+    rows_left,
+)
+
+
+class DraftChooser:
+    """Drafts for the step's sequences where verifying them pays."""
+
+    def __init__(self, settings: SpeculationSettings, n_batch: int) -> None:
+        self.settings = settings
+        self.n_batch = n_batch
+        self.cost = StepCost()  # measured before serving, refined by every step
+        self.acceptance = Acceptance(settings.ngram_max)
+        # a repeatable request run alone is planned against this, never against the measured
+        self.fixed_cost = StepCost.fixed(STEEP_ROW_COST)
+        self.sample_seconds = 0.0  # moving average per sampled token
+
+    def observe_sampling(self, seconds: float, tokens: int) -> None:
+        self.sample_seconds += 0.2 * (seconds / tokens - self.sample_seconds)
+
+    def choose(self, requests: Seq[Request]) -> dict[Sequence, Draft]:
+        """This step's drafts, by sequence (none for most steps of most sequences).
+
+        A sequence drafts when it feeds one sampled token (not forced ones) and has at least
+        two tokens of budget left; its draft never takes rows a prompt chunk needs.
+        """
+        spec = self.settings
+        generating = rows = prefill = 0
+        found: list[tuple[Sequence, Draft]] = []
+        alone = len(requests) == 1
+        for request in requests:
+            if request.status is not Status.GENERATING:
+                prefill += request.prompt_left
+                continue
+            # a seeded sampled request beside others is not drafted: on the CPUs measured,
+            # drafts of sampled text at 8 to 16 in flight saved nothing, and they would tie
+            # its text to what else runs
+            undrafted = spec.mode == "auto" and request.seeded_sampled and not alone
+            for seq in request.seqs:
+                pending = seq.pending
+                if seq.finish_reason is not None or not pending:
+                    continue
+                generating += 1
+                rows += len(pending)
+                if len(pending) != 1 or seq.history is None or undrafted:
+                    continue
+                budget = seq.max_tokens - seq.n_generated - 1  # the last token is sampled
+                draft = seq.history.draft(min(spec.draft_max, budget))
+                if draft is not None:
+                    found.append((seq, draft))
+        if not found:
+            return {}
+        if spec.mode == "always":
+            free = rows_left(rows, prefill, self.n_batch)
+            chosen = {}
+            for seq, draft in found:
+                tokens = draft.tokens[: max(free, 0)]
+                if tokens:
+                    chosen[seq] = Draft(tokens, draft.match)
+                free -= len(tokens)
+            return chosen
+        if alone and requests[0].repeatable:
+            # alone, its batches are its own: plan them from the request alone, so that every
+            # run of it drafts alike (speculation.py)
+            rate, cost, sample_seconds = self.acceptance.own_rate, self.fixed_cost, 0.0
+        else:
+            rate, cost, sample_seconds = self.acceptance.rate, self.cost, self.sample_seconds
+        take = plan_drafts(
+            [
+                Candidate(rate(d.match, s.drafts_accepted, s.drafts_compared), len(d.tokens))
+                for s, d in found
+            ],
+            generating=generating, decode_rows=rows, prompt_rows=prefill,
+            batch_rows=self.n_batch, cost=cost, sample_seconds=sample_seconds,
+        )
+        return {
+            seq: Draft(draft.tokens[:k], draft.match)
+            for (seq, draft), k in zip(found, take, strict=True)
+            if k
+        }

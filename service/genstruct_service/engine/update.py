@@ -1,0 +1,239 @@
+"""The engine's update: the one place that changes requests and sends events to callers.
+
+After the runner executed a plan (vLLM's `update_from_output`): admitted requests start,
+moved sequences take their new slots, decoded tokens enter the KV cache, each row with
+logits is sampled by its sequence's own sampler (a verified draft through `verify`), and
+finished requests are completed. Sampling is done here, not in the runner: llama.cpp's
+samplers are stateful, and whether a sequence samples its next drafted row depends on what
+its last token did to it (ended it, or forced the answer marker in behind it), as
+llama-server samples in its slot loop.
+
+Shutdown and failure end requests here too, so every event leaves from this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable
+
+from genstruct_service.engine.drafts import DraftChooser
+from genstruct_service.engine.inbox import Inbox
+from genstruct_service.engine.plan import RowKind, SlotRows, StepPlan, StepResult
+from genstruct_service.engine.request import Job, Request, Status
+from genstruct_service.engine.scheduler import StepScheduler
+from genstruct_service.engine.sequence import Sequence
+from genstruct_service.engine.speculation import compared
+from genstruct_service.engine.types import (
+    Completed,
+    EngineEvent,
+    FinishReason,
+    Generation,
+    Timings,
+    TokenDelta,
+)
+from genstruct_service.engine.verify import drafted_hits, verify
+from genstruct_service.errors import Draining, ModelError
+
+_KV_FULL = "the KV cache is full; retry later"
+_SHUTTING_DOWN = "the engine is shutting down"
+
+
+class Updater:
+    """Applies step results to the running requests and tells their callers."""
+
+    def __init__(
+        self, scheduler: StepScheduler, inbox: Inbox, drafts: DraftChooser | None
+    ) -> None:
+        self._scheduler = scheduler
+        self._inbox = inbox
+        self._drafts = drafts
+
+    def update(self, plan: StepPlan, result: StepResult) -> None:
+        for job, error in plan.refused:
+            job.send(error)
+        for request in plan.cancelled:
+            # the scheduler gave their slots back already, so that others could take them
+            for seq in request.seqs:
+                seq.slot = -1
+            self._end(request)
+        for request in plan.admitted:
+            request.status = Status.PREFILLING
+            request.admitted = result.started
+        for move in plan.moves:
+            move.seq.slot = move.target
+        if not result.ok:  # no room in the KV cache: fail the requests in this batch
+            for request in {rows.request: None for rows in plan.rows if rows.request}:
+                self._fail(request, ModelError(_KV_FULL))
+            return
+        if result.n_rows:
+            self._take_rows(plan)
+        finished = []
+        for request in self._scheduler.running:
+            if request.finished:
+                finished.append(request)
+            else:
+                deltas = _deltas(request.seqs)
+                if deltas:
+                    request.job.send(deltas)
+        for request in finished:
+            self.complete(request)
+
+    def _take_rows(self, plan: StepPlan) -> None:
+        fed: dict[Sequence | Request, SlotRows] = {}
+        for run in plan.rows:
+            fed[run.seq or run.request] = run  # type: ignore[index]
+        drafts = self._drafts
+        now = time.perf_counter()
+        n_sampled = 0
+        for request in self._scheduler.running:
+            prompt = fed.get(request)
+            if prompt is not None:
+                request.computed += len(prompt.tokens)
+                if prompt.n_logits:
+                    n_sampled += self._first_tokens(request, prompt.first_row + prompt.logits_from)
+                    request.first_token = now
+                continue
+            for seq in request.seqs:
+                rows = fed.get(seq)
+                if rows is None:
+                    continue
+                if rows.kind is RowKind.VERIFY:
+                    n_sampled += self._verify(request, seq, rows)
+                    continue
+                seq.advance(len(rows.tokens))
+                if rows.n_logits:
+                    n_sampled += 1
+                    token = seq.sampler.sample(rows.first_row + rows.logits_from)
+                    self._append(request, seq, token)
+        if drafts is not None and n_sampled:
+            drafts.observe_sampling(time.perf_counter() - now, n_sampled)
+
+    def _first_tokens(self, request: Request, row: int) -> int:
+        """The prompt is in: copy it to every generation's slot before any samples (one
+        that ends on its first token frees its slot, and the first is the source)."""
+        first = request.seqs[0]
+        total = len(request.tokens)
+        for seq in request.seqs:
+            if seq is not first:
+                self._scheduler.copy(first.slot, seq.slot)
+            seq.pos = total
+        request.status = Status.GENERATING
+        for seq in request.seqs:
+            self._append(request, seq, seq.sampler.sample(row))
+        return len(request.seqs)
+
+    def _verify(self, request: Request, seq: Sequence, rows: SlotRows) -> int:
+        """Sample at the fed token's row and each drafted row while the draft holds; the
+        rejected tail's cells go, and the first token that differed is fed next step."""
+        draft = rows.tokens[1:]
+        first_row = rows.first_row
+        seq.advance(1)
+        tokens = verify(draft, lambda i: seq.sampler.sample(first_row + i),
+                        lambda token: self._append(request, seq, token))  # fmt: skip
+        k, hits = len(draft), drafted_hits(draft, tokens)
+        if self._drafts is not None:
+            self._drafts.acceptance.record(rows.draft_match, k, hits)
+        seq.drafts_accepted += hits
+        seq.drafts_compared += compared(k, hits)
+        request.draft_tokens += k
+        request.accepted_draft_tokens += hits
+        if seq.finish_reason is None:
+            seq.advance(hits)  # in the cache already
+            if hits < k:
+                self._scheduler.trim(seq)
+        return len(tokens)
+
+    def _append(self, request: Request, seq: Sequence, token: int) -> bool:
+        """A sampled token for `seq`; whether it goes on as the token alone to feed."""
+        if seq.append(token):
+            return True
+        if seq.finish_reason is not None:
+            if not request.first_token:
+                request.first_token = time.perf_counter()
+            self._release(request, seq)
+        return False
+
+    def _release(self, request: Request, seq: Sequence) -> None:
+        if seq.slot >= 0:
+            self._scheduler.release(request, seq)
+            seq.slot = -1
+            self._inbox.slot_freed()
+        seq.sampler.close()
+
+    def _end(self, request: Request) -> None:
+        """A request ends before its sequences did: cancelled, or the engine stops."""
+        for seq in request.seqs:
+            if seq.finish_reason is None:
+                seq.finish(FinishReason.CANCELLED)
+            self._release(request, seq)
+        request.status = Status.DONE
+
+    def complete(self, request: Request) -> None:
+        """Send the last event of a request and give back its reservation."""
+        self._end(request)
+        self._scheduler.retire(request)
+        now = time.perf_counter()
+        submitted = request.job.submitted
+        events: list[EngineEvent] = [*_deltas(request.seqs)]
+        events.append(
+            Completed(
+                generations=tuple(
+                    Generation(
+                        index=s.index,
+                        text=s.text.text,
+                        finish_reason=s.finish_reason or FinishReason.CANCELLED,
+                        completion_tokens=s.n_generated,
+                    )
+                    for s in request.seqs
+                ),
+                prompt_tokens=len(request.tokens),
+                truncated=request.job.prompt.truncated,
+                draft_tokens=request.draft_tokens,
+                accepted_draft_tokens=request.accepted_draft_tokens,
+                timings=Timings(
+                    queue_seconds=request.admitted - submitted,
+                    first_token_seconds=(request.first_token or now) - submitted,
+                    total_seconds=now - submitted,
+                ),
+            )
+        )
+        if not request.job.cancelled:
+            request.job.send(events)
+
+    def _fail(self, request: Request, error: BaseException) -> None:
+        self._end(request)
+        self._scheduler.retire(request)
+        request.job.send(error)
+
+    def shut_down(self, inbox: Iterable[Job]) -> None:
+        """The engine closes: running requests complete as they are, nothing else starts."""
+        for request in list(self._scheduler.running):
+            self.complete(request)
+        for job in inbox:
+            job.send(Draining(_SHUTTING_DOWN))
+        for request in self._scheduler.drain():
+            self._end(request)
+            request.job.send(Draining(_SHUTTING_DOWN))
+
+    def fail_everything(self, error: ModelError, inbox: Iterable[Job]) -> None:
+        """The engine thread failed: every request in flight, running or not, is told."""
+        for request in list(self._scheduler.running):
+            with contextlib.suppress(Exception):
+                self._fail(request, ModelError(str(error)))
+        for job in inbox:
+            job.send(ModelError(str(error)))
+        for request in self._scheduler.drain():
+            request.job.send(ModelError(str(error)))
+            request.status = Status.DONE
+            for seq in request.seqs:
+                seq.sampler.close()
+
+
+def _deltas(seqs: list[Sequence]) -> list[TokenDelta]:
+    """This step's text of a streaming request: one delta per generation that wrote some."""
+    deltas = []
+    for seq in seqs:
+        if seq.new_text:
+            deltas.append(TokenDelta(seq.index, seq.take_text()))
+    return deltas

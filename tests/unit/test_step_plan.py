@@ -1,0 +1,349 @@
+"""Step plans without a model: the scheduler, update and a stand-in for the runner, step
+after step, with the KV cache kept as the count of cells per slot.
+
+Every plan holds what llama.cpp needs (rows within n_batch, rows with logits within
+n_outputs_max, each slot's rows continuing its cells, one run per slot in slot order), and
+what the engine promises (no gap below a busy slot, prompt chunks first admitted first and
+never starved by drafts, drafts only for a sequence that feeds one sampled token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterator
+
+import pytest
+from genstruct_service.engine.drafts import DraftChooser
+from genstruct_service.engine.fitting import FittedPrompt
+from genstruct_service.engine.inbox import Inbox
+from genstruct_service.engine.plan import RowKind, StepPlan, StepResult
+from genstruct_service.engine.request import Job, Request, Status
+from genstruct_service.engine.scheduler import StepScheduler
+from genstruct_service.engine.sequence import Sequence
+from genstruct_service.engine.speculation import History, PromptNgrams, SpeculationSettings
+from genstruct_service.engine.types import (
+    Completed,
+    FinishReason,
+    GenerationRequest,
+    Sampling,
+    TokenDelta,
+)
+from genstruct_service.engine.update import Updater
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+EOS = 0
+CYCLE = [3, 4, 5, 6, 7]  # prompts repeat it, and samplers mostly follow it: drafts match
+
+
+class Vocab:
+    eog = frozenset({EOS})
+
+    def piece(self, token: int) -> bytes:
+        return b"x"
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        return [1] * len(text)
+
+
+class CycleSampler:
+    """Follows CYCLE from where its sequence is, now and then (by `rng`) not, or ends."""
+
+    def __init__(self, rng: random.Random, miss: float) -> None:
+        self._rng = rng
+        self._miss = miss
+        self.last = CYCLE[-1]
+        self.closed = False
+
+    def sample(self, row: int) -> int:
+        assert not self.closed
+        roll = self._rng.random()
+        if roll < 0.01:
+            return EOS
+        token = 2 if roll < self._miss else CYCLE[(CYCLE.index(self.last) + 1) % len(CYCLE)]
+        if token != 2:
+            self.last = token
+        return token
+
+    def take_forced(self, token: int) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()  # never run: jobs queue their events on it
+    yield loop
+    loop.close()
+
+
+def make_request(
+    loop: asyncio.AbstractEventLoop, rng: random.Random, *, prompt: int, generations: int,
+    max_tokens: int, miss: float, spec: SpeculationSettings | None,
+) -> Request:
+    tokens = [1] + [CYCLE[i % len(CYCLE)] for i in range(prompt - 1)]
+    sampling = Sampling(max_tokens=max_tokens, temperature=0.0)
+    ngrams = PromptNgrams(tokens, spec.ngram_min) if spec is not None else None
+    job = Job(GenerationRequest("t", "c", sampling, num_generations=generations),
+              FittedPrompt(tokens, truncated=False), ngrams, loop)  # fmt: skip
+    seqs = [
+        Sequence(i, CycleSampler(rng, miss), Vocab(), stops=(), max_tokens=max_tokens,
+                 stream=True,
+                 history=None if ngrams is None else History(ngrams, spec.ngram_max))  # type: ignore[union-attr]
+        for i in range(generations)
+    ]  # fmt: skip
+    return Request(job, seqs)
+
+
+class Engine:
+    """The scheduler and update, with the KV cache as cells per slot."""
+
+    def __init__(self, *, n_slots: int, n_cells: int, n_batch: int, split: bool,
+                 spec: SpeculationSettings | None) -> None:  # fmt: skip
+        drafts = DraftChooser(spec, n_batch) if spec is not None else None
+        self.scheduler = StepScheduler(n_slots, n_cells, n_batch=n_batch, split_kv=split,
+                                       drafts=drafts)  # fmt: skip
+        self.updater = Updater(self.scheduler, Inbox(max_queue=99, n_parallel=n_slots), drafts)
+        self.n_slots, self.n_batch, self.split = n_slots, n_batch, split
+        per_slot = 1 + spec.draft_max if spec is not None else 1
+        self.outputs_max = min(n_batch, n_slots * per_slot)
+        self.cells = [0] * n_slots  # each slot's cells: positions 0 .. cells - 1
+        self.plans: list[StepPlan] = []
+
+    def step(self, *, cancelled: bool = False) -> StepPlan:
+        before = {seq: seq.pending[:] for r in self.scheduler.running for seq in r.seqs}
+        plan = self.scheduler.schedule(cancelled=cancelled)
+        self.check(plan, before)
+        self.execute(plan)
+        self.updater.update(plan, StepResult(True, plan.n_rows, 0.0, time.perf_counter()))
+        self.plans.append(plan)
+        return plan
+
+    def execute(self, plan: StepPlan) -> None:
+        cells = self.cells
+        for source, target in plan.copies:
+            cells[target] = cells[source]
+        for slot, pos in plan.trims:
+            cells[slot] = min(cells[slot], pos)
+        for slot in plan.clears:
+            cells[slot] = 0
+        for move in plan.moves:
+            cells[move.target] = cells[move.source] if move.source >= 0 else 0
+            if move.source >= 0:
+                cells[move.source] = 0
+        for rows in plan.rows:
+            # positions of a sequence are contiguous: its rows continue its cells
+            assert rows.first_pos == cells[rows.slot], (rows, cells)
+            cells[rows.slot] += len(rows.tokens)
+
+    def check(self, plan: StepPlan, pending: dict[Sequence, list[int]]) -> None:
+        rows = plan.rows
+        slots = [r.slot for r in rows]
+        assert slots == sorted(set(slots)), "one run per slot, in slot order"
+        assert plan.n_rows == sum(len(r.tokens) for r in rows) <= self.n_batch
+        assert plan.n_logits <= self.outputs_max
+        at = 0
+        for r in rows:
+            assert r.first_row == at and 0 <= r.logits_from <= len(r.tokens)
+            at += len(r.tokens)
+        running = self.scheduler.running
+        if self.split:
+            busy = sorted(
+                {m.target for m in plan.moves}
+                | {s.slot for r in running for s in r.seqs if s.generating and s.slot >= 0}
+                - {m.source for m in plan.moves}
+            )
+            assert busy == list(range(len(busy))), f"a gap below a busy slot: {busy}"
+        prompts = [r for r in rows if r.kind is RowKind.PROMPT]
+        drafted = sum(len(r.tokens) - 1 for r in rows if r.kind is RowKind.VERIFY)
+        decode = plan.n_rows - drafted - plan.prompt_rows
+        assert plan.prompt_rows == sum(len(r.tokens) for r in prompts)
+        prefilling = [r for r in running if r.status is not Status.GENERATING]
+        left = sum(r.prompt_left for r in prefilling)
+        # prompt chunks take every row the decode rows leave, drafts only what is left then
+        assert plan.prompt_rows == min(left, self.n_batch - decode)
+        assert drafted <= max(self.n_batch - decode - left, 0)
+        # first admitted first: only the last chunk may be short of its request's prompt
+        by_request = {r.request: r for r in prompts}
+        chunked = [r for r in prefilling if r in by_request]
+        assert chunked == prefilling[: len(chunked)]
+        for request in chunked[:-1]:
+            assert len(by_request[request].tokens) == request.prompt_left
+        for r in rows:
+            if r.kind is RowKind.PROMPT:
+                assert r.seq is None and r.request is not None
+                assert r.first_pos == r.request.computed
+                assert r.n_logits == (1 if len(r.tokens) == r.request.prompt_left else 0)
+            elif r.kind is RowKind.VERIFY:
+                assert r.seq is not None and len(pending[r.seq]) == 1  # a sampled token alone
+                assert r.tokens[0] == pending[r.seq][0] and r.logits_from == 0
+                assert r.first_pos == r.seq.pos
+            else:
+                assert r.seq is not None and r.tokens == pending[r.seq][: len(r.tokens)]
+                assert r.n_logits == (1 if len(r.tokens) == len(pending[r.seq]) else 0)
+
+
+arrivals = st.lists(
+    st.tuples(
+        st.integers(0, 30),  # step it arrives at
+        st.integers(1, 60),  # prompt tokens
+        st.integers(1, 3),  # generations
+        st.integers(1, 24),  # max_tokens
+    ),
+    min_size=1,
+    max_size=10,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arrivals=arrivals,
+    n_slots=st.integers(1, 6),
+    batch_extra=st.integers(0, 40),
+    split=st.booleans(),
+    speculate=st.sampled_from(["off", "always", "auto"]),
+    miss=st.sampled_from([0.0, 0.2, 0.7]),
+    cancel=st.sets(st.integers(0, 9), max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_every_plan_holds_what_llama_cpp_needs_and_the_engine_promises(
+    loop: asyncio.AbstractEventLoop, arrivals: list[tuple[int, int, int, int]], n_slots: int,
+    batch_extra: int, split: bool, speculate: str, miss: float, cancel: set[int], seed: int,
+) -> None:
+    rng = random.Random(seed)
+    spec = None
+    if speculate != "off":
+        spec = SpeculationSettings(speculate, draft_max=4, ngram_min=2, ngram_max=4)
+    engine = Engine(n_slots=n_slots, n_cells=4096, n_batch=n_slots + batch_extra, split=split,
+                    spec=spec)  # fmt: skip
+    if spec is not None and engine.scheduler.drafts is not None:
+        for rows in range(1, 40):  # rows cost little: auto drafts often
+            engine.scheduler.drafts.cost.set(rows, 0.01 + 0.0001 * rows)
+    requests: list[Request] = []
+    for step in range(400):
+        for at, prompt, generations, max_tokens in arrivals:
+            if at == step:
+                request = make_request(loop, rng, prompt=prompt,
+                                       generations=min(generations, n_slots),
+                                       max_tokens=max_tokens, miss=miss, spec=spec)  # fmt: skip
+                requests.append(request)
+                engine.scheduler.enqueue(request)
+        cancelling = False
+        for i in cancel:
+            if i < len(requests) and rng.random() < 0.05 and requests[i].status is not Status.DONE:
+                requests[i].job.cancelled = True
+                cancelling = True
+        engine.step(cancelled=cancelling)
+        if step > 30 and not engine.scheduler.has_work:
+            break
+    assert not engine.scheduler.has_work, "a request never finished"
+    for request in requests:
+        assert request.status is Status.DONE
+        assert all(seq.finish_reason is not None and seq.slot == -1 for seq in request.seqs)
+        assert all(isinstance(seq.sampler, CycleSampler) and seq.sampler.closed
+                   for seq in request.seqs)  # fmt: skip
+    assert engine.scheduler.admission.busy_slots == 0
+    assert engine.scheduler.admission.reserved_cells == 0
+
+
+def plain(
+    loop: asyncio.AbstractEventLoop, seed: int, prompt: int, max_tokens: int, generations: int = 1
+) -> Request:
+    """A greedy request whose sampler follows the cycle, without drafts."""
+    return make_request(loop, random.Random(seed), prompt=prompt, generations=generations,
+                        max_tokens=max_tokens, miss=0.0, spec=None)  # fmt: skip
+
+
+def drain(job: Job, loop: asyncio.AbstractEventLoop) -> list[object]:
+    loop.run_until_complete(asyncio.sleep(0))
+    events: list[object] = []
+    while not job.queue.empty():
+        item = job.queue.get_nowait()
+        events.extend(item if isinstance(item, list) else [item])
+    return events
+
+
+def test_a_request_goes_waiting_prefilling_generating_done(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    engine = Engine(n_slots=2, n_cells=1000, n_batch=8, split=True, spec=None)
+    request = plain(loop, 1, prompt=12, max_tokens=3, generations=2)
+    engine.scheduler.enqueue(request)
+    assert request.status is Status.WAITING
+    plan = engine.step()  # the first 8 prompt tokens
+    assert plan.admitted == (request,) and request.status is Status.PREFILLING
+    assert [(r.kind, r.slot, len(r.tokens), r.n_logits) for r in plan.rows] == [
+        (RowKind.PROMPT, 0, 8, 0)
+    ]
+    assert [m.target for m in plan.moves] == [0, 1] and request.computed == 8
+    plan = engine.step()  # the rest: its first tokens are sampled, the prompt copied
+    assert request.status is Status.GENERATING
+    assert [(r.kind, len(r.tokens), r.n_logits) for r in plan.rows] == [(RowKind.PROMPT, 4, 1)]
+    plan = engine.step()
+    assert plan.copies == ((0, 1),)  # before the first decode of the second generation
+    assert [(r.kind, r.slot, r.first_pos) for r in plan.rows] == [
+        (RowKind.DECODE, 0, 12), (RowKind.DECODE, 1, 12)
+    ]
+    events = drain(request.job, loop)
+    assert events and all(isinstance(e, TokenDelta) for e in events)
+    engine.step()  # the third token of each: max_tokens
+    assert request.status is Status.DONE
+    done = drain(request.job, loop)[-1]
+    assert isinstance(done, Completed)
+    assert [g.finish_reason for g in done.generations] == [FinishReason.LENGTH] * 2
+    assert [g.completion_tokens for g in done.generations] == [3, 3]
+    assert engine.step().clears == (0, 1)  # their cells go before the next batch
+
+
+def test_a_cancelled_request_leaves_before_the_step_and_its_slot_is_taken(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    engine = Engine(n_slots=1, n_cells=1000, n_batch=16, split=True, spec=None)
+    first, second = plain(loop, 2, prompt=4, max_tokens=50), plain(loop, 3, 4, max_tokens=5)
+    engine.scheduler.enqueue(first)
+    engine.scheduler.enqueue(second)
+    engine.step()
+    engine.step()
+    first.job.cancelled = True
+    plan = engine.step(cancelled=True)
+    assert plan.cancelled == (first,) and plan.admitted == (second,)
+    assert plan.clears == (0,) and [(m.source, m.target) for m in plan.moves] == [(-1, 0)]
+    assert first.status is Status.DONE and first.seqs[0].finish_reason is FinishReason.CANCELLED
+    assert drain(first.job, loop) == [TokenDelta(0, "x")] * 2  # nothing after the cancel
+
+
+def test_a_gap_below_a_busy_slot_is_closed_by_a_move(loop: asyncio.AbstractEventLoop) -> None:
+    engine = Engine(n_slots=3, n_cells=1000, n_batch=16, split=True, spec=None)
+    short, long = plain(loop, 4, prompt=3, max_tokens=2), plain(loop, 5, 3, max_tokens=20)
+    engine.scheduler.enqueue(short)
+    engine.scheduler.enqueue(long)
+    while short.status is not Status.DONE:
+        engine.step()
+    assert long.seqs[0].slot == 1
+    plan = engine.step()
+    assert [(m.source, m.target) for m in plan.moves] == [(1, 0)]
+    assert [r.slot for r in plan.rows] == [0] and long.seqs[0].slot == 0
+
+
+def test_a_draft_is_verified_on_free_rows_and_its_tokens_kept(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    spec = SpeculationSettings("always", draft_max=4, ngram_min=2, ngram_max=4)
+    engine = Engine(n_slots=1, n_cells=1000, n_batch=16, split=True, spec=spec)
+    request = make_request(loop, random.Random(7), prompt=20, generations=1, max_tokens=12,
+                           miss=0.0, spec=spec)  # fmt: skip
+    engine.scheduler.enqueue(request)
+    while request.status is not Status.DONE:
+        engine.step()
+    verified = [r for plan in engine.plans for r in plan.rows if r.kind is RowKind.VERIFY]
+    assert verified and all(r.n_logits == len(r.tokens) for r in verified)
+    done = drain(request.job, loop)[-1]
+    assert isinstance(done, Completed)
+    # the sampler follows the prompt's cycle: the drafts copy it
+    assert 0 < done.accepted_draft_tokens <= done.draft_tokens
+    assert done.generations[0].completion_tokens == 12
+    assert len(engine.plans) < 12  # fewer steps than tokens
