@@ -112,8 +112,20 @@ def download(pinned: dict[str, str], pythons: list[str], wheels: Path) -> None:
 
 def prebuild(source: Path, version: str, cuda_arch: str, out: Path, jobs: int | None) -> Path:
     """The CUDA build of the check, made here and packed for the stage."""
-    if shutil.which("nvcc") is None:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
         raise SystemExit("--cuda-arch needs nvcc (and cuBLAS) on this machine")
+    # nvcc may be a wrapper script: look where the toolkit usually is, too
+    toolkits = sorted({Path(nvcc).resolve().parent.parent,
+                       Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))})
+    if not any((toolkit / "include" / "cublas_v2.h").exists() for toolkit in toolkits):
+        # found before a compile of an hour on a small machine, not after
+        raise SystemExit(
+            f"--cuda-arch needs cuBLAS in the CUDA toolkit: no include/cublas_v2.h in "
+            f"{' or '.join(map(str, toolkits))}. Where the toolkit has none, the nvidia-cublas"
+            " wheel of its major version has it: copy the wheel's nvidia/cu*/include/* into"
+            " include/ and its lib/*.so.* into lib64/ (with unversioned links), then stage"
+            " again")
     build_dir = (gpu_build.builds_dir() / f"build-{gpu_build.key(version, cuda_arch)}").resolve()
     extra = []
     if not any(Path(p).exists() for p in ("/usr/lib/x86_64-linux-gnu/libcuda.so",
