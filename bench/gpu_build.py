@@ -33,15 +33,11 @@ from pathlib import Path
 
 from tools import llama_build
 
-# Release shared libraries and llama-server; no downloads, no web UI, no tests. No
-# -march=native: a build made on one machine runs on another (with every layer on the GPU
-# the CPU kernels hardly matter; ggml's default x86 baseline is AVX2).
-COMMON_ARGS = (
-    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=OFF",
-    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF",
-    "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON",
-)
+# llama-server and the shared libraries as the benchmarks build them, with no -march=native:
+# a build made on one machine runs on another (with every layer on the GPU the CPU kernels
+# hardly matter; ggml's default x86 baseline is AVX2).
+COMMON_ARGS = (*llama_build.SERVER_BUILD_ARGS, "-DGGML_NATIVE=OFF",
+               "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON")
 TARGETS = ("llama", "llama-server")
 RECORD = "llama-build.json"
 # What a build leaves for the check: the shared libraries (llama-server also links

@@ -70,9 +70,7 @@ def build(version: str | None = None, jobs: int | None = None) -> Path:
     env = dict(os.environ, CFLAGS=flags.cflags, CXXFLAGS=flags.cxxflags)
     subprocess.run(
         ["cmake", "-S", str(source), "-B", str(build_dir), *flags.cmake_args,
-         "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-         "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-         "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=ON"],
+         *llama_build.SERVER_BUILD_ARGS],
         check=True, env=env,
     )
     subprocess.run(

@@ -58,6 +58,14 @@ AMX_OFF = ("-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16")
 CUDA_ARCHITECTURES = "80;86;89;90"
 # The CPU variants of a portable build that use AMX (see ggml/src/CMakeLists.txt).
 AMX_VARIANTS = ("sapphirerapids",)
+# llama-server and the shared libraries beside it, as the benchmarks build them: Release, no
+# downloads (curl, TLS, the prebuilt web UI), no tests or examples (bench/llama_server.py,
+# bench/gpu_build.py).
+SERVER_BUILD_ARGS = (
+    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+)
 # Where the installed build describes itself, relative to the environment's prefix.
 BUILD_INFO = Path("share") / "genstruct-grpc" / "llama-build.json"
 
