@@ -97,7 +97,6 @@ export PYTHONPATH="$SITE:$ROOT/service:$ROOT/client:$ROOT"
 
 # ------------------------------------------------------------------------ preflight
 
-
 GPU_CSV=""
 CUDA_ARCH=""
 if (( ! CPU_MODE )); then
@@ -231,6 +230,7 @@ usable() {  # the GPU form needs CUDA with the GPU as a device
     (( CPU_MODE )) || { grep -q 'backends[^;]*CUDA' <<<"$1" && grep -q '(GPU)' <<<"$1"; }
 }
 BUILT_FROM=cache
+BUILD_T0=$(date +%s)
 if [[ -f $PREBUILT && ! -f $BUILD_DIR/bin/llama-build.json ]]; then
     log "== step build: the staged build $KEY"
     "$PY" -m bench.gpu_build unpack --archive "$PREBUILT" --build-dir "$BUILD_DIR"
@@ -258,7 +258,7 @@ fi
 printf '%s\n' "$BUILD_REPORT"
 grep -q '^llama.cpp: ' <<<"$BUILD_REPORT" || die "the build report failed (above)"
 usable "$BUILD_REPORT" || die "llama.cpp has no CUDA backend with a GPU device (report above)"
-STEPS+=("build=done:$(elapsed)")
+STEPS+=("build=done:$(( $(date +%s) - BUILD_T0 ))")
 export GENSTRUCT_LLAMA_SERVER="$BUILD_DIR/bin/llama-server"
 
 STEP="model"
