@@ -128,9 +128,11 @@ class Admission(Generic[T]):
             ticket = self._waiting.popleft()
             self._take(ticket)
             started.append(ticket)
-        if not self._waiting:
+        if not self._waiting or not self._free_slots:
             return started
         head = self._waiting[0]
+        if head.bypassed >= self.max_bypass:
+            return started
         passed: list[Ticket[T]] = []
         for ticket in list(self._waiting)[1:]:
             if head.bypassed >= self.max_bypass or not self._free_slots:

@@ -39,9 +39,39 @@ class Job:
         self.cancelled = False  # set by the asyncio side, read by the engine thread
         self.answered = False  # set by the asyncio side once the last event arrived
 
-    def send(self, item: Events[EngineEvent] | BaseException) -> None:
-        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody listens
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+_Delivery = tuple[Job, Events[EngineEvent] | BaseException]
+
+
+class Outbox:
+    """Events for callers, collected through a step and delivered at its end with one wake-up
+    per event loop: each `call_soon_threadsafe` writes to the loop's self-pipe, and a step
+    streams text to every request in it."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        self._items: list[_Delivery] = []
+
+    def put(self, job: Job, item: Events[EngineEvent] | BaseException) -> None:
+        self._items.append((job, item))
+
+    def flush(self) -> None:
+        if not self._items:
+            return
+        items, self._items = self._items, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Delivery]] = {}
+        for job, item in items:
+            by_loop.setdefault(job.loop, []).append((job, item))
+        for loop, batch in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody listens
+                loop.call_soon_threadsafe(deliver, batch)
+
+
+def deliver(batch: list[_Delivery]) -> None:
+    """On the callers' event loop: each event into its request's queue."""
+    for job, item in batch:
+        job.queue.put_nowait(item)
 
 
 class Status(enum.Enum):
@@ -67,6 +97,7 @@ class Request:
         "seeded_sampled",
         "seqs",
         "status",
+        "stream",
         "ticket",
         "tokens",
     )  # fmt: skip
@@ -77,6 +108,7 @@ class Request:
         self.seqs = seqs
         self.tokens = job.prompt.tokens
         self.status = Status.WAITING
+        self.stream = job.request.stream  # its text is sent as it comes
         # its slots and KV reservation in the admission books
         self.ticket: Ticket[Request] = Ticket(
             self, generations=len(seqs), prompt_cells=len(self.tokens),

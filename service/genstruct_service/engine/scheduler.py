@@ -22,6 +22,8 @@ would not be cleared when taken.
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 from genstruct_service.engine.admission import Admission
 from genstruct_service.engine.drafts import DraftChooser
 from genstruct_service.engine.plan import RowKind, SlotMove, SlotRows, StepPlan
@@ -29,7 +31,7 @@ from genstruct_service.engine.request import Job, Request, Status
 from genstruct_service.engine.sequence import Sequence
 
 _Part = tuple[int, RowKind, int, list[int], int, Request, Sequence | None, int]
-
+_BY_SLOT = itemgetter(0)  # a part's slot
 
 class StepScheduler:
     """The requests running, the admission books, and the plan of every step."""
@@ -151,45 +153,46 @@ class StepScheduler:
 
     def _compose(self, moved: dict[Sequence, int]) -> tuple[tuple[SlotRows, ...], int, int]:
         cap = self._n_batch
-        drafts = self.drafts.choose(self.running) if self.drafts is not None else {}
-        parts: list[_Part] = []
+        drafts = self.drafts.choose(self.running) if self.drafts is not None else None
+        generating, verify, decode = Status.GENERATING, RowKind.VERIFY, RowKind.DECODE
+        parts: list[_Part] = []  # SlotRows but the first row, known once sorted by slot
+        add = parts.append
         n = 0
         for request in self.running:
-            if request.status is not Status.GENERATING:
+            if request.status is not generating:
                 continue
             for seq in request.seqs:
                 pending = seq.pending
-                if seq.finish_reason is not None or not pending:
+                if not pending or seq.finish_reason is not None:
                     continue
-                slot = moved.get(seq, seq.slot)
+                slot = moved.get(seq, seq.slot) if moved else seq.slot
                 draft = drafts.get(seq) if drafts else None
                 if draft is not None:
                     tokens = [pending[0], *draft.tokens]
-                    parts.append((slot, RowKind.VERIFY, seq.pos, tokens, 0, request, seq,
-                                  draft.match))  # fmt: skip
+                    add((slot, verify, seq.pos, tokens, 0, request, seq, draft.match))
                     n += len(tokens)
                     continue
                 rows = min(len(pending), cap - n)
                 if rows:
                     logits_from = rows - 1 if rows == len(pending) else rows
-                    parts.append((slot, RowKind.DECODE, seq.pos, pending[:rows], logits_from,
-                                  request, seq, 0))  # fmt: skip
+                    add((slot, decode, seq.pos, pending[:rows], logits_from, request, seq, 0))
                     n += rows
         prompt_rows = 0
         for request in self.running:
             left = request.prompt_left
-            if request.status is Status.GENERATING or left <= 0 or n >= cap:
+            if request.status is generating or left <= 0 or n >= cap:
                 continue
             take = min(left, cap - n)
             start = request.computed
             logits_from = take - 1 if take == left else take
             chunk = request.tokens[start : start + take]
             first = request.seqs[0]  # the prompt is decoded on the first generation's slot
-            parts.append((moved.get(first, first.slot), RowKind.PROMPT, start, chunk,
-                          logits_from, request, None, 0))  # fmt: skip
+            slot = moved.get(first, first.slot) if moved else first.slot
+            add((slot, RowKind.PROMPT, start, chunk, logits_from, request, None, 0))
             n += take
             prompt_rows += take
-        parts.sort(key=lambda part: part[0])
+        if len(parts) > 1:
+            parts.sort(key=_BY_SLOT)
         rows_out = []
         at = 0
         for part in parts:

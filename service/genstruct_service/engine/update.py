@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from genstruct_service.engine.drafts import DraftChooser
 from genstruct_service.engine.inbox import Inbox
 from genstruct_service.engine.plan import RowKind, SlotRows, StepPlan, StepResult
-from genstruct_service.engine.request import Job, Request, Status
+from genstruct_service.engine.request import Job, Outbox, Request, Status
 from genstruct_service.engine.scheduler import StepScheduler
 from genstruct_service.engine.sequence import Sequence
 from genstruct_service.engine.speculation import compared
@@ -48,10 +48,17 @@ class Updater:
         self._scheduler = scheduler
         self._inbox = inbox
         self._drafts = drafts
+        self._outbox = Outbox()
 
     def update(self, plan: StepPlan, result: StepResult) -> None:
+        try:
+            self._update(plan, result)
+        finally:
+            self._outbox.flush()
+
+    def _update(self, plan: StepPlan, result: StepResult) -> None:
         for job, error in plan.refused:
-            job.send(error)
+            self._outbox.put(job, error)
         for request in plan.cancelled:
             # the scheduler gave their slots back already, so that others could take them
             for seq in request.seqs:
@@ -66,48 +73,50 @@ class Updater:
             for request in {rows.request: None for rows in plan.rows if rows.request}:
                 self._fail(request, ModelError(_KV_FULL))
             return
-        if result.n_rows:
-            self._take_rows(plan)
-        finished = []
-        for request in self._scheduler.running:
-            if request.finished:
-                finished.append(request)
-            else:
-                deltas = _deltas(request.seqs)
+        ended = self._take_rows(plan) if result.n_rows else ()
+        # only requests with rows this step have new text, or can have ended
+        for rows in plan.rows:
+            fed = rows.request
+            if fed is not None and fed.stream and not fed.finished:
+                deltas = _deltas(fed.seqs)
                 if deltas:
-                    request.job.send(deltas)
-        for request in finished:
+                    self._outbox.put(fed.job, deltas)
+        for request in ended:
             self.complete(request)
 
-    def _take_rows(self, plan: StepPlan) -> None:
-        fed: dict[Sequence | Request, SlotRows] = {}
-        for run in plan.rows:
-            fed[run.seq or run.request] = run  # type: ignore[index]
+    def _take_rows(self, plan: StepPlan) -> list[Request]:
+        """Every row with logits is sampled, in batch order; returns the requests that
+        ended."""
         drafts = self._drafts
         now = time.perf_counter()
         n_sampled = 0
-        for request in self._scheduler.running:
-            prompt = fed.get(request)
-            if prompt is not None:
-                request.computed += len(prompt.tokens)
-                if prompt.n_logits:
-                    n_sampled += self._first_tokens(request, prompt.first_row + prompt.logits_from)
-                    request.first_token = now
+        ended: list[Request] = []
+        for rows in plan.rows:
+            request = rows.request
+            seq = rows.seq
+            if request is None:
                 continue
-            for seq in request.seqs:
-                rows = fed.get(seq)
-                if rows is None:
-                    continue
-                if rows.kind is RowKind.VERIFY:
-                    n_sampled += self._verify(request, seq, rows)
-                    continue
+            if seq is None:  # a chunk of its prompt
+                request.computed += len(rows.tokens)
+                if rows.n_logits:
+                    n_sampled += self._first_tokens(request, rows.first_row + rows.logits_from)
+                    request.first_token = now
+                    if request.finished:
+                        ended.append(request)
+                continue
+            if rows.kind is RowKind.VERIFY:
+                n_sampled += self._verify(request, seq, rows)
+            else:
                 seq.advance(len(rows.tokens))
                 if rows.n_logits:
                     n_sampled += 1
                     token = seq.sampler.sample(rows.first_row + rows.logits_from)
                     self._append(request, seq, token)
+            if seq.finish_reason is not None and request.finished:
+                ended.append(request)
         if drafts is not None and n_sampled:
             drafts.observe_sampling(time.perf_counter() - now, n_sampled)
+        return ended
 
     def _first_tokens(self, request: Request, row: int) -> int:
         """The prompt is in: copy it to every generation's slot before any samples (one
@@ -199,36 +208,41 @@ class Updater:
             )
         )
         if not request.job.cancelled:
-            request.job.send(events)
+            self._outbox.put(request.job, events)
 
     def _fail(self, request: Request, error: BaseException) -> None:
         self._end(request)
         self._scheduler.retire(request)
-        request.job.send(error)
+        self._outbox.put(request.job, error)
 
     def shut_down(self, inbox: Iterable[Job]) -> None:
         """The engine closes: running requests complete as they are, nothing else starts."""
-        for request in list(self._scheduler.running):
-            self.complete(request)
-        for job in inbox:
-            job.send(Draining(_SHUTTING_DOWN))
-        for request in self._scheduler.drain():
-            self._end(request)
-            request.job.send(Draining(_SHUTTING_DOWN))
+        try:
+            for request in list(self._scheduler.running):
+                self.complete(request)
+            for job in inbox:
+                self._outbox.put(job, Draining(_SHUTTING_DOWN))
+            for request in self._scheduler.drain():
+                self._end(request)
+                self._outbox.put(request.job, Draining(_SHUTTING_DOWN))
+        finally:
+            self._outbox.flush()
 
     def fail_everything(self, error: ModelError, inbox: Iterable[Job]) -> None:
         """The engine thread failed: every request in flight, running or not, is told."""
-        for request in list(self._scheduler.running):
-            with contextlib.suppress(Exception):
-                self._fail(request, ModelError(str(error)))
-        for job in inbox:
-            job.send(ModelError(str(error)))
-        for request in self._scheduler.drain():
-            request.job.send(ModelError(str(error)))
-            request.status = Status.DONE
-            for seq in request.seqs:
-                seq.sampler.close()
-
+        try:
+            for request in list(self._scheduler.running):
+                with contextlib.suppress(Exception):
+                    self._fail(request, ModelError(str(error)))
+            for job in inbox:
+                self._outbox.put(job, ModelError(str(error)))
+            for request in self._scheduler.drain():
+                self._outbox.put(request.job, ModelError(str(error)))
+                request.status = Status.DONE
+                for seq in request.seqs:
+                    seq.sampler.close()
+        finally:
+            self._outbox.flush()
 
 def _deltas(seqs: list[Sequence]) -> list[TokenDelta]:
     """This step's text of a streaming request: one delta per generation that wrote some."""
