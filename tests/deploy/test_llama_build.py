@@ -21,6 +21,10 @@ from tools import llama_build
 ROOT = Path(__file__).resolve().parents[2]
 CLEAN_ENV = ("LLAMA_CMAKE_ARGS", "LLAMA_ALLOW_AMX", "LLAMA_CUDA_ARCHITECTURES", "CFLAGS",
              "CXXFLAGS", "LLAMA_PROFILE")
+# The environment this run was started with, read before `plain_environment` clears it: the
+# checks of the installed build compare it with the build these flags ask for (`make test
+# LLAMA_PROFILE=portable` installs with them, then runs the tests with them).
+STARTED_WITH = {name: os.environ[name] for name in CLEAN_ENV if name in os.environ}
 x86_only = pytest.mark.skipif(not llama_build._is_x86(), reason="AMX is an x86-64 extension")
 
 
@@ -88,14 +92,18 @@ def test_a_native_wheel_is_keyed_by_this_cpu_and_a_portable_one_is_not() -> None
     assert llama_build.describe("portable").cpu_flags == ""
 
 
-def test_the_running_bindings_are_the_build_their_flags_ask_for() -> None:
-    """No stale build: what this environment runs was installed by the tool, with its key."""
+def test_the_running_bindings_are_the_build_their_flags_ask_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No stale build: what this environment runs was installed by the tool, with the key that
+    the flags of this run (CFLAGS, LLAMA_CMAKE_ARGS...) ask for, as `make test` passes them."""
     record = llama_build.installed(sys.executable)
     assert record is not None, "llama-cpp-python was not installed by tools/llama_build.py"
     profile = str(record["profile"])
-    for name in CLEAN_ENV:  # the flags the install saw are those of this test run
-        if name in os.environ:
-            pytest.skip(f"{name} is set differently from the install's environment")
+    if "LLAMA_PROFILE" in STARTED_WITH:
+        assert profile == STARTED_WITH["LLAMA_PROFILE"], "installed for another profile"
+    for name, value in STARTED_WITH.items():
+        monkeypatch.setenv(name, value)
     assert record["key"] == llama_build.describe(profile).key
     assert Path(str(record["wheel"])).parent.parent == llama_build.wheel_cache()
 
@@ -105,10 +113,10 @@ def test_the_running_bindings_have_no_amx_kernels() -> None:
     pytest.importorskip("llama_cpp")
     from genstruct_service.engine.backend.build_info import load_backends, read_build_info
 
+    if STARTED_WITH.get("LLAMA_ALLOW_AMX", "") not in ("", "0"):
+        pytest.skip("AMX allowed by LLAMA_ALLOW_AMX")
     load_backends()
     build = read_build_info()
-    if os.environ.get("LLAMA_ALLOW_AMX"):
-        pytest.skip("AMX allowed by LLAMA_ALLOW_AMX")
     assert not build.has_amx, build.system_info
     assert "AVX2" in build.cpu_features or "AVX2" not in build.system_info
 
