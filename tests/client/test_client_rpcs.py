@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -15,6 +16,7 @@ from genstruct_client import (
     GenerationOptions,
     ResubmitPolicy,
     TlsConfig,
+    aio,
 )
 from genstruct_service.config import Settings
 from genstruct_service.errors import QueueFull, Unavailable
@@ -111,6 +113,8 @@ async def test_generate_many_gives_up_on_a_document_after_max_attempts(
     async with AsyncGenstructClient(server.target) as client:
         results = [r async for r in client.generate_many([DOC], policy=policy)]
     assert [r.error.code for r in results] == [grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]]
+    # three tries, each refused; a fourth would have been served
+    assert len(engine.requests) == 3
 
 
 async def test_generate_many_deadline_per_document(
@@ -259,12 +263,22 @@ async def test_generate_stream_retries_until_its_first_message(
 
 
 async def test_a_lane_opens_its_next_stream_only_when_it_has_room(
-    server: RunningServer, engine: FakeEngine
+    server: RunningServer, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """round_robin binds a call to a server when the call opens, so a stream opened before it
     can send would go where the last one went, even once other servers are connected."""
     engine.hold()
     docs = [Document("t", f"c{i}", f"id{i}") for i in range(6)]
+    # The lane, its first stream full, waits for room: from then on it opens nothing until a
+    # result comes, so what it opened by then is all it opens while the engine holds.
+    waiting_for_room = asyncio.Event()
+    until_room = aio._until_room
+
+    async def watched(*args: Any) -> None:
+        waiting_for_room.set()
+        await until_room(*args)
+
+    monkeypatch.setattr(aio, "_until_room", watched)
     async with AsyncGenstructClient(server.target) as client:
         opened: list[int] = []
         open_stream = client._stub.GenerateBatch
@@ -280,7 +294,7 @@ async def test_a_lane_opens_its_next_stream_only_when_it_has_room(
 
         task = asyncio.create_task(consume())
         await engine.wait_started(2)
-        await asyncio.sleep(0.3)  # a stream opened as soon as the first was full is open by now
+        await asyncio.wait_for(waiting_for_room.wait(), 10)
         assert len(opened) == 1, opened
         engine.release()
         results = await asyncio.wait_for(task, 30)

@@ -141,6 +141,7 @@ async def test_a_part_that_fails_fails_the_document_and_stops_the_others(
 ) -> None:
     engine.max_queue = 2  # four parts, two may wait: the others are refused
     engine.n_parallel = 1
+    engine.hold()  # the part that takes the slot stops after its first token, mid-generation
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await stub.Generate(
             doc(CONTENT, truncation=CHUNK, chunk_tokens=100, chunk_overlap_tokens=0,
@@ -148,4 +149,9 @@ async def test_a_part_that_fails_fails_the_document_and_stops_the_others(
             timeout=10,
         )
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert engine.busy == 0
+    assert len(engine.requests) == 4  # every part was sent
+    # The part that was generating was cancelled, not left to finish; those still waiting
+    # for the slot left the queue without starting.
+    assert engine.started == 1 and len(engine.cancelled) == 1
+    await engine.wait_idle()
+    assert engine.finished == [] and engine.started == 1

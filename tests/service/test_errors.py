@@ -295,7 +295,8 @@ async def test_generations_take_slots_as_in_the_real_engine(metrics: Metrics) ->
     """Three generations hold three of four slots; a request of two waits, one of one goes
     past it into the last slot, and the waiting one starts when slots come back."""
     engine = FakeEngine(n_parallel=4, hold=True)
-    server = await start_server(make_settings(n_parallel=4), engine, metrics=metrics)
+    server = await start_server(make_settings(n_parallel=4), engine, metrics=metrics,
+                                metrics_port=0)
     try:
         async with grpc.aio.insecure_channel(server.target) as channel:
             stub = Stub(channel)
@@ -306,6 +307,10 @@ async def test_generations_take_slots_as_in_the_real_engine(metrics: Metrics) ->
             one = asyncio.ensure_future(stub.Generate(doc(), timeout=10))
             await engine.wait_started(2)
             assert engine.stats().busy_slots == 4 and engine.stats().queued == 1
+            # what an autoscaler reads: one document waiting, every slot busy
+            samples = await scrape(server)
+            assert samples["genstruct_queue_depth"] == 1
+            assert samples["genstruct_busy_slots"] == 4
             engine.release()
             results = await asyncio.gather(three, two, one)
             assert [len(r.pairs) for r in results] == [3, 2, 1]
