@@ -112,7 +112,9 @@ class RunningServer:
         if self.engine_failure is None:
             self.state.start_draining(seconds)
         # else the engine itself refuses new work, with a message naming the failure
-        log.info("draining", extra={"in_flight": self.state.active, "seconds": seconds})
+        log.info("draining", extra={
+            "in_flight": self.state.active, "documents": self.state.documents, "seconds": seconds,
+        })
         finished = await self.state.wait_idle(seconds)
         if not finished:
             log.warning(

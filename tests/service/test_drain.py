@@ -111,3 +111,56 @@ async def test_sigterm_drains_then_exits_zero() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_a_drain_that_runs_out_cancels_the_work_and_says_so() -> None:
+    engine = FakeEngine(hold=True)  # the generation in flight never finishes by itself
+    server = await start_server(make_settings(), engine, metrics=Metrics())
+    try:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            call = asyncio.ensure_future(Stub(channel).Generate(doc(id="held"), timeout=30))
+            await engine.wait_started(1)
+            assert await asyncio.wait_for(server.drain(0.5), 10) is False
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() in (grpc.StatusCode.CANCELLED,
+                                         grpc.StatusCode.UNAVAILABLE), info.value
+    finally:
+        await server.stop(None)
+    assert [r.content for r in engine.cancelled] == [doc().document.content]
+    assert engine.finished == []
+
+
+async def test_sigterm_with_work_past_the_drain_seconds_still_exits_zero() -> None:
+    env = dict(
+        os.environ,
+        GENSTRUCT_ENGINE_FACTORY="tests.fakes:make_engine",
+        FAKE_ENGINE_TOKEN_DELAY="5",  # 12 tokens: a minute, far past the drain's second
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    process = await asyncio.create_subprocess_exec(
+        str(SERVER), "--port", "0", "--metrics-port", "0", "--log-format", "json",
+        "--drain-seconds", "1",
+        cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stderr is not None
+    try:
+        listening = await read_log_until(process.stderr, "listening")
+        await read_log_until(process.stderr, "ready")
+        async with grpc.aio.insecure_channel(str(listening["target"])) as channel:
+            stream = Stub(channel).GenerateStream(doc(id="too-long"), timeout=60)
+            assert (await stream.read()).delta.text == "What"  # generating now
+            process.send_signal(signal.SIGTERM)
+            up = await read_log_until(process.stderr, "drain time is up")
+            assert up["in_flight"] == 1
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await read_rest(stream)
+            assert info.value.code() in (grpc.StatusCode.CANCELLED,
+                                         grpc.StatusCode.UNAVAILABLE), info.value
+        stopped = await read_log_until(process.stderr, "stopped")
+        assert stopped["drained"] is False and stopped["engine_failed"] is False
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -119,10 +120,10 @@ def _server_env(**extra: str) -> dict[str, str]:
     )
 
 
-async def _start(env: dict[str, str]) -> asyncio.subprocess.Process:
+async def _start(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
     assert SERVER.exists(), "genstruct-server is not installed in this environment"
     return await asyncio.create_subprocess_exec(
-        str(SERVER), "--port", "0", "--metrics-port", "0", "--log-format", "json",
+        str(SERVER), "--port", "0", "--metrics-port", "0", "--log-format", "json", *args,
         cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
     )
 
@@ -153,6 +154,41 @@ async def test_genstruct_server_exits_3_after_an_engine_failure() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_the_drain_after_an_engine_failure_ends_within_its_5_seconds() -> None:
+    """A GenerateBatch whose caller never closes its side would hold a drain for good; after
+    an engine failure the drain gives up on it within FAILURE_DRAIN_SECONDS (5), whatever
+    --drain-seconds says."""
+    process = await _start(_server_env(FAKE_ENGINE_FAIL_AFTER="1"), "--drain-seconds", "600")
+    assert process.stderr is not None
+    try:
+        listening = await read_log_until(process.stderr, "listening")
+        await read_log_until(process.stderr, "ready")
+        async with grpc.aio.insecure_channel(str(listening["target"])) as channel:
+
+            async def one_then_wait() -> AsyncIterator[genstruct_pb2.GenerateRequest]:
+                yield doc(id="last")
+                await asyncio.Event().wait()  # never closes its side
+
+            batch = Stub(channel).GenerateBatch(one_then_wait(), timeout=60)
+            assert (await batch.read()).id == "last"  # its completion fails the engine
+            draining = await read_log_until(process.stderr, "draining for up to 5 s")
+            up = await read_log_until(process.stderr, "drain time is up")
+            stopped = await read_log_until(process.stderr, "stopped")
+            batch.cancel()
+        assert stopped["drained"] is False and stopped["engine_failed"] is True
+        waited = _seconds(up) - _seconds(draining)
+        assert 4.5 <= waited <= 7, waited  # the drain waited its 5 s, and no longer
+        assert await asyncio.wait_for(process.wait(), 30) == 3
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def _seconds(entry: dict[str, object]) -> float:
+    return datetime.fromisoformat(str(entry["ts"])).timestamp()
 
 
 async def test_genstruct_server_still_exits_0_on_sigterm_with_the_watching() -> None:

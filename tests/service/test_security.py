@@ -12,6 +12,7 @@ import trustme
 from genstruct.v1 import genstruct_pb2, genstruct_pb2_grpc
 from genstruct_service.server import RunningServer, start_server
 from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.fakes import FakeEngine
 from tests.service.helpers import doc, health_status, make_settings
@@ -115,7 +116,15 @@ async def test_bearer_token() -> None:
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
             good = (("authorization", "Bearer s3cret-token"),)
             assert (await _generate(channel, metadata=good)).pairs[0].parsed
-            # Probes need no token.
+            # Probes and tooling need no token: health, and reflection.
             assert await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+
+            async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+                yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            replies = [r async for r in reflection.ServerReflectionInfo(ask(), timeout=5)]
+            names = {s.name for s in replies[0].list_services_response.service}
+            assert "genstruct.v1.GenstructService" in names
     finally:
         await server.stop(None)
