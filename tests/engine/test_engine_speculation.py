@@ -70,18 +70,24 @@ def reference(model_path: str) -> GreedyReference:
 
 
 @pytest.fixture(scope="module")
-def agreeing(drafting: Any, plain: Any) -> list[int]:
-    """Documents whose greedy text is the same with and without drafts on this machine."""
+def agreeing_runs(drafting: Any, plain: Any) -> dict[int, Completed]:
+    """Documents whose greedy text is the same with and without drafts on this machine, with
+    the drafting engine's result for each."""
 
-    async def find() -> list[int]:
-        found = []
+    async def find() -> dict[int, Completed]:
+        found = {}
         for i in DOCS:
             a, b = await both(drafting, plain, req(i))
             if a.generations[0].text == b.generations[0].text:
-                found.append(i)
+                found[i] = a
         return found
 
     return asyncio.run(find())
+
+
+@pytest.fixture(scope="module")
+def agreeing(agreeing_runs: dict[int, Completed]) -> list[int]:
+    return list(agreeing_runs)
 
 
 def follows_chain(
@@ -137,15 +143,20 @@ async def test_greedy_text_with_drafts_is_the_greedy_chain(
 
 
 async def test_some_documents_write_the_same_text_with_and_without_drafts(
-    agreeing: list[int], model_name: str
+    agreeing_runs: dict[int, Completed], model_name: str
 ) -> None:
     # the comparisons below need some; a real model has few near-ties
-    assert len(agreeing) >= (2 if model_name == GEMMA else 1)
+    assert len(agreeing_runs) >= (2 if model_name == GEMMA else 1)
+    # and the same text was written with drafts, some of them accepted
+    runs = agreeing_runs.values()
+    assert sum(a.accepted_draft_tokens for a in runs) > 0
+    assert sum(a.draft_tokens for a in runs) >= sum(a.accepted_draft_tokens for a in runs)
 
 
 async def test_stop_strings_cut_the_text_inside_accepted_drafts(
     drafting: Any, plain: Any
 ) -> None:
+    accepted = {drafting: 0, plain: 0}  # draft tokens accepted in the runs that were cut
     for engine in (drafting, plain):
         _, full = await collect(engine, req(0))
         text = full.generations[0].text
@@ -157,41 +168,52 @@ async def test_stop_strings_cut_the_text_inside_accepted_drafts(
             _, cut = await collect(engine, req(0, stop=(stop,)))
             assert cut.generations[0].text == text[: text.index(stop)]
             assert cut.generations[0].finish_reason is FinishReason.STOP
+            accepted[engine] += cut.accepted_draft_tokens
+    assert accepted[drafting] > 0 and accepted[plain] == 0
 
 
 async def test_max_tokens_is_exact_whatever_the_draft(
     drafting: Any, plain: Any, agreeing: list[int]
 ) -> None:
+    drafted = 0
     for max_tokens in (1, 2, 3, 5, 8, 13, 21, 34):
         a, b = await both(drafting, plain, req(agreeing[0], max_tokens=max_tokens))
         same_output(a, b)
         assert a.generations[0].completion_tokens <= max_tokens
+        drafted += a.draft_tokens
+    assert drafted > 0  # drafts were verified on the way to some of those limits
 
 
 async def test_an_end_of_generation_token_inside_a_draft_ends_it_there(
-    drafting: Any, plain: Any, agreeing: list[int]
+    drafting: Any, plain: Any, agreeing_runs: dict[int, Completed]
 ) -> None:
     # The small models rarely end on their own, so a token the model writes midway through
     # its answer is made an end-of-generation token on both engines for this test: drafts
-    # copy the text around it, so it is sampled at a drafted row.
-    doc = agreeing[0]
+    # copy the text around it, so it is sampled at a drafted row. The document whose text
+    # took the most drafts is the one to end that way.
+    doc = max(agreeing_runs, key=lambda i: agreeing_runs[i].accepted_draft_tokens)
     _, full = await collect(plain, req(doc))
     text = full.generations[0].text
     ids = plain._tokenizer.tokenize(text, add_special=False)
     saved = plain._tokenizer.eog, drafting._tokenizer.eog
+    # Tokens first written in the second half: the generation runs a while (drafting) first.
+    half = len(ids) // 2
+    later = [token for token in dict.fromkeys(ids[half:]) if ids.index(token) >= half]
     try:
         # the text re-tokenized may merge differently from what was generated: take the
-        # first token from the middle on that does end the plain engine's generation
-        for token in ids[len(ids) // 2 :][:8]:
+        # first such token that does end the plain engine's generation after drafts were
+        # verified on the drafting one
+        for token in later[:12]:
             plain._tokenizer.eog = drafting._tokenizer.eog = saved[0] | {token}
             a, b = await both(drafting, plain, req(doc))
-            if b.generations[0].finish_reason is FinishReason.EOS:
+            if b.generations[0].finish_reason is FinishReason.EOS and a.accepted_draft_tokens:
                 break
     finally:
         plain._tokenizer.eog, drafting._tokenizer.eog = saved
     same_output(a, b)
     assert a.generations[0].finish_reason is FinishReason.EOS
     assert a.generations[0].completion_tokens < full.generations[0].completion_tokens
+    assert a.draft_tokens > 0 and a.accepted_draft_tokens > 0
 
 
 async def test_constrained_output_is_the_same(
@@ -269,6 +291,7 @@ async def test_auto_plans_a_seeded_request_run_alone_from_itself(
 async def test_streamed_text_is_the_final_text(drafting: Any) -> None:
     deltas, done = await collect(drafting, req(2, stream=True))
     assert joined(deltas, 0) == done.generations[0].text
+    assert done.accepted_draft_tokens > 0  # some steps streamed several tokens at once
 
 
 async def test_cancelling_a_drafting_request_leaves_the_other_intact(
