@@ -134,8 +134,13 @@ async def test_cancel_and_deadline_free_the_real_slot(real: tuple[RunningServer,
 
         holder = asyncio.create_task(hold())
         await _wait_for(lambda: engine.stats().busy_slots == 1, "busy with the holder")
+        late = asyncio.ensure_future(stub.Generate(_request(sampling=SP(max_tokens=8)),
+                                                   timeout=3))
+        # it waits in the engine's queue when its deadline runs out
+        await _wait_for(lambda: engine.stats().queued == 1, "queued behind the holder")
+        assert not late.done()
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.Generate(_request(sampling=SP(max_tokens=8)), timeout=0.5)
+            await late
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         # the expired call leaves the queue, and the holder goes on
         await _wait_for(lambda: engine.stats().queued == 0, "dequeued after the deadline")
@@ -174,6 +179,55 @@ async def test_genstruct_server_serves_a_model_file_and_drains(model_path: str) 
                 _request(sampling=SP(max_tokens=4)), timeout=120
             )
             assert response.pairs[0].completion_tokens <= 4
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 60) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_fallback_to_demo_warns_and_every_response_names_the_stand_in(
+    model_path: str, tmp_path: Path
+) -> None:
+    """Genstruct-7B cannot be had (offline, not in an empty models folder): strict by default,
+    the stand-in with --fallback-to-demo, with a warning and its own name in every answer."""
+    server = Path(sys.executable).with_name("genstruct-server")
+    env = {k: v for k, v in os.environ.items() if k != "GENSTRUCT_ENGINE_FACTORY"}
+    env.update(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9",
+               GENSTRUCT_MODELS_DIR=str(tmp_path / "models"), HF_HOME=str(tmp_path / "hf"))
+    args = (str(server), "--model", "genstruct-7b:Q4_K_M", "--port", "0", "--metrics-port",
+            "0", "--n-parallel", "1", "--n-ctx", "1024", "--n-gpu-layers", "0",
+            "--log-format", "json")
+    strict = await asyncio.create_subprocess_exec(
+        *args, env=env, stderr=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL
+    )
+    assert await asyncio.wait_for(strict.wait(), 60) != 0
+    process = await asyncio.create_subprocess_exec(
+        *args, "--fallback-to-demo",
+        env=env, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stderr is not None
+    try:
+        listening = await read_log_until(process.stderr, "listening")
+        warning = await read_log_until(process.stderr, "model genstruct-7b:Q4_K_M is not")
+        assert warning["level"] == "WARNING" and "NOT Genstruct-7B" in str(warning["msg"])
+        await read_log_until(process.stderr, "ready")
+        async with grpc.aio.insecure_channel(str(listening["target"])) as channel:
+            stub = Stub(channel)
+            info = await stub.GetModelInfo(genstruct_pb2.GetModelInfoRequest(), timeout=30)
+            name = info.model_name
+            assert name.startswith("demo") and "stand-in" in name, name
+            request = _request(id="d", sampling=SP(max_tokens=4, temperature=0))
+            unary = await stub.Generate(request, timeout=120)
+            streamed = [m async for m in stub.GenerateStream(request, timeout=120)]
+
+            async def one() -> AsyncIterator[genstruct_pb2.GenerateRequest]:
+                yield request
+
+            batched = [r async for r in stub.GenerateBatch(one(), timeout=120)]
+            answers = [unary, streamed[-1].result, *batched]
+            assert [a.model_name for a in answers] == [name] * 3
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 60) == 0
     finally:
