@@ -135,9 +135,12 @@ def test_sigterm_during_a_batch_finishes_the_work_in_flight(
     model: str, scale: Scale, figures: Any
 ) -> None:
     lines = EXAMPLES.read_text().splitlines()[: 2 + scale.model_docs]
+    # The first document is short, so its answer comes while the others are still generating:
+    # the signal lands with work in flight.
     docs = [
         pb.GenerateRequest(id=f"d{i}", document=pb.Document(title=r["title"], content=r["content"]),
-                           sampling=pb.SamplingParams(max_tokens=4, temperature=0))
+                           sampling=pb.SamplingParams(max_tokens=2 if i == 0 else 32,
+                                                      temperature=0))
         for i, r in enumerate(json.loads(line) for line in lines)
     ]
     server = GenstructServer("--n-parallel", "2", "--max-batch-in-flight", "8",
@@ -157,11 +160,14 @@ def test_sigterm_during_a_batch_finishes_the_work_in_flight(
             assert not response.HasField("error"), response.error
             assert response.pairs[0].finish_reason != pb.FINISH_REASON_CANCELLED
         assert server.wait(120) == 0
+        draining = server.wait_log("draining", 10)
+        assert draining["documents"] >= 1, draining  # the drain had documents to finish
         stopped = server.wait_log("stopped", 10)
         assert stopped["drained"] is True
     finally:
         server.close()
-    figures(documents=len(docs), answered_after_sigterm=len(rest))
+    figures(documents=len(docs), answered_after_sigterm=len(rest),
+            in_flight_at_drain=draining["documents"])
 
 
 # --- a model that cannot be loaded -------------------------------------------------------
