@@ -254,6 +254,51 @@ def test_resume_after_the_server_is_killed(slow_server: ServerProcess, tmp_path:
     assert_exactly_once(output_records(output), ids)
 
 
+def test_a_run_out_of_retry_budget_exits_1_and_a_rerun_resumes_it(tmp_path: Path) -> None:
+    """The server goes away for good: the run stops once --retry-budget is spent, unfinished;
+    the same command, with a server back, finishes it; a later rerun takes `finished` off the
+    run record while it runs and puts it back at its end."""
+    server = ServerProcess("--token-delay", "0.01", "--n-parallel", "8")
+    try:
+        source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+        records = write_documents(source, 200)
+        record = output.with_name(output.name + ".run.json")
+        args = ("generate", str(source), "-o", str(output), "--target", server.target,
+                "--concurrency", "16", "--retry-budget", "2")
+        process = start_genstruct(*args)
+        wait_progress(process, 40)
+        server.kill()
+        code, err = finish(process, timeout=60)
+        assert code == 1, err
+        assert "stopped:" in err and "rerun the same command" in err, err
+        assert "finished" not in json.loads(record.read_text())
+        written = len(output_records(output))
+        assert 40 <= written < len(records)
+
+        server.restart()
+        result = genstruct(*args, "--no-progress")
+        assert result.returncode == 0, result.stderr
+        assert f"{written} documents already done by an earlier run" in result.stderr
+        ids = {derive_id(r["title"], r["content"]) for r in records}
+        assert_exactly_once(output_records(output), ids)
+        assert "finished" in json.loads(record.read_text())
+
+        # More documents in the input: the rerun resumes the output, unfinished while it runs.
+        more = write_documents(tmp_path / "more.jsonl", 200, prefix="more")
+        with source.open("a") as extra:
+            extra.write((tmp_path / "more.jsonl").read_text())
+        process = start_genstruct(*args)
+        wait_progress(process, 220)  # past the 200 done before: it is writing new ones
+        assert "finished" not in json.loads(record.read_text())
+        code, err = finish(process, timeout=120)
+        assert code == 0, err
+        assert "finished" in json.loads(record.read_text())
+        ids |= {derive_id(r["title"], r["content"]) for r in more}
+        assert_exactly_once(output_records(output), ids)
+    finally:
+        server.close()
+
+
 def test_thousand_documents_with_the_server_killed_twice(tmp_path: Path) -> None:
     """The issue's "done when": 1,000 documents, two server kills, each id exactly once."""
     server = ServerProcess("--token-delay", "0.004", "--n-parallel", "16",
@@ -338,6 +383,50 @@ def test_health_with_token_and_env_target() -> None:
         wrong = genstruct("info", env=dict(env, GENSTRUCT_TOKEN="not-t"))
         assert wrong.returncode == 1 and "UNAUTHENTICATED" in wrong.stderr
         assert genstruct("health", env=dict(env, GENSTRUCT_TOKEN="not-t")).returncode == 0
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_the_command_lines_tls_flags_against_a_tls_server(tmp_path: Path, mutual: bool) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    served = ca.issue_cert("localhost", "127.0.0.1")
+    served.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    served.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    own = ca.issue_cert("client")
+    own.private_key_pem.write_to_path(str(tmp_path / "client.key"))
+    own.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))
+    flags = ["--tls-cert", str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.key")]
+    if mutual:
+        flags += ["--tls-client-ca", str(tmp_path / "ca.pem")]
+    server = ServerProcess(*flags)
+    try:
+        roots = ["--target", server.target, "--ca-cert", str(tmp_path / "ca.pem"),
+                 "--server-name", "localhost"]
+        tls = roots + (["--cert", str(tmp_path / "client.pem"), "--key",
+                        str(tmp_path / "client.key")] if mutual else [])
+        result = genstruct("health", *tls, "--timeout", "10")
+        assert result.returncode == 0 and result.stdout.strip() == "SERVING", result.stderr
+        result = genstruct("info", *tls)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["modelName"] == "fake-model:Q4_K_M"
+        source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+        records = write_documents(source, 3)
+        result = genstruct("generate", str(source), "-o", str(output), *tls)
+        assert result.returncode == 0, result.stderr
+        assert_exactly_once(output_records(output),
+                            {derive_id(r["title"], r["content"]) for r in records})
+        # Refused: no TLS at all; TLS with the system's roots (not this CA); and, where the
+        # server asks for one, no client certificate.
+        refused = [["--target", server.target], ["--target", server.target, "--tls"]]
+        if mutual:
+            refused.append(roots)
+        for wrong in refused:
+            result = genstruct("info", *wrong, "--timeout", "5")
+            assert result.returncode == 1 and "UNAVAILABLE" in result.stderr, (wrong, result)
     finally:
         server.close()
 

@@ -5,16 +5,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from genstruct.v1 import genstruct_pb2 as pb
-from genstruct_client import ChannelConfig, GenerationOptions
+from genstruct_client import ChannelConfig, GenerationOptions, ResubmitPolicy
 from genstruct_client.bulk import PROMPT_TEMPLATE_VERSION, ColumnMapping, derive_id, run
-from genstruct_client.bulk.run_record import addresses, differences, fingerprint, record_path
+from genstruct_client.bulk.run_record import (
+    addresses,
+    differences,
+    fingerprint,
+    record_path,
+    server_infos,
+)
 from genstruct_client.bulk.writers import JsonlJournal
+from genstruct_service.server import RunningServer
 
 from tests.client.helpers import (
     ROOT,
@@ -126,6 +136,29 @@ def test_addresses_of_a_target() -> None:
     assert addresses("ipv4:10.0.0.1:1,10.0.0.2:2") == ["ipv4:10.0.0.1:1", "ipv4:10.0.0.2:2"]
     assert addresses("dns:///genstruct:50051") == ["dns:///genstruct:50051"]
     assert addresses("127.0.0.1:50051") == ["127.0.0.1:50051"]
+
+
+async def test_a_server_that_does_not_answer_get_model_info_within_5_s_is_skipped(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One server answers at once; the other accepts the connection and never says a word.
+    The run goes on with the first after 5 s, and says which one it did not check."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    quiet = f"127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        config = ChannelConfig(target=f"ipv4:{server.target},{quiet}")
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING):
+            answers = await server_infos(config, ResubmitPolicy(budget_seconds=120))
+        waited = time.monotonic() - started
+    finally:
+        silent.close()
+    assert list(answers) == [f"ipv4:{server.target}"]
+    assert 4.5 <= waited < 10, waited  # the 5 s, not the 120 s budget
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(quiet in m and "did not answer GetModelInfo" in m for m in warned), warned
 
 
 def test_the_record_is_written_before_the_first_row(

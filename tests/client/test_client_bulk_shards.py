@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,6 +161,32 @@ def test_merge_refuses_another_configuration_and_a_missing_shard_and_a_rerun_ano
     # The shard is part of the output's fingerprint.
     again = genstruct(*base, "-o", str(tmp_path / "s0.jsonl"), "--shard", "1/2")
     assert again.returncode == 2 and "shard.index 0 -> 1" in again.stderr
+
+
+def test_merge_refuses_a_shard_given_twice_and_shards_of_different_counts(
+    server_process: ServerProcess, tmp_path: Path
+) -> None:
+    source = tmp_path / "in.jsonl"
+    write_documents(source, 20)
+    base = ("generate", str(source), "--target", server_process.target, "--no-progress")
+    for name, shard in (("a0", "0/2"), ("a1", "1/2"), ("b0", "0/2"), ("c1", "1/3")):
+        made = genstruct(*base, "-o", str(tmp_path / f"{name}.jsonl"), "--shard", shard)
+        assert made.returncode == 0, made.stderr
+    merged = tmp_path / "m.jsonl"
+
+    def merge(*names: str) -> subprocess.CompletedProcess[str]:
+        return genstruct("merge", *(str(tmp_path / f"{n}.jsonl") for n in names),
+                         "-o", str(merged))
+
+    twice = merge("a0", "a1", "b0")
+    assert twice.returncode == 2 and "are the same shard" in twice.stderr, twice.stderr
+    assert "shard 0/2" in twice.stderr
+    counts = merge("a0", "c1")
+    assert counts.returncode == 2 and "is one of 3 shards" in counts.stderr, counts.stderr
+    assert not merged.exists()  # refused before a row was written
+    done = merge("a0", "a1")  # the same shards, each once: merged
+    assert done.returncode == 0, done.stderr
+    assert len(output_records(merged)) == 20
 
 
 def test_parquet_shards_merge_into_jsonl(server_process: ServerProcess, tmp_path: Path) -> None:
