@@ -5,13 +5,16 @@ start-up of a resumed run over an output of 1,000,000 rows.
 
 Throughput: `genstruct generate` sends --documents documents to a server whose engine
 answers at once (tests/client/fake_server.py, its own process), so the client, the gRPC
-layer and the output journal are all that is timed. Each round writes a fresh output; the
-table gives documents per wall second, median of --repeat rounds.
+layer, the output journal and the curation (near-duplicate questions marked: the default)
+are all that is timed. The engine echoes each document (its title is the question, its
+content the answer), so the questions differ and every answer is grounded. Each round
+writes a fresh output; the table gives documents per wall second, median of --repeat rounds.
 
 Resume: a real run's rows are the template of an output journal of --rows rows (each a
 document of its own, with its title, content and pair, as a run writes them) and of its
-run record. `genstruct generate` is then run again over the matching input: every document
-is written already, so it reads the journal, skips every input row and exits. The table
+run record, each row with a question of its own. `genstruct generate` is then run again
+over the matching input: every document is written already, so it reads the journal, puts
+every question back into the index of near duplicates, skips every input row and exits. The table
 gives its wall time and peak RSS (the client process, from wait4), median of --repeat runs.
 Run it on an otherwise idle machine. This is a benchmark, not a test.
 """
@@ -46,7 +49,7 @@ class FakeServer:
     def __init__(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.client.fake_server", "--port", "0", "--n-parallel",
-             "64", "--max-batch-in-flight", "256"],
+             "64", "--max-batch-in-flight", "256", "--echo"],
             cwd=ROOT, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert self.process.stdout is not None
@@ -118,7 +121,8 @@ def build_resumable(server: FakeServer, work: Path, rows: int) -> tuple[Path, Pa
     with output.open("w", encoding="utf-8") as out:
         for i in range(rows):
             row = dict(template, id=f"doc-{i:08d}", title=f"Station log {i}",
-                       content=CONTENT + f"Entry {i}.")  # fmt: skip
+                       content=CONTENT + f"Entry {i}.", user=f"Station log {i}?",
+                       assistant=CONTENT + f"Entry {i}.")  # fmt: skip
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
     record = seed_output.with_name(seed_output.name + ".run.json")
     shutil.copy(record, output.with_name(output.name + ".run.json"))
