@@ -484,9 +484,8 @@ class GenstructService(Step):  # type: ignore[misc]  # distilabel is untyped
                 })
                 continue
             if self._index is not None and pair.parsed:
-                columns["duplicate_of"] = self._index.check(
-                    pair.user, duplicate_key(row_id, pair.index)
-                )
+                earlier = self._index.check(pair.user, (row_id, pair.index))
+                columns["duplicate_of"] = None if earlier is None else duplicate_key(*earlier)
             output = self._output(
                 user=columns["user"],
                 assistant=columns["assistant"],

@@ -406,11 +406,13 @@ def rebuild_index(index: QuestionIndex, output: Path, *, chunked: bool) -> None:
     the output's order, as the run that wrote them did."""
     for row in read_jsonl_records(output):
         if row.get("duplicate_of") is None and row.get("parsed"):
-            index.add(row.get("user"), _duplicate_key(row, chunked))
+            index.add(row.get("user"), _row_key(row, chunked))
 
 
-def _duplicate_key(row: Mapping[str, Any], chunked: bool) -> dict[str, Any]:
-    return duplicate_key(
+def _row_key(row: Mapping[str, Any], chunked: bool) -> tuple[str, int, int | None]:
+    """What the index keeps of a row (a tuple: a million of them must fit in memory); its
+    `duplicate_of` is rows.duplicate_key(*key)."""
+    return (
         str(row["id"]), int(row["generation_index"]),
         int(row.get("chunk_index") or 0) if chunked else None,
     )
@@ -436,10 +438,10 @@ class _Curating:
             return self.aside["filtered"]
         if self.index is None or not record["parsed"]:
             return None
-        earlier = self.index.check(record["user"], _duplicate_key(record, self.chunked))
+        earlier = self.index.check(record["user"], _row_key(record, self.chunked))
         if earlier is None:
             return None
-        record["duplicate_of"] = earlier
+        record["duplicate_of"] = duplicate_key(*earlier)
         summary.duplicate_pairs += 1
         return self.aside["duplicates"] if self.curation.dedup == "drop" else None
 

@@ -244,11 +244,11 @@ def merge(
                     continue
                 seen.add(key)
                 if index is not None and row.get("parsed") and row.get("duplicate_of") is None:
-                    earlier = index.check(row.get("user"), duplicate_key(
-                        key[0], key[2], key[1] if chunked else None
-                    ))
+                    earlier = index.check(
+                        row.get("user"), (key[0], key[2], key[1] if chunked else None)
+                    )
                     if earlier is not None:
-                        row["duplicate_of"] = earlier
+                        row["duplicate_of"] = duplicate_key(*earlier)
                         summary.near_duplicates += 1
                         if curation.dedup == "drop":
                             moved.append(row)
