@@ -147,6 +147,10 @@ class GenstructService(Step):  # type: ignore[misc]  # distilabel is untyped
         - `truncate`: cut content that does not fit the context instead of failing it.
         - `concurrency`, `streams`, `deadline`, `max_attempts`, `retry_budget`: the flow.
         - `add_raw_output`: whether to keep the completion in `distilabel_metadata`.
+        - `require_parsed`, `min_grounding`, `max_question_grounding`: filters, as in the
+          bulk CLI; the pairs they take out go to `filtered_path` (JSONL, with
+          `filter_reason`), never silently away.
+        - `dedup_threshold`: with the `duplicate_of` column, how alike questions must be.
 
     Examples:
         ```python
