@@ -380,6 +380,9 @@ async def arun(
         output.close()
         for journal in journals:
             journal.close()
+        for path in kept_aside:  # no file where the curation took nothing out
+            if path.exists() and not path.stat().st_size:
+                path.unlink()
         summary.elapsed_seconds = time.monotonic() - started
     if summary.finished and card:
         _write_card(summary)
