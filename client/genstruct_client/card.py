@@ -287,7 +287,8 @@ def plot_all(figures: Figures, points: list[tuple[float, float]], folder: Path) 
     bars = ax.bar([str(n) for n in counts], [per_document[n] for n in counts],
                   color="tab:purple")
     ax.bar_label(bars)
-    ax.set_title(f"Near-duplicate questions: {figures.duplicates} pairs")
+    ax.set_title(f"Near-duplicate questions: {figures.duplicates} "
+                 f"pair{'' if figures.duplicates == 1 else 's'}")
     ax.set_xlabel("pairs of a document whose question repeats an earlier one")
     ax.set_ylabel("documents")
     _save(fig, folder / PLOTS["duplicates"])
