@@ -86,9 +86,12 @@ def timed(command: list[str]) -> tuple[float, float, int]:
     return wall, usage.ru_maxrss / 1024, process.returncode
 
 
+DEDUP = ["--dedup", "mark"]  # main() sets it from --dedup
+
+
 def generate(source: Path, output: Path, target: str) -> list[str]:
     return [GENSTRUCT, "generate", str(source), "-o", str(output), "--target", target,
-            "--no-progress"]  # fmt: skip
+            "--no-progress", *DEDUP]  # fmt: skip
 
 
 def throughput(server: FakeServer, work: Path, documents: int, repeat: int) -> list[float]:
@@ -135,7 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--work", type=Path, help="folder for the files (default: a temporary)")
+    parser.add_argument("--dedup", choices=("mark", "drop", "off"), default="mark",
+                        help="the runs' --dedup (default mark, as a run's)")
     args = parser.parse_args(argv)
+    DEDUP[1] = args.dedup
     work = args.work or Path(tempfile.mkdtemp(prefix="genstruct-bulk-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}; files in {work}", flush=True)
@@ -158,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  round {round_ + 1}: {wall:.2f} s, peak RSS {rss:.0f} MiB", flush=True)
     finally:
         server.close()
-    print(f"\nclient + server, instant engine: median {statistics.median(rates):,.0f} documents/s")
+    print(f"\n--dedup {args.dedup}")
+    print(f"client + server, instant engine: median {statistics.median(rates):,.0f} documents/s")
     print(f"resume of {args.rows:,} rows, nothing left to do: median "
           f"{statistics.median(walls):.2f} s, peak RSS {statistics.median(peaks):.0f} MiB")
     print(f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
