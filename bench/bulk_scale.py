@@ -5,13 +5,16 @@ start-up of a resumed run over an output of 1,000,000 rows.
 
 Throughput: `genstruct generate` sends --documents documents to a server whose engine
 answers at once (tests/client/fake_server.py, its own process), so the client, the gRPC
-layer and the output journal are all that is timed. Each round writes a fresh output; the
-table gives documents per wall second, median of --repeat rounds.
+layer, the output journal and the curation (near-duplicate questions marked: the default)
+are all that is timed. The engine echoes each document (its title is the question, its
+content the answer), so the questions differ and every answer is grounded. Each round
+writes a fresh output; the table gives documents per wall second, median of --repeat rounds.
 
 Resume: a real run's rows are the template of an output journal of --rows rows (each a
 document of its own, with its title, content and pair, as a run writes them) and of its
-run record. `genstruct generate` is then run again over the matching input: every document
-is written already, so it reads the journal, skips every input row and exits. The table
+run record, each row with a question of its own. `genstruct generate` is then run again
+over the matching input: every document is written already, so it reads the journal, puts
+every question back into the index of near duplicates, skips every input row and exits. The table
 gives its wall time and peak RSS (the client process, from wait4), median of --repeat runs.
 Run it on an otherwise idle machine. This is a benchmark, not a test.
 """
@@ -46,7 +49,7 @@ class FakeServer:
     def __init__(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.client.fake_server", "--port", "0", "--n-parallel",
-             "64", "--max-batch-in-flight", "256"],
+             "64", "--max-batch-in-flight", "256", "--echo"],
             cwd=ROOT, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert self.process.stdout is not None
@@ -83,9 +86,12 @@ def timed(command: list[str]) -> tuple[float, float, int]:
     return wall, usage.ru_maxrss / 1024, process.returncode
 
 
+DEDUP = ["--dedup", "mark"]  # main() sets it from --dedup
+
+
 def generate(source: Path, output: Path, target: str) -> list[str]:
     return [GENSTRUCT, "generate", str(source), "-o", str(output), "--target", target,
-            "--no-progress"]  # fmt: skip
+            "--no-progress", *DEDUP]  # fmt: skip
 
 
 def throughput(server: FakeServer, work: Path, documents: int, repeat: int) -> list[float]:
@@ -118,7 +124,8 @@ def build_resumable(server: FakeServer, work: Path, rows: int) -> tuple[Path, Pa
     with output.open("w", encoding="utf-8") as out:
         for i in range(rows):
             row = dict(template, id=f"doc-{i:08d}", title=f"Station log {i}",
-                       content=CONTENT + f"Entry {i}.")  # fmt: skip
+                       content=CONTENT + f"Entry {i}.", user=f"Station log {i}?",
+                       assistant=CONTENT + f"Entry {i}.")  # fmt: skip
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
     record = seed_output.with_name(seed_output.name + ".run.json")
     shutil.copy(record, output.with_name(output.name + ".run.json"))
@@ -131,7 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--work", type=Path, help="folder for the files (default: a temporary)")
+    parser.add_argument("--dedup", choices=("mark", "drop", "off"), default="mark",
+                        help="the runs' --dedup (default mark, as a run's)")
     args = parser.parse_args(argv)
+    DEDUP[1] = args.dedup
     work = args.work or Path(tempfile.mkdtemp(prefix="genstruct-bulk-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}; files in {work}", flush=True)
@@ -154,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  round {round_ + 1}: {wall:.2f} s, peak RSS {rss:.0f} MiB", flush=True)
     finally:
         server.close()
-    print(f"\nclient + server, instant engine: median {statistics.median(rates):,.0f} documents/s")
+    print(f"\n--dedup {args.dedup}")
+    print(f"client + server, instant engine: median {statistics.median(rates):,.0f} documents/s")
     print(f"resume of {args.rows:,} rows, nothing left to do: median "
           f"{statistics.median(walls):.2f} s, peak RSS {statistics.median(peaks):.0f} MiB")
     print(f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

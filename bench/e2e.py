@@ -112,7 +112,9 @@ def _level(system: str, concurrency: int, n_docs: int, tokens: int, seconds: flo
 class GrpcService:
     """`genstruct-server` with the model, as a subprocess; its address from its log."""
 
-    def __init__(self, args: argparse.Namespace, n_parallel: int = max(LEVELS)) -> None:
+    def __init__(
+        self, args: argparse.Namespace, n_parallel: int = max(LEVELS), extra: Sequence[str] = ()
+    ) -> None:
         command = [
             str(SERVER), "--model", args.model, "--port", "0", "--metrics-port", "0",
             "--n-parallel", str(n_parallel), "--n-ctx", str(args.n_ctx),
@@ -121,7 +123,7 @@ class GrpcService:
             "--n-gpu-layers", str(args.n_gpu_layers), "--flash-attn", args.flash_attn,
             "--speculation", args.speculation, settings.kv_flag(args),
             "--max-batch-in-flight", str(n_parallel),
-            "--log-format", "json", "--log-level", "INFO",
+            "--log-format", "json", "--log-level", "INFO", *extra,
         ]
         self.process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -220,6 +222,64 @@ def run_grpc(args: argparse.Namespace, docs: list[dict[str, str]], results: Resu
         results.peak_rss_bytes["genstruct gRPC"] = service.peak_rss()
     finally:
         service.stop()
+
+
+def run_grounding(args: argparse.Namespace, docs: list[dict[str, str]], results: Results) -> None:
+    """The cost of evidence and grounding: two servers, one computing none
+    (--grounding-min-run-tokens 0), run in turn at each level, --grounding-rounds times,
+    the order swapped every round; the median tokens/s of each, and their ratio."""
+    off = GrpcService(args, extra=["--grounding-min-run-tokens", "0"])
+    try:
+        on = GrpcService(args, extra=["--grounding-min-run-tokens", "6"])
+    except BaseException:
+        off.stop()
+        raise
+    try:
+        for c in args.levels:
+            rates: dict[str, list[float]] = {"off": [], "on": []}
+            for round_ in range(args.grounding_rounds):
+                order = [("off", off), ("on", on)]
+                for name, service in order if round_ % 2 == 0 else order[::-1]:
+                    level = asyncio.run(_grpc_level(service.target, docs, c, docs_for(c, args),
+                                                    args.max_tokens))
+                    rates[name].append(level.tokens_per_second)
+            on_rate, off_rate = statistics.median(rates["on"]), statistics.median(rates["off"])
+            note = (f"grounding c={c}: on {on_rate:.1f} tok/s, off {off_rate:.1f} tok/s "
+                    f"(medians of {args.grounding_rounds} interleaved rounds: on "
+                    f"{', '.join(f'{r:.1f}' for r in rates['on'])}; off "
+                    f"{', '.join(f'{r:.1f}' for r in rates['off'])}), on/off "
+                    f"{on_rate / off_rate:.3f}")
+            results.notes.append(note)
+            print(f"  {note}", flush=True)
+    finally:
+        off.stop()
+        on.stop()
+    results.notes.append(grounding_alone(docs))
+    print(f"  {results.notes[-1]}", flush=True)
+
+
+def grounding_alone(docs: list[dict[str, str]], repeat: int = 200) -> str:
+    """add_grounding by itself on this corpus: a response of 4 pairs per document whose
+    answers copy 20 words of the content, and 40 of their own."""
+    from genstruct.v1 import genstruct_pb2 as pb
+    from genstruct_service.responses import add_grounding
+
+    cases = []
+    for doc in docs:
+        words = doc["content"].split()
+        answer = " ".join(words[:20] + ["own"] * 40)
+        pairs = [pb.Pair(user="What is it about?", assistant=answer, parsed=True, index=i)
+                 for i in range(4)]
+        cases.append((pb.GenerateResponse(pairs=pairs, chunks=1), doc["content"]))
+    started = time.perf_counter()
+    for _ in range(repeat):
+        for response, content in cases:
+            fresh = pb.GenerateResponse()
+            fresh.CopyFrom(response)
+            add_grounding(fresh, content, 6)
+    seconds = (time.perf_counter() - started) / (repeat * len(cases))
+    return (f"add_grounding alone: {seconds * 1e6:.0f} us per document of 4 pairs "
+            f"(mean over {repeat} x {len(cases)} documents of the corpus, a copy included)")
 
 
 # ---------------------------------------------------------------- (b) llama-server
@@ -505,7 +565,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--min-docs", type=int, default=8, help="documents per level, at least")
     parser.add_argument("--max-docs", type=int, default=64, help="documents per level, at most")
     parser.add_argument("--overhead-n", type=int, default=40)
-    parser.add_argument("--systems", default="grpc,server,loop,overhead")
+    parser.add_argument("--systems", default="grpc,server,loop,overhead",
+                        help="any of grpc, server, loop, overhead, grounding (the cost of "
+                        "evidence and grounding: two servers, interleaved)")
+    parser.add_argument("--grounding-rounds", type=int, default=3)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     settings.resolve(args)
@@ -525,6 +588,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "grpc" in systems:
         print("genstruct-server over gRPC:", flush=True)
         run_grpc(args, docs, results)
+    if "grounding" in systems:
+        print("evidence and grounding, on against off:", flush=True)
+        run_grounding(args, docs, results)
     if "server" in systems:
         from bench import llama_server
 

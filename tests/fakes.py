@@ -91,8 +91,11 @@ class FakeEngine:
         info: EngineInfo | None = None,
         on_step: Callable[[int], None] | None = None,
         fail_after: int | None = None,
+        tokens_for: Callable[[GenerationRequest], Sequence[str]] | None = None,
     ) -> None:
         self.tokens = tuple(tokens)
+        # the tokens of a request's completion, when they depend on it (else `tokens`)
+        self.tokens_for = tokens_for
         self.fail_after = fail_after  # fail_engine() once this many requests have completed
         self.n_parallel = n_parallel
         self.max_queue = max_queue
@@ -275,7 +278,8 @@ class FakeEngine:
             n = request.num_generations
             texts = [""] * n
             counts = [0] * n
-            for position, token in enumerate(self.tokens[:max_tokens]):
+            tokens = self.tokens if self.tokens_for is None else tuple(self.tokens_for(request))
+            for position, token in enumerate(tokens[:max_tokens]):
                 if position == 1 and self._hold:
                     await self._event("_released").wait()
                 if self.token_delay:
@@ -294,9 +298,7 @@ class FakeEngine:
                         yield TokenDelta(index=index, text=token)
                 if position == 0:
                     first_token_s = time.perf_counter() - submitted
-            reason = (
-                FinishReason.LENGTH if len(self.tokens) > max_tokens else FinishReason.EOS
-            )
+            reason = FinishReason.LENGTH if len(tokens) > max_tokens else FinishReason.EOS
             generations = tuple(
                 Generation(
                     index=i, text=texts[i], finish_reason=reason, completion_tokens=counts[i]
@@ -336,6 +338,14 @@ def _fits_now(scheduler: Admission[Any], generations: int) -> bool:
 
 def _prompt_tokens(request: GenerationRequest) -> int:
     return 32 + len(request.title.split()) + len(request.content.split())
+
+
+def echo_tokens(request: GenerationRequest) -> tuple[str, ...]:
+    """A completion made of the document: its title as the question and its content as the
+    answer (grounding 1 for content of six words or more); no `[[[Assistant]]]` marker, so
+    no parse, when the content holds `[noparse]`."""
+    marker = () if "[noparse]" in request.content else (" [[[Assistant]]]",)
+    return (f"{request.title}?", *marker, f" {request.content.strip()}")
 
 
 def make_engine(settings: Any, *, on_step: Callable[[int], None] | None = None) -> FakeEngine:

@@ -29,6 +29,7 @@ from genstruct_client.bulk.shards import COUNT_ENVS, INDEX_ENV, Shard, merge, ou
 from genstruct_client.bulk.writers import OUTPUT_FORMATS
 from genstruct_client.channel import DEFAULT_TARGET, ChannelConfig, TlsConfig, resolve_target
 from genstruct_client.client import GenstructClient
+from genstruct_client.curation import DEDUP_MODES, DEFAULT_THRESHOLD, Curation, Filters
 from genstruct_client.types import GenerationOptions
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -151,7 +152,10 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--stop", action="append", default=[], help="extra stop string (repeat)")
     sampling.add_argument("--num-generations", type=int, default=1, help="pairs per document")
     sampling.add_argument(
-        "--constrained", action="store_true", help="grammar-constrained: every pair parses"
+        "--constrained",
+        action=argparse.BooleanOptionalAction,
+        help="grammar-constrained output: every pair parses (default: the server's, which is "
+        "on when it serves the demo stand-in)",
     )
     sampling.add_argument(
         "--truncate", action="store_true", help="cut over-long content instead of failing it"
@@ -168,6 +172,49 @@ def _parser() -> argparse.ArgumentParser:
         "--chunk-overlap", type=int,
         help="with --chunk: tokens of whole sentences repeated from one part in the next "
         "(default: the server's)",
+    )
+    curation = gen.add_argument_group(
+        "curation (what is taken out goes to a file of its own, with the reason)"
+    )
+    curation.add_argument(
+        "--dedup",
+        choices=DEDUP_MODES,
+        default="mark",
+        help="near-duplicate questions (MinHash over word pairs, within a document's "
+        "generations and across the run; needs the curation extra): mark (default) sets a "
+        "row's duplicate_of to the {id, generation} of the earlier pair; drop moves the row "
+        "to OUTPUT's stem + .duplicates.jsonl instead; off looks for none",
+    )
+    curation.add_argument(
+        "--dedup-threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help=f"how alike two questions' word pairs must be (Jaccard, 0 to 1; default "
+        f"{DEFAULT_THRESHOLD})",
+    )
+    curation.add_argument(
+        "--require-parsed",
+        action="store_true",
+        help="take out pairs that did not parse (reason not_parsed)",
+    )
+    curation.add_argument(
+        "--min-grounding",
+        type=float,
+        metavar="X",
+        help="take out pairs whose answer has a grounding below X, 0 to 1 (reason "
+        "grounding_below_min)",
+    )
+    curation.add_argument(
+        "--max-question-grounding",
+        type=float,
+        metavar="Y",
+        help="take out pairs whose question copies the document more than Y, 0 to 1 "
+        "(reason question_grounding_above_max)",
+    )
+    curation.add_argument(
+        "--no-card",
+        action="store_true",
+        help="write no dataset card when the run finishes (see `genstruct card`)",
     )
     flow = gen.add_argument_group("flow")
     flow.add_argument(
@@ -210,13 +257,29 @@ def _parser() -> argparse.ArgumentParser:
         description="Combines the outputs of every shard of a sharded run (folders: every "
         "output with an OUTPUT.run.json in them; or the output files) into one JSONL or "
         "Parquet file, each (id, generation) once. Refused (exit 2) when a shard is "
-        "unfinished, missing, given twice or made with another configuration.",
+        "unfinished, missing, given twice or made with another configuration. Each shard "
+        "found near-duplicate questions within itself; the merge looks across shards (as the "
+        "shards' --dedup says: marked, or moved to the merged duplicates file), combines the "
+        "shards' filtered, duplicates and errors files, and writes one dataset card.",
     )
     merge_cmd.add_argument("inputs", nargs="+", type=Path, help="shard outputs or their folder")
     merge_cmd.add_argument("-o", "--output", type=Path, required=True, help="JSONL or Parquet")
     merge_cmd.add_argument(
         "--output-format", choices=OUTPUT_FORMATS, help="default: from the suffix"
     )
+    merge_cmd.add_argument(
+        "--no-card", action="store_true", help="write no dataset card for the merged output"
+    )
+
+    card = commands.add_parser(
+        "card",
+        help="write the dataset card of an output",
+        description="Writes a Hugging Face dataset card for OUTPUT (a finished run's or a "
+        "merge's) into the folder OUTPUT's stem + .card: README.md with YAML front matter "
+        "(configs, features, the model and its license, the template version, the run's "
+        "fingerprint and counts) and PNG plots. A run writes it by itself when it finishes.",
+    )
+    card.add_argument("output", type=Path, help="the JSONL or Parquet output of a run")
 
     health = commands.add_parser("health", help="exit 0 only when the server is SERVING")
     health.add_argument("--service", default="", help="service to ask about (default: server)")
@@ -256,6 +319,21 @@ def _generate(args: argparse.Namespace) -> int:
         raise UsageError("--chunk and --truncate exclude each other: choose one")
     if (args.chunk_tokens is not None or args.chunk_overlap is not None) and not args.chunk:
         raise UsageError("--chunk-tokens and --chunk-overlap go with --chunk")
+    try:
+        curation = Curation(
+            dedup=args.dedup,
+            threshold=args.dedup_threshold,
+            filters=Filters(
+                require_parsed=args.require_parsed,
+                min_grounding=args.min_grounding,
+                max_question_grounding=args.max_question_grounding,
+            ),
+        )
+    except ValueError as exc:
+        raise UsageError(
+            f"{exc} (--dedup-threshold, --min-grounding and --max-question-grounding are "
+            "shares, 0 to 1)"
+        ) from None
     config = _config(args)
     shard = Shard.parse(args.shard) if args.shard else Shard.from_env()
     output = output_for(args.output, shard)
@@ -293,6 +371,8 @@ def _generate(args: argparse.Namespace) -> int:
                 progress_interval=float("inf") if args.no_progress else args.progress_interval,
                 new_run=args.new_run,
                 shard=shard,
+                curation=curation,
+                card=not args.no_card,
             )
         )
         loop = asyncio.get_running_loop()
@@ -306,8 +386,21 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    summary = merge(args.inputs, args.output, args.output_format)
+    summary = merge(args.inputs, args.output, args.output_format, card=not args.no_card)
     print(summary.report(), file=sys.stderr)
+    return EXIT_OK
+
+
+def _card(args: argparse.Namespace) -> int:
+    try:
+        from genstruct_client.card import write_card
+    except ImportError as exc:
+        raise UsageError(
+            f"the dataset card needs {exc.name}: pip install 'genstruct-grpc[curation]'"
+        ) from None
+    if not args.output.exists():
+        raise UsageError(f"{args.output} does not exist")
+    print(f"dataset card: {write_card(args.output)}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -337,7 +430,9 @@ def _info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    handlers = {"generate": _generate, "merge": _merge, "health": _health, "info": _info}
+    handlers = {
+        "generate": _generate, "merge": _merge, "card": _card, "health": _health, "info": _info,
+    }
     try:
         return handlers[args.command](args)
     except UsageError as exc:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
@@ -30,6 +31,7 @@ from pydantic import Field, PositiveInt, PrivateAttr, SecretStr
 
 from genstruct_client._batching import BatchAborted, ResubmitPolicy
 from genstruct_client.aio import AsyncGenstructClient
+from genstruct_client.bulk.writers import encode_line
 from genstruct_client.channel import (
     DEFAULT_TARGET,
     ChannelConfig,
@@ -37,7 +39,9 @@ from genstruct_client.channel import (
     resolve_target,
     target_addresses,
 )
+from genstruct_client.curation import DEFAULT_THRESHOLD, Filters, QuestionIndex
 from genstruct_client.errors import ErrorDetails
+from genstruct_client.rows import duplicate_key, pair_columns
 from genstruct_client.types import Document, GenerationOptions
 
 if TYPE_CHECKING:
@@ -56,16 +60,14 @@ ExtraColumn = Literal[
     "raw_text",
     "generation_index",
     "error",
+    "evidence",
+    "grounding",
+    "question_grounding",
+    "duplicate_of",
 ]
 # The service's own columns, as the bulk CLI writes them; opt-in, so that by default the
 # step's columns are exactly those of distilabel's Genstruct task.
 EXTRA_COLUMNS: tuple[str, ...] = get_args(ExtraColumn)
-_FINISH_REASONS = {
-    pb.FINISH_REASON_EOS: "eos",
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_CANCELLED: "cancelled",
-}
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 # Seconds to wait for GetModelInfo when an error row needs the model's name.
 _INFO_TIMEOUT = 5.0
@@ -129,7 +131,11 @@ class GenstructService(Step):  # type: ignore[misc]  # distilabel is untyped
           not the step, renders the prompt. Keys that earlier steps put there are kept.
         - `extra_columns`, each only when asked for: parsed (`bool`), finish_reason (`str`:
           eos, stop, length, cancelled), prompt_tokens (`int`), completion_tokens (`int`),
-          truncated (`bool`), raw_text (`str`), generation_index (`int`), error (`str`).
+          truncated (`bool`), raw_text (`str`), generation_index (`int`), error (`str`),
+          evidence (`list` of {start, end}: code point spans of the content the answer
+          copies), grounding and question_grounding (`float`, 0 to 1: the share of the
+          answer's, the question's, words copied from the content), duplicate_of (`dict`
+          {id, generation}, or None: the earlier pair this one's question nearly repeats).
 
     Runtime parameters:
         - `target`: the server, a comma-separated list of servers or a gRPC URI.
@@ -141,6 +147,10 @@ class GenstructService(Step):  # type: ignore[misc]  # distilabel is untyped
         - `truncate`: cut content that does not fit the context instead of failing it.
         - `concurrency`, `streams`, `deadline`, `max_attempts`, `retry_budget`: the flow.
         - `add_raw_output`: whether to keep the completion in `distilabel_metadata`.
+        - `require_parsed`, `min_grounding`, `max_question_grounding`: filters, as in the
+          bulk CLI; the pairs they take out go to `filtered_path` (JSONL, with
+          `filter_reason`), never silently away.
+        - `dedup_threshold`: with the `duplicate_of` column, how alike questions must be.
 
     Examples:
         ```python
@@ -215,9 +225,10 @@ class GenstructService(Step):  # type: ignore[misc]  # distilabel is untyped
     stop: RuntimeParameter[list[str]] | None = Field(
         default=None, description="Extra stop strings."
     )
-    constrained: RuntimeParameter[bool] = Field(
-        default=False,
-        description="Constrain generation with a grammar so that every pair parses.",
+    constrained: RuntimeParameter[bool] | None = Field(
+        default=None,
+        description="Constrain generation with a grammar so that every pair parses. Unset: "
+        "the server's default (on when it serves the demo stand-in).",
     )
     truncate: RuntimeParameter[bool] = Field(
         default=False,
@@ -253,11 +264,40 @@ class GenstructService(Step):  # type: ignore[misc]  # distilabel is untyped
     )
     extra_columns: list[ExtraColumn] = Field(
         default_factory=list,
-        description=f"Service columns to add: any of {', '.join(EXTRA_COLUMNS)}.",
+        description=f"Service columns to add: any of {', '.join(EXTRA_COLUMNS)}. "
+        "`duplicate_of` also turns on the search for near-duplicate questions.",
+    )
+    require_parsed: RuntimeParameter[bool] = Field(
+        default=False,
+        description="Take out pairs that did not parse (reason not_parsed).",
+    )
+    min_grounding: RuntimeParameter[float] | None = Field(
+        default=None,
+        description="Take out pairs whose answer's grounding is below this, 0 to 1 (reason "
+        "grounding_below_min).",
+    )
+    max_question_grounding: RuntimeParameter[float] | None = Field(
+        default=None,
+        description="Take out pairs whose question's grounding is above this, 0 to 1 (reason "
+        "question_grounding_above_max).",
+    )
+    filtered_path: RuntimeParameter[str] | None = Field(
+        default=None,
+        description="JSONL file the pairs a filter takes out are appended to, each with its "
+        "`filter_reason` (required with a filter: nothing is dropped without a trace).",
+    )
+    dedup_threshold: RuntimeParameter[float] = Field(
+        default=DEFAULT_THRESHOLD,
+        description="With the `duplicate_of` column: how alike two questions' word pairs "
+        "must be (Jaccard) for the later to be marked as the earlier's duplicate.",
     )
 
     _connection: _Connection | None = PrivateAttr(default=None)
     _model_name: str | None = PrivateAttr(default=None)
+    _index: QuestionIndex | None = PrivateAttr(default=None)
+    _filters: Filters = PrivateAttr(default_factory=Filters)
+    _rows_seen: int = PrivateAttr(default=0)  # input rows, over every batch: their ids
+    _filtered: Counter[str] = PrivateAttr(default_factory=Counter)
 
     @property
     def inputs(self) -> "StepColumns":
@@ -270,6 +310,19 @@ class GenstructService(Step):  # type: ignore[misc]  # distilabel is untyped
     def load(self) -> None:
         """Opens the channel; in distilabel's worker process, not where the step is built."""
         super().load()
+        self._filters = Filters(
+            require_parsed=self.require_parsed,
+            min_grounding=self.min_grounding,
+            max_question_grounding=self.max_question_grounding,
+        )
+        if self._filters.active and not self.filtered_path:
+            raise ValueError(
+                "GenstructService: a filter (require_parsed, min_grounding, "
+                "max_question_grounding) needs filtered_path, the JSONL file the pairs it "
+                "takes out go to"
+            )
+        if "duplicate_of" in self.extra_columns:
+            self._index = QuestionIndex(self.dedup_threshold)
         self._connection = _Connection(self._channel_config())
 
     def unload(self) -> None:
@@ -363,10 +416,13 @@ class GenstructService(Step):  # type: ignore[misc]  # distilabel is untyped
         if model_name is None and len(responses) < len(inputs):
             model_name = self._known_model_name()
         rows: list[Row] = []
+        filtered: list[Row] = []
+        first = self._rows_seen
+        self._rows_seen += len(inputs)
         for i, row in enumerate(inputs):
             response = responses.get(i)
             if response is not None and not response.HasField("error") and response.pairs:
-                rows += self._pair_rows(row, response)
+                rows += self._pair_rows(row, response, str(first + i), filtered)
             elif response is not None:
                 name = _CODE_NAMES.get(response.error.code, str(response.error.code))
                 reason = _with_details(
@@ -377,7 +433,24 @@ class GenstructService(Step):  # type: ignore[misc]  # distilabel is untyped
                 rows += self._error_rows(row, reason, response.model_name or model_name)
             else:
                 rows += self._error_rows(row, reasons.get(i, failure), model_name)
+        if filtered:
+            self._set_aside(filtered)
         return rows
+
+    def _set_aside(self, filtered: list[Row]) -> None:
+        """Appends the pairs the filters took out to `filtered_path`, and says how many."""
+        assert self.filtered_path is not None
+        with open(self.filtered_path, "ab") as file:
+            file.write(b"".join(encode_line(row) for row in filtered))
+        reasons = Counter(str(row["filter_reason"]) for row in filtered)
+        self._filtered.update(reasons)
+        self._log().info(
+            "%d pairs filtered out to %s (%s; %s in all)",
+            len(filtered),
+            self.filtered_path,
+            ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items())),
+            ", ".join(f"{reason} {n}" for reason, n in sorted(self._filtered.items())),
+        )
 
     async def _collect(
         self, documents: list[Document], responses: dict[int, pb.GenerateResponse]
@@ -398,14 +471,29 @@ class GenstructService(Step):  # type: ignore[misc]  # distilabel is untyped
             async for response in batch:
                 responses[int(response.id)] = response
 
-    def _pair_rows(self, row: Row, response: pb.GenerateResponse) -> list[Row]:
+    def _pair_rows(
+        self, row: Row, response: pb.GenerateResponse, row_id: str, filtered: list[Row]
+    ) -> list[Row]:
+        """The rows of a document's pairs; those a filter takes out go to `filtered`.
+        `row_id` (the input row's number over every batch) names it in `duplicate_of`."""
         outputs = []
         for pair in response.pairs:
-            # distilabel reports None for both sides of a completion that did not parse.
+            # the bulk output's columns (rows.pair_columns), of which the step shows
+            # distilabel's and the extra columns asked for
+            columns = pair_columns(response, pair)
+            reason = self._filters.reason(columns)
+            if reason is not None:
+                filtered.append({
+                    **row, **columns, "generation_index": pair.index, "filter_reason": reason,
+                })
+                continue
+            if self._index is not None and pair.parsed:
+                earlier = self._index.check(pair.user, (row_id, pair.index))
+                columns["duplicate_of"] = None if earlier is None else duplicate_key(*earlier)
             output = self._output(
-                user=pair.user if pair.parsed else None,
-                assistant=pair.assistant if pair.parsed else None,
-                model_name=response.model_name,
+                user=columns["user"],
+                assistant=columns["assistant"],
+                model_name=columns["model_name"],
                 metadata=self._metadata(
                     row,
                     raw_output=pair.raw_text,
@@ -415,19 +503,10 @@ class GenstructService(Step):  # type: ignore[misc]  # distilabel is untyped
                     },
                     error=None,
                 ),
-                extras={
-                    "parsed": pair.parsed,
-                    "finish_reason": _FINISH_REASONS.get(pair.finish_reason, "unspecified"),
-                    "prompt_tokens": response.usage.prompt_tokens,
-                    "completion_tokens": pair.completion_tokens,
-                    "truncated": response.truncated,
-                    "raw_text": pair.raw_text,
-                    "generation_index": pair.index,
-                    "error": None,
-                },
+                extras={**columns, "generation_index": pair.index, "error": None},
             )
             outputs.append(output)
-        return self._rows(row, outputs)
+        return self._rows(row, outputs) if outputs else []
 
     def _error_rows(self, row: Row, reason: str, model_name: str | None) -> list[Row]:
         """As many rows as pairs were asked for, each saying why there are none."""

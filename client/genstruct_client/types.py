@@ -31,7 +31,9 @@ class GenerationOptions:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     num_generations: int = 1
-    constrained: bool = False
+    # Grammar-constrained output, so every pair parses; None: the server's default
+    # (GetModelInfo `default_constrained`: on for the demo stand-in).
+    constrained: bool | None = None
     # Cut over-long content to fit the context (the response says `truncated`) instead of
     # having the server refuse the document.
     truncate: bool = False
@@ -73,8 +75,9 @@ class GenerationOptions:
             num_generations=self.num_generations,
             truncation=pb.TRUNCATION_CHUNK if self.chunk
             else pb.TRUNCATION_TRUNCATE if self.truncate else pb.TRUNCATION_UNSPECIFIED,
-            constrained=self.constrained,
         )
+        if self.constrained is not None:
+            request.constrained = self.constrained
         if self.chunk_tokens is not None:
             request.chunk_tokens = self.chunk_tokens
         if self.chunk_overlap is not None:

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from typing import TypeVar
 
 from pydantic import ValidationError
 
@@ -22,6 +23,7 @@ from .metrics import Metrics
 from .server import RunningServer, host_port, start_server
 
 log = logging.getLogger("genstruct_service.cli")
+T = TypeVar("T")
 
 # Testing hook: `module:function` building the engine instead of llama.cpp, called as
 # function(settings, on_step=callable); e.g. tests.fakes:make_engine.
@@ -83,12 +85,17 @@ def version_report() -> str:
 
 def load_engine(settings: Settings, on_step: Callable[[int], None]) -> Engine:
     """Resolve the model (downloading if needed) and load it; blocking, run off the loop."""
+    return load_model(settings, on_step)[0]
+
+
+def load_model(settings: Settings, on_step: Callable[[int], None]) -> tuple[Engine, bool]:
+    """The engine (see load_engine), and whether its model is a stand-in (the demo)."""
     factory_spec = os.environ.get(ENGINE_FACTORY_ENV)
     if factory_spec:
         module_name, _, attribute = factory_spec.partition(":")
         factory: Callable[..., Engine] = getattr(importlib.import_module(module_name), attribute)
         log.warning("engine from %s=%s (testing hook)", ENGINE_FACTORY_ENV, factory_spec)
-        return factory(settings, on_step=on_step)
+        return factory(settings, on_step=on_step), False
 
     from .engine.llama import LlamaEngine
     from .model_files.registry import load_registry
@@ -104,14 +111,23 @@ def load_engine(settings: Settings, on_step: Callable[[int], None]) -> Engine:
         log.warning(
             "model %s is not available (%s); serving the stand-in %r instead "
             "(--fallback-to-demo): NOT Genstruct-7B, fit for trying the service only, and "
-            "every response's model_name says so",
+            "every response's model_name says so. %s",
             settings.model,
             exc,
             fallback,
+            _constrained_note(settings),
         )
         model = resolve_model(fallback, settings.models_dir)
+    else:
+        if model.entry is not None and model.entry.stand_in:
+            log.warning(
+                "serving the stand-in %r: NOT Genstruct-7B, fit for trying the service only. %s",
+                model.display_name,
+                _constrained_note(settings),
+            )
+    stand_in = model.entry is not None and model.entry.stand_in
     log.info("loading %s from %s", model.display_name, model.path)
-    return LlamaEngine(
+    engine = LlamaEngine(
         model.path,
         model_name=model.display_name,
         prompt_format=GENSTRUCT_FORMAT,
@@ -130,14 +146,29 @@ def load_engine(settings: Settings, on_step: Callable[[int], None]) -> Engine:
         speculation=settings.speculation_settings,
         on_step=on_step,
     )
+    return engine, stand_in
 
 
-def _in_thread(function: Callable[[], Engine]) -> asyncio.Future[Engine]:
+def _constrained_note(settings: Settings) -> str:
+    """What the stand-in warning says of constrained output."""
+    if settings.default_constrained(stand_in=True):
+        return (
+            "Output is grammar-constrained by default (it seldom writes the Genstruct markers "
+            "by itself), so its pairs parse; a request may set constrained=false, and "
+            "--constrained false turns the default off"
+        )
+    return (
+        "Output is not constrained by default (--constrained false), so most of its pairs "
+        "will not parse; send constrained=true to have them parse"
+    )
+
+
+def _in_thread(function: Callable[[], T]) -> asyncio.Future[T]:
     """Run `function` on a daemon thread, so a signal during a long load can still exit."""
     loop = asyncio.get_running_loop()
-    future: asyncio.Future[Engine] = loop.create_future()
+    future: asyncio.Future[T] = loop.create_future()
 
-    def settle(result: Engine | None, error: BaseException | None) -> None:
+    def settle(result: T | None, error: BaseException | None) -> None:
         if future.cancelled():
             return
         if error is not None:
@@ -208,7 +239,7 @@ async def serve(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
-    loading = _in_thread(lambda: load_engine(settings, metrics.on_step))
+    loading = _in_thread(lambda: load_model(settings, metrics.on_step))
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait((loading, stopping), return_when=asyncio.FIRST_COMPLETED)
     if not loading.done():
@@ -217,12 +248,12 @@ async def serve(settings: Settings) -> int:
         await running.stop(None)
         return 0
     try:
-        engine = loading.result()
+        engine, stand_in = loading.result()
     except BaseException:
         stopping.cancel()
         await running.stop(None)
         raise
-    await running.set_engine(engine)
+    await running.set_engine(engine, stand_in=stand_in)
     info = engine.info
     log.info(
         "ready: serving %s on %s (health SERVING)",

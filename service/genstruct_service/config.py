@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 from .chunking import MIN_PART_TOKENS
 from .engine import speculation as spec
 from .engine.types import SAMPLING_BOUNDS
+from .grounding import DEFAULT_MIN_RUN
 
 _SPEC = spec.SpeculationSettings()
 
@@ -226,6 +227,23 @@ class Settings(BaseSettings):
         "reads no more until results go out.",
     )
 
+    # What a response says of its pairs
+    constrained: bool | None = Field(
+        None,
+        description="Default of a request's `constrained` when it leaves it unset (a "
+        "request may override it): grammar-constrained output, so every pair parses. Unset: "
+        "on when the server serves the small demo stand-in (which seldom writes the "
+        "Genstruct markers by itself), off for any other model.",
+    )
+    grounding_min_run_tokens: int = Field(
+        DEFAULT_MIN_RUN,
+        ge=0,
+        le=1024,
+        description="Shortest run of words an answer (or question) must copy from the "
+        "document to count as grounded: each pair's evidence spans and grounding share are "
+        "computed with it. 0 computes no grounding.",
+    )
+
     # Lifecycle
     drain_seconds: float = Field(
         30.0,
@@ -332,6 +350,10 @@ class Settings(BaseSettings):
         if self.metrics_host is not None:
             return self.metrics_host
         return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+
+    def default_constrained(self, stand_in: bool) -> bool:
+        """What a request that leaves `constrained` unset gets, serving a stand-in or not."""
+        return stand_in if self.constrained is None else self.constrained
 
     @property
     def generations_limit(self) -> int:

@@ -11,6 +11,7 @@ from google.rpc import status_pb2
 from .chunking import Chunk
 from .engine.speculation import SpeculationSettings
 from .engine.types import BuildInfo, Completed, FinishReason
+from .grounding import ContentIndex
 from .prompt import parse_completion
 
 _FINISH = {
@@ -78,6 +79,32 @@ def to_response(
         truncated=any(c.truncated for c in done),
         chunks=len(parts),
     )
+
+
+def add_grounding(response: genstruct_pb2.GenerateResponse, content: str, min_run: int) -> None:
+    """Sets every pair's evidence, grounding and question_grounding, against the part of
+    `content` it was generated from (the whole content when it was not chunked).
+
+    Word matching over the document: run it on a worker thread.
+    """
+    indexes: dict[int, ContentIndex] = {}
+    for pair in response.pairs:
+        if not pair.parsed:
+            continue
+        index = indexes.get(pair.chunk_index)
+        if index is None:
+            if pair.chunk_end:  # a part of a chunked document
+                part = content[pair.chunk_start : pair.chunk_end]
+                index = ContentIndex(part, min_run, offset=pair.chunk_start)
+            else:
+                index = ContentIndex(content, min_run)
+            indexes[pair.chunk_index] = index
+        answer = index.ground(pair.assistant)
+        pair.evidence.extend(
+            genstruct_pb2.Span(start=start, end=end) for start, end in answer.evidence
+        )
+        pair.grounding = answer.share
+        pair.question_grounding = index.ground(pair.user).share
 
 
 def error_response(request_id: str, error: status_pb2.Status) -> genstruct_pb2.GenerateResponse:

@@ -71,9 +71,12 @@ class RunningServer:
         )
         return host_port(host, self.port)
 
-    async def set_engine(self, engine: Engine) -> None:
-        """Start serving with `engine` (the model has loaded): health becomes SERVING."""
+    async def set_engine(self, engine: Engine, *, stand_in: bool = False) -> None:
+        """Start serving with `engine` (the model has loaded): health becomes SERVING.
+        `stand_in`: its model is the demo stand-in, not Genstruct-7B (see Settings.constrained).
+        """
         self.state.engine = engine
+        self.state.stand_in = stand_in
         self.metrics.watch_engine(engine.stats)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, _SERVING)

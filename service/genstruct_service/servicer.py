@@ -42,6 +42,7 @@ from .metrics import Metrics
 from .preparation import PreparePool
 from .responses import (
     Chunked,
+    add_grounding,
     build_message,
     error_response,
     speculation_message,
@@ -70,6 +71,8 @@ class ServiceState:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
+        # whether the engine serves a stand-in model (the demo), not Genstruct-7B itself
+        self.stand_in = False
         self.draining = False
         self._clock = clock
         self._drain_ends: float | None = None  # clock() when the drain's time is up
@@ -244,16 +247,26 @@ class Documents:
     """The steps every RPC takes with a document: validate it, complete it, build the response."""
 
     def __init__(
-        self, settings: Settings, prepare: PreparePool, metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        state: ServiceState,
+        prepare: PreparePool,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
+        self._state = state
         self._prepare = prepare
         self._metrics = metrics
 
     def validate(
         self, request: genstruct_pb2.GenerateRequest, *, id_required: bool = False
     ) -> GenerationRequest:
-        work = to_generation_request(request, self._settings, id_required=id_required)
+        work = to_generation_request(
+            request,
+            self._settings,
+            id_required=id_required,
+            default_constrained=self._settings.default_constrained(self._state.stand_in),
+        )
         if log.isEnabledFor(logging.DEBUG):  # document text only ever at DEBUG
             log.debug(
                 "document",
@@ -338,10 +351,17 @@ class Documents:
                     return event
         raise RuntimeError("the engine ended a request without a Completed event")
 
-    def respond(
-        self, request_id: str, result: Completed | Chunked, engine: Engine
+    async def respond(
+        self, request_id: str, work: GenerationRequest, result: Completed | Chunked,
+        engine: Engine,
     ) -> genstruct_pb2.GenerateResponse:
         response = to_response(request_id, result, engine.info.model_name)
+        min_run = self._settings.grounding_min_run_tokens
+        if min_run and response.pairs:
+            # word matching over the document: on a worker thread, not the event loop
+            await asyncio.get_running_loop().run_in_executor(
+                None, add_grounding, response, work.content, min_run
+            )
         usage = response.usage
         call = current_call()
         if call is not None:
@@ -380,7 +400,7 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
     ) -> None:
         self._settings = settings
         self._state = state
-        self._documents = Documents(settings, prepare, metrics)
+        self._documents = Documents(settings, state, prepare, metrics)
 
     # --- the four RPCs ------------------------------------------------------------------
 
@@ -390,7 +410,7 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
         with self._state.work() as engine, self._state.document(context.peer()):
             work = self._documents.validate(request)
             completed = await self._documents.complete(engine, work)
-            return self._documents.respond(request.id, completed, engine)
+            return await self._documents.respond(request.id, work, completed, engine)
 
     async def GenerateStream(
         self, request: genstruct_pb2.GenerateRequest, context: Context
@@ -419,7 +439,8 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
             if completed is None:
                 raise RuntimeError("the engine ended a request without a Completed event")
             yield genstruct_pb2.GenerateStreamResponse(
-                id=request.id, result=self._documents.respond(request.id, completed, engine)
+                id=request.id,
+                result=await self._documents.respond(request.id, work, completed, engine),
             )
 
     async def GenerateBatch(
@@ -471,6 +492,8 @@ class GenstructServicer(genstruct_pb2_grpc.GenstructServiceServicer):
             speculation=speculation_message(info.speculation),
             kv_unified=info.kv_unified,
             slot_context_length=info.slot_context_length or info.context_length,
+            default_constrained=self._settings.default_constrained(self._state.stand_in),
+            grounding_min_run_tokens=self._settings.grounding_min_run_tokens,
         )
 
 class _Batch:
@@ -601,7 +624,7 @@ class _Batch:
                     figures={"timeoutMs": timeout_ms},
                 ))
                 return
-            response = self._documents.respond(request_id, completed, self._engine)
+            response = await self._documents.respond(request_id, work, completed, self._engine)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -91,9 +91,14 @@ def _sampling(params: genstruct_pb2.SamplingParams, settings: Settings) -> Sampl
 
 
 def to_generation_request(
-    request: genstruct_pb2.GenerateRequest, settings: Settings, *, id_required: bool = False
+    request: genstruct_pb2.GenerateRequest,
+    settings: Settings,
+    *,
+    id_required: bool = False,
+    default_constrained: bool = False,
 ) -> GenerationRequest:
-    """Check every field against the server's limits and fill unset ones from its defaults.
+    """Check every field against the server's limits and fill unset ones from its defaults
+    (`constrained` from `default_constrained`).
 
     Raises InvalidRequest naming the first field that is wrong and the limit it broke.
     """
@@ -149,7 +154,9 @@ def to_generation_request(
         content=content,
         sampling=_sampling(request.sampling, settings),
         num_generations=num_generations,
-        constrained=request.constrained,
+        constrained=request.constrained
+        if request.HasField("constrained")
+        else default_constrained,
         truncation=truncation,
         chunk_tokens=request.chunk_tokens,
         chunk_overlap=overlap,

@@ -21,7 +21,7 @@ from pathlib import Path
 from genstruct_service.config import Settings
 from genstruct_service.server import start_server
 
-from tests.fakes import DEFAULT_TOKENS, FAKE_INFO, FakeEngine
+from tests.fakes import DEFAULT_TOKENS, FAKE_INFO, FakeEngine, echo_tokens
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -47,6 +47,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     engine = FakeEngine(
         tokens=tokens,
+        tokens_for=echo_tokens if args.echo else None,
         n_parallel=args.n_parallel,
         token_delay=args.token_delay,
         info=dataclasses.replace(FAKE_INFO, model_name=args.model_name),
@@ -70,6 +71,11 @@ def main() -> None:
     parser.add_argument("--drain-seconds", type=float, default=5.0)
     parser.add_argument("--model-name", default="fake-model:Q4_K_M")
     parser.add_argument("--answer", help="the assistant's side of every pair")
+    parser.add_argument(
+        "--echo", action="store_true",
+        help="each pair is the document's title (question) and content (answer): see "
+        "tests.fakes.echo_tokens",
+    )
     parser.add_argument("--auth-token")
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)

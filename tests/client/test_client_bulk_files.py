@@ -217,7 +217,9 @@ def test_parquet_output_goes_through_a_journal_and_resumes_from_the_parquet(
     assert output.journal_path == tmp_path / "pairs.parquet.journal.jsonl"
     row = {"id": "a", "generation_index": 0, "title": "t", "content": "c", "user": None,
            "assistant": None, "model_name": "m", "parsed": False, "finish_reason": "eos",
-           "prompt_tokens": 3, "completion_tokens": 4, "truncated": False, "raw_text": "r"}
+           "prompt_tokens": 3, "completion_tokens": 4, "truncated": False, "raw_text": "r",
+           "evidence": [{"start": 0, "end": 1}], "grounding": 0.5, "question_grounding": 0.0,
+           "duplicate_of": {"id": "b", "generation": 1, "chunk_index": None}}
     output.journal.append(row)
     output.finish()
     output.close()

@@ -285,3 +285,57 @@ def test_target_and_token_default_to_the_environment(monkeypatch: pytest.MonkeyP
     assert given._channel_config().target == "127.0.0.1:7000"
     assert given._channel_config().metadata() == (("authorization", "Bearer given"),)
     assert "given" not in repr(given.token)
+
+
+@pytest.fixture(scope="module")
+def echo_process() -> Iterator[ServerProcess]:
+    """Pairs that echo each document: its title as the question, its content as the answer."""
+    process = ServerProcess("--echo")
+    yield process
+    process.close()
+
+
+LONG = "The harbour wall of Brest was rebuilt in granite after the great storm of the winter."
+
+
+def test_grounding_duplicates_and_filters_as_the_bulk_command_has_them(
+    echo_process: ServerProcess, tmp_path: Path
+) -> None:
+    rows: list[dict[str, Any]] = [
+        {"title": "What causes the tides in Brest harbour", "content": LONG},
+        {"title": "What causes the tides in Brest harbour today", "content": LONG},
+        {"title": "Short", "content": "Too short to copy."},
+        {"title": "No marker", "content": "[noparse] " + LONG},
+    ]
+    filtered = tmp_path / "filtered.jsonl"
+    with Pipeline(name="curated"):
+        step = GenstructService(
+            target=echo_process.target,
+            extra_columns=["evidence", "grounding", "question_grounding", "duplicate_of"],
+            require_parsed=True, min_grounding=0.5, filtered_path=str(filtered),
+        )
+    step.load()
+    try:
+        first = next(step.process_applying_mappings(rows[:2]))
+        second = next(step.process_applying_mappings(rows[2:] + rows[:1]))
+    finally:
+        step.unload()
+    assert [row["grounding"] for row in first] == [1.0, 1.0]
+    assert first[0]["evidence"] == [{"start": 0, "end": len(LONG)}]
+    assert first[0]["question_grounding"] == 0.0
+    # the second question nearly repeats the first (rows are numbered over every batch)
+    assert [row["duplicate_of"] for row in first] == [None, {"id": "0", "generation": 0}]
+    # the batch after: two rows filtered out, and a repeat of batch one's first question
+    assert [row["title"] for row in second] == [rows[0]["title"]]
+    assert second[0]["duplicate_of"] == {"id": "0", "generation": 0}
+    aside = [json.loads(line) for line in filtered.read_text().splitlines()]
+    assert [(row["title"], row["filter_reason"]) for row in aside] == [
+        ("Short", "grounding_below_min"), ("No marker", "not_parsed"),
+    ]
+
+
+def test_a_filter_needs_a_file_for_what_it_takes_out(echo_process: ServerProcess) -> None:
+    with Pipeline(name="no-file"):
+        step = GenstructService(target=echo_process.target, require_parsed=True)
+    with pytest.raises(ValueError, match="filtered_path"):
+        step.load()

@@ -265,3 +265,35 @@ async def test_a_document_longer_than_the_context_gives_pairs_from_every_part(
     (again,) = batched
     assert again.id == "long" and again.chunks == response.chunks
     assert [(p.chunk_start, p.chunk_end) for p in again.pairs] == spans
+
+
+async def test_the_demo_stand_in_is_served_constrained_and_the_warning_says_so(
+    model_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from genstruct_service import cli
+
+    settings = make_settings(model="demo", n_parallel=1, n_ctx=1024, n_batch=256,
+                             n_gpu_layers=0, threads=2, speculation="off")
+    with caplog.at_level("WARNING", logger="genstruct_service.cli"):
+        engine, stand_in = await asyncio.to_thread(cli.load_model, settings, lambda _n: None)
+    try:
+        assert stand_in
+        assert any("stand-in" in r.getMessage() and "grammar-constrained by default"
+                   in r.getMessage() for r in caplog.records)
+        server = await start_server(settings, None, metrics_port=0)
+        await server.set_engine(engine, stand_in=stand_in)
+        try:
+            async with grpc.aio.insecure_channel(server.target) as channel:
+                stub = Stub(channel)
+                info = await stub.GetModelInfo(genstruct_pb2.GetModelInfoRequest(), timeout=30)
+                response = await stub.Generate(
+                    _request(sampling=SP(max_tokens=24, seed=1)), timeout=120
+                )
+        finally:
+            await server.stop(None)
+    finally:
+        await engine.close()
+    assert info.default_constrained
+    # the stand-in left to itself seldom writes the markers; constrained, it always does
+    assert response.pairs[0].parsed
+    assert 0.0 <= response.pairs[0].grounding <= 1.0

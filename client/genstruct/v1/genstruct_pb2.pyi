@@ -392,6 +392,9 @@ class GenerateRequest(_message.Message):
     constrained: _builtins.bool
     """Constrain generation with a grammar so that each completion is a non-empty question,
     `[[[Assistant]]]`, and a non-empty answer: every pair parses, even from a weak model.
+    Unset: the server's default, GetModelInfo's `default_constrained` (on when the server
+    serves the small demo stand-in, which seldom writes the markers by itself; off for
+    Genstruct-7B, unless the server's --constrained says otherwise).
     """
     timeout_ms: _builtins.int
     """GenerateBatch only, optional: milliseconds this document may take from when the server
@@ -427,18 +430,23 @@ class GenerateRequest(_message.Message):
         sampling: Global___SamplingParams | None = ...,
         num_generations: _builtins.int = ...,
         truncation: Global___Truncation.ValueType = ...,
-        constrained: _builtins.bool = ...,
+        constrained: _builtins.bool | None = ...,
         timeout_ms: _builtins.int = ...,
         chunk_tokens: _builtins.int = ...,
         chunk_overlap_tokens: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_chunk_overlap_tokens", b"_chunk_overlap_tokens", "chunk_overlap_tokens", b"chunk_overlap_tokens", "document", b"document", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_chunk_overlap_tokens", b"_chunk_overlap_tokens", "_constrained", b"_constrained", "chunk_overlap_tokens", b"chunk_overlap_tokens", "constrained", b"constrained", "document", b"document", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_chunk_overlap_tokens", b"_chunk_overlap_tokens", "chunk_overlap_tokens", b"chunk_overlap_tokens", "chunk_tokens", b"chunk_tokens", "constrained", b"constrained", "document", b"document", "id", b"id", "num_generations", b"num_generations", "sampling", b"sampling", "timeout_ms", b"timeout_ms", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_chunk_overlap_tokens", b"_chunk_overlap_tokens", "_constrained", b"_constrained", "chunk_overlap_tokens", b"chunk_overlap_tokens", "chunk_tokens", b"chunk_tokens", "constrained", b"constrained", "document", b"document", "id", b"id", "num_generations", b"num_generations", "sampling", b"sampling", "timeout_ms", b"timeout_ms", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__chunk_overlap_tokens: _TypeAlias = _typing.Literal["chunk_overlap_tokens"]  # noqa: Y015
     _WhichOneofArgType__chunk_overlap_tokens: _TypeAlias = _typing.Literal["_chunk_overlap_tokens", b"_chunk_overlap_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__constrained: _TypeAlias = _typing.Literal["constrained"]  # noqa: Y015
+    _WhichOneofArgType__constrained: _TypeAlias = _typing.Literal["_constrained", b"_constrained"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__chunk_overlap_tokens) -> _WhichOneofReturnType__chunk_overlap_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__constrained) -> _WhichOneofReturnType__constrained | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
@@ -458,6 +466,9 @@ class Pair(_message.Message):
     CHUNK_INDEX_FIELD_NUMBER: _builtins.int
     CHUNK_START_FIELD_NUMBER: _builtins.int
     CHUNK_END_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    GROUNDING_FIELD_NUMBER: _builtins.int
+    QUESTION_GROUNDING_FIELD_NUMBER: _builtins.int
     user: _builtins.str
     """The user's question (distilabel's `user` column), trimmed. Empty when `parsed` is false."""
     assistant: _builtins.str
@@ -487,6 +498,30 @@ class Pair(_message.Message):
     """
     chunk_start: _builtins.int
     chunk_end: _builtins.int
+    grounding: _builtins.float
+    """The share of the answer's words that lie in runs copied from the content (those
+    `evidence` points to), 0 to 1: 1 for an answer that is a passage of the document, 0 for
+    one that shares no run of `grounding_min_run_tokens` words with it. A low value is an
+    answer not drawn from the document; it says nothing of whether a paraphrase is right.
+    0 when `parsed` is false or grounding is off.
+    """
+    question_grounding: _builtins.float
+    """The same share for the question (`user`): near 1, the question copies the document
+    verbatim, which makes a weak question.
+    """
+    @_builtins.property
+    def evidence(self) -> _containers.RepeatedCompositeFieldContainer[Global___Span]:
+        """Where the answer comes from: the spans of `document.content` (characters, i.e. Unicode
+        code points, [start, end), of the whole content also when it was chunked, like
+        chunk_start and chunk_end) that the answer copies, each as a run of at least
+        GetModelInfo's `grounding_min_run_tokens` words. Words are runs of letters and digits,
+        and each other character that is not whitespace is a word of its own; a span's text is
+        in the answer up to whitespace. Sorted by start and never overlapping (where the answer
+        copies one passage twice, the passage is one span). Empty when the answer copies no
+        such run, when `parsed` is false, or when the server computes no grounding
+        (`grounding_min_run_tokens` 0).
+        """
+
     def __init__(
         self,
         *,
@@ -500,14 +535,43 @@ class Pair(_message.Message):
         chunk_index: _builtins.int = ...,
         chunk_start: _builtins.int = ...,
         chunk_end: _builtins.int = ...,
+        evidence: _abc.Iterable[Global___Span] | None = ...,
+        grounding: _builtins.float = ...,
+        question_grounding: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "chunk_end", b"chunk_end", "chunk_index", b"chunk_index", "chunk_start", b"chunk_start", "completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "index", b"index", "parsed", b"parsed", "raw_text", b"raw_text", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "chunk_end", b"chunk_end", "chunk_index", b"chunk_index", "chunk_start", b"chunk_start", "completion_tokens", b"completion_tokens", "evidence", b"evidence", "finish_reason", b"finish_reason", "grounding", b"grounding", "index", b"index", "parsed", b"parsed", "question_grounding", b"question_grounding", "raw_text", b"raw_text", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Pair: _TypeAlias = Pair  # noqa: Y015
+
+@_typing.final
+class Span(_message.Message):
+    """A span of `document.content`: characters (Unicode code points) [start, end)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    start: _builtins.int
+    """First character of the span."""
+    end: _builtins.int
+    """One past the last character of the span."""
+    def __init__(
+        self,
+        *,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Span: _TypeAlias = Span  # noqa: Y015
 
 @_typing.final
 class Usage(_message.Message):
@@ -753,6 +817,8 @@ class GetModelInfoResponse(_message.Message):
     SPECULATION_FIELD_NUMBER: _builtins.int
     KV_UNIFIED_FIELD_NUMBER: _builtins.int
     SLOT_CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    DEFAULT_CONSTRAINED_FIELD_NUMBER: _builtins.int
+    GROUNDING_MIN_RUN_TOKENS_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Name reported in responses' `model_name`, e.g. "genstruct-7b:Q4_K_M"."""
     model_file: _builtins.str
@@ -799,6 +865,15 @@ class GetModelInfoResponse(_message.Message):
     """Most tokens one slot holds: a document's prompt plus one generation's max_tokens must
     fit in it (and in `context_length` with every generation, when the cache is unified).
     """
+    default_constrained: _builtins.bool
+    """What a request that leaves `constrained` unset gets (server flag --constrained; unset,
+    on for the demo stand-in and off otherwise).
+    """
+    grounding_min_run_tokens: _builtins.int
+    """The shortest run of words an answer must copy from the content for `Pair.evidence` and
+    `Pair.grounding` to count it (server flag --grounding-min-run-tokens, default 6); 0 when
+    the server computes no grounding.
+    """
     @_builtins.property
     def default_sampling(self) -> Global___SamplingParams:
         """Sampling used for fields a request leaves unset."""
@@ -843,10 +918,12 @@ class GetModelInfoResponse(_message.Message):
         speculation: Global___Speculation | None = ...,
         kv_unified: _builtins.bool = ...,
         slot_context_length: _builtins.int = ...,
+        default_constrained: _builtins.bool = ...,
+        grounding_min_run_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "default_sampling", b"default_sampling", "limits", b"limits", "speculation", b"speculation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "build", b"build", "cache_type_k", b"cache_type_k", "cache_type_v", b"cache_type_v", "context_length", b"context_length", "default_sampling", b"default_sampling", "flash_attn", b"flash_attn", "gpu_layers_offloaded", b"gpu_layers_offloaded", "kv_unified", b"kv_unified", "limits", b"limits", "model_file", b"model_file", "model_name", b"model_name", "n_batch", b"n_batch", "n_parallel", b"n_parallel", "n_ubatch", b"n_ubatch", "parameter_count", b"parameter_count", "quantization", b"quantization", "service_version", b"service_version", "slot_context_length", b"slot_context_length", "speculation", b"speculation", "threads", b"threads", "threads_batch", b"threads_batch", "total_layers", b"total_layers", "train_context_length", b"train_context_length"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "build", b"build", "cache_type_k", b"cache_type_k", "cache_type_v", b"cache_type_v", "context_length", b"context_length", "default_constrained", b"default_constrained", "default_sampling", b"default_sampling", "flash_attn", b"flash_attn", "gpu_layers_offloaded", b"gpu_layers_offloaded", "grounding_min_run_tokens", b"grounding_min_run_tokens", "kv_unified", b"kv_unified", "limits", b"limits", "model_file", b"model_file", "model_name", b"model_name", "n_batch", b"n_batch", "n_parallel", b"n_parallel", "n_ubatch", b"n_ubatch", "parameter_count", b"parameter_count", "quantization", b"quantization", "service_version", b"service_version", "slot_context_length", b"slot_context_length", "speculation", b"speculation", "threads", b"threads", "threads_batch", b"threads_batch", "total_layers", b"total_layers", "train_context_length", b"train_context_length"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

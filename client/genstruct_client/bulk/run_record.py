@@ -31,6 +31,7 @@ from genstruct_client.bulk.documents import ColumnMapping
 from genstruct_client.bulk.errors import UsageError
 from genstruct_client.bulk.writers import ensure_unlocked, has_content, write_json_atomic
 from genstruct_client.channel import ChannelConfig
+from genstruct_client.curation import Curation
 from genstruct_client.types import GenerationOptions
 
 log = logging.getLogger("genstruct_client.bulk")
@@ -81,12 +82,18 @@ def _number(value: Any) -> Any:
 
 
 def fingerprint(
-    info: pb.GetModelInfoResponse, options: GenerationOptions, columns: ColumnMapping
+    info: pb.GetModelInfoResponse,
+    options: GenerationOptions,
+    columns: ColumnMapping,
+    curation: Curation | None = None,
 ) -> dict[str, Any]:
     """What makes two runs' rows comparable. Sampling is as in force: a setting left unset
     is the server's default (GetModelInfo `default_sampling`), so a server whose defaults
     changed is a change too; `seed` None is a fresh seed per request. `columns` is resolved
-    (its id column settled)."""
+    (its id column settled). `curation`: what the run filters and deduplicates (None: the
+    default, Curation()); with the server's grounding run length, it decides which rows go
+    where."""
+    curation = curation or Curation()
     defaults = {field.name: value for field, value in info.default_sampling.ListFields()}
     sampling: dict[str, Any] = {}
     for name in _SAMPLING:
@@ -104,7 +111,10 @@ def fingerprint(
         "prompt_template": PROMPT_TEMPLATE_VERSION,
         "sampling": sampling,
         "num_generations": options.num_generations,
-        "constrained": options.constrained,
+        # as in force: unset is the server's default
+        "constrained": info.default_constrained
+        if options.constrained is None
+        else options.constrained,
         "truncation": "chunk" if options.chunk else "truncate" if options.truncate
         else "refuse",
         "id_column": columns.id_column,  # other ids: every document would be written again
@@ -120,6 +130,10 @@ def fingerprint(
             "chunk_overlap": options.chunk_overlap,  # None: the server's default for the size
             "server_default_overlap": info.limits.default_chunk_overlap_tokens,
         }} if options.chunk else {}),
+        "curation": {
+            **curation.record(),
+            "grounding_min_run_tokens": info.grounding_min_run_tokens,
+        },
     }
 
 
@@ -316,9 +330,12 @@ def agreed_fingerprint(
     answers: Mapping[str, pb.GetModelInfoResponse],
     options: GenerationOptions,
     columns: ColumnMapping,
+    curation: Curation | None = None,
 ) -> dict[str, Any]:
     """The fingerprint every server gives; RunMismatch when two servers differ."""
-    prints = {target: fingerprint(info, options, columns) for target, info in answers.items()}
+    prints = {
+        target: fingerprint(info, options, columns, curation) for target, info in answers.items()
+    }
     (first, current), *others = prints.items()
     for target, other in others:
         changed = differences(current, other)

@@ -42,12 +42,17 @@ from genstruct_client.bulk.shards import Shard
 from genstruct_client.bulk.writers import (
     JsonlJournal,
     Output,
+    card_path,
     detect_output_format,
     journal_path,
+    read_jsonl_records,
+    side_path,
 )
 from genstruct_client.channel import ChannelConfig, target_addresses
+from genstruct_client.curation import Curation, QuestionIndex
 from genstruct_client.errors import ErrorDetails
 from genstruct_client.progress import Progress
+from genstruct_client.rows import duplicate_key, pair_columns
 from genstruct_client.types import GenerationOptions
 
 log = logging.getLogger("genstruct_client.bulk")
@@ -64,12 +69,6 @@ RETRYABLE_CODES = frozenset(
     )
 )
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
-_FINISH_REASONS = {
-    pb.FINISH_REASON_EOS: "eos",
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_CANCELLED: "cancelled",
-}
 
 
 @dataclass(slots=True)
@@ -97,6 +96,14 @@ class RunSummary:
     repaired_bytes: int = 0  # a torn last line cut off the output or errors file
     failed_codes: dict[str, int] = field(default_factory=dict)
     moved_aside: list[Path] = field(default_factory=list)  # an earlier run's files (new_run)
+    # curation, in this run: pairs a filter took out (to OUT.filtered.jsonl) by reason, and
+    # pairs whose question nearly repeats an earlier one (marked, or moved to
+    # OUT.duplicates.jsonl with --dedup drop)
+    filtered: dict[str, int] = field(default_factory=dict)
+    duplicate_pairs: int = 0
+    dedup: str = "mark"
+    card: Path | None = None  # the dataset card written at the end, if any
+    card_problem: str | None = None  # why no card was written
 
     @property
     def record(self) -> Path:
@@ -140,6 +147,20 @@ class RunSummary:
         if self.failed:
             codes = ", ".join(f"{code} {n}" for code, n in sorted(self.failed_codes.items()))
             lines.append(f"{self.failed} documents failed ({codes}): see {self.errors}")
+        if self.filtered:
+            reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(self.filtered.items()))
+            lines.append(
+                f"{sum(self.filtered.values())} pairs filtered out ({reasons}): see "
+                f"{side_path(self.output, 'filtered')}"
+            )
+        if self.duplicate_pairs:
+            where = (
+                f"moved to {side_path(self.output, 'duplicates')}" if self.dedup == "drop"
+                else "marked in duplicate_of"
+            )
+            lines.append(
+                f"{self.duplicate_pairs} pairs nearly repeat an earlier pair's question: {where}"
+            )
         if self.repaired_bytes:
             lines.append(f"cut off a torn last line ({self.repaired_bytes} bytes) left by a crash")
         if self.interrupted:
@@ -148,6 +169,10 @@ class RunSummary:
             lines.append(f"stopped: {self.aborted}; rerun the same command to finish")
         if self.finished:
             lines.append(f"output: {self.output}")
+        if self.card is not None:
+            lines.append(f"dataset card: {self.card}")
+        elif self.card_problem:
+            lines.append(f"no dataset card: {self.card_problem}")
         return "\n".join(lines)
 
 
@@ -171,22 +196,14 @@ def output_rows(
              "chunk_end": pair.chunk_end, "chunks": response.chunks}
             if chunked else {}
         )
+        # id and generation_index first: resume reads them from the start of the line
         rows.append(
             {
                 "id": response.id,
                 "generation_index": pair.index,
                 "title": title,
                 "content": content,
-                # distilabel reports None for both sides of a completion that did not parse.
-                "user": pair.user if pair.parsed else None,
-                "assistant": pair.assistant if pair.parsed else None,
-                "model_name": response.model_name,
-                "parsed": pair.parsed,
-                "finish_reason": _FINISH_REASONS.get(pair.finish_reason, "unspecified"),
-                "prompt_tokens": response.usage.prompt_tokens,
-                "completion_tokens": pair.completion_tokens,
-                "truncated": response.truncated,
-                "raw_text": pair.raw_text,
+                **pair_columns(response, pair),
                 **part,
                 **(extras or {}),
             }
@@ -195,7 +212,7 @@ def output_rows(
 
 
 def default_errors_path(output: Path) -> Path:
-    return output.with_name(output.stem + ".errors.jsonl")
+    return side_path(output, "errors")
 
 
 def run(input_path: str | Path, output_path: str | Path, **kwargs: Any) -> RunSummary:
@@ -225,6 +242,8 @@ async def arun(
     commit_seconds: float = 1.0,
     new_run: bool = False,
     shard: Shard | None = None,
+    curation: Curation | None = None,
+    card: bool = True,
 ) -> RunSummary:
     """Generates pairs for every document of `input_path` into `output_path`, resumably.
 
@@ -235,6 +254,8 @@ async def arun(
     `concurrency` documents are in flight per stream; `streams` defaults to the number of
     addresses in the target. `progress`: None = a bar on a terminal, plain lines otherwise.
     `shard`: only the documents of that shard (shards.py), in its own output.
+    `curation`: the filters and the search for near-duplicate questions (default: marked).
+    `card`: write a dataset card (OUTPUT's stem + .card) when the run has finished.
     """
     started = time.monotonic()
     input_path, output_path = Path(input_path), Path(output_path)
@@ -249,7 +270,9 @@ async def arun(
     if options.num_generations < 1:
         raise UsageError("--num-generations must be at least 1")
     policy = policy or ResubmitPolicy()
-    summary = RunSummary(output=output_path, errors=errors_file)
+    curation = curation or Curation()
+    summary = RunSummary(output=output_path, errors=errors_file, dedup=curation.dedup)
+    index = curation.index()  # before a file is touched: rensa may be missing
 
     rows = read_rows(input_path, input_format, split)
     # The columns are checked on the first row that reads (the rows before it are errors).
@@ -268,7 +291,7 @@ async def arun(
     if answers is None:
         summary.elapsed_seconds = time.monotonic() - started
         return summary
-    current = agreed_fingerprint(answers, options, columns)
+    current = agreed_fingerprint(answers, options, columns, curation)
     # Part of what the output is made with: a rerun with another shard would add another
     # shard's documents to it, and a merge would write them twice.
     current["shard"] = shard.record() if shard else None
@@ -276,15 +299,26 @@ async def arun(
         summary.moved_aside = move_aside(
             _aside_names(output_path, output_format, errors_file, started_stamp(summary.record))
         )
-    ledger_files = [output_path, journal_path(output_path, output_format), errors_file]
+    kept_aside = [side_path(output_path, kind) for kind in ("filtered", "duplicates")]
+    ledger_files = [output_path, journal_path(output_path, output_format), errors_file,
+                    *kept_aside]
     # Before a file is touched, so that a refused run changes nothing...
     run_record.check(summary.record, current, output_path, ledger_files)
 
     output = Output(output_path, output_format)
+    journals: list[JsonlJournal] = []
     try:
         errors = JsonlJournal(errors_file)
+        journals.append(errors)
+        aside = {kind: JsonlJournal(path) for kind, path in
+                 zip(("filtered", "duplicates"), kept_aside, strict=True)}
+        journals += aside.values()
+        pace = JsonlJournal(side_path(output_path, "progress"))
+        journals.append(pace)
     except BaseException:
         output.close()
+        for journal in journals:
+            journal.close()
         raise
     try:
         # ... and again with the files locked, so that a run going on keeps its record.
@@ -293,9 +327,21 @@ async def arun(
         else:
             # Not finished while it runs (a merge must not take a shard being resumed).
             run_record.mark_finished(summary.record, False)
-        summary.repaired_bytes = output.journal.repaired_bytes + errors.repaired_bytes
+        summary.repaired_bytes = output.journal.repaired_bytes + sum(
+            journal.repaired_bytes for journal in journals
+        )
         previous_errors = list(errors.records())
-        ledger = Ledger.from_keys(output.journal.row_keys(chunked=options.chunk), previous_errors)
+        # rows filtered out or moved aside are written too: a resume asks for none again
+        ledger = Ledger.from_keys(
+            itertools.chain(
+                output.journal.row_keys(chunked=options.chunk),
+                *(journal.row_keys(chunked=options.chunk) for journal in aside.values()),
+            ),
+            previous_errors,
+        )
+        if index is not None:
+            # the questions kept so far, in the order they were: the index the run had
+            rebuild_index(index, output.journal.path, chunked=options.chunk)
         permanent = [error for error in previous_errors if not error.get("retryable", False)]
         if len(permanent) != len(previous_errors):  # those are tried again now
             errors.rewrite(permanent)
@@ -310,6 +356,7 @@ async def arun(
                 output,
                 errors,
                 bar,
+                _Curating(curation, index, aside, pace, options.chunk),
                 config=config,
                 options=options,
                 columns=columns,
@@ -331,9 +378,87 @@ async def arun(
                 run_record.mark_finished(summary.record, True)
     finally:
         output.close()
-        errors.close()
+        for journal in journals:
+            journal.close()
+        for path in kept_aside:  # no file where the curation took nothing out
+            if path.exists() and not path.stat().st_size:
+                path.unlink()
         summary.elapsed_seconds = time.monotonic() - started
+    if summary.finished and card:
+        _write_card(summary)
     return summary
+
+
+def _write_card(summary: RunSummary) -> None:
+    """The dataset card of a finished output; a run that cannot write one still succeeded."""
+    try:
+        from genstruct_client.card import write_card
+
+        summary.card = write_card(summary.output)
+    except ImportError as exc:
+        summary.card_problem = (
+            f"{exc.name or exc} is not installed (pip install 'genstruct-grpc[curation]'), "
+            f"then run `genstruct card {summary.output}`"
+        )
+    except (OSError, ValueError) as exc:
+        summary.card_problem = f"{exc}; rerun it with `genstruct card {summary.output}`"
+
+
+def rebuild_index(index: QuestionIndex, output: Path, *, chunked: bool) -> None:
+    """Puts the questions an output keeps (rows not marked as duplicates) into `index`, in
+    the output's order, as the run that wrote them did."""
+    for row in read_jsonl_records(output):
+        if row.get("duplicate_of") is None and row.get("parsed"):
+            index.add(row.get("user"), _row_key(row, chunked))
+
+
+def _row_key(row: Mapping[str, Any], chunked: bool) -> tuple[str, int, int | None]:
+    """What the index keeps of a row (a tuple: a million of them must fit in memory); its
+    `duplicate_of` is rows.duplicate_key(*key)."""
+    return (
+        str(row["id"]), int(row["generation_index"]),
+        int(row.get("chunk_index") or 0) if chunked else None,
+    )
+
+
+@dataclass(slots=True)
+class _Curating:
+    """Where each row of a run goes: the filters, then the index of questions."""
+
+    curation: Curation
+    index: QuestionIndex | None
+    aside: dict[str, JsonlJournal]  # "filtered" and "duplicates"
+    pace: JsonlJournal  # the run's progress, a line per commit
+    chunked: bool
+
+    def place(self, record: dict[str, Any], summary: RunSummary) -> JsonlJournal | None:
+        """The journal that takes `record` instead of the output (None: the output), with
+        the record marked: `filter_reason`, or `duplicate_of`."""
+        reason = self.curation.filters.reason(record)
+        if reason is not None:
+            record["filter_reason"] = reason
+            summary.filtered[reason] = summary.filtered.get(reason, 0) + 1
+            return self.aside["filtered"]
+        if self.index is None or not record["parsed"]:
+            return None
+        earlier = self.index.check(record["user"], _row_key(record, self.chunked))
+        if earlier is None:
+            return None
+        record["duplicate_of"] = duplicate_key(*earlier)
+        summary.duplicate_pairs += 1
+        return self.aside["duplicates"] if self.curation.dedup == "drop" else None
+
+    def commit(self, summary: RunSummary, started: float) -> None:
+        for journal in self.aside.values():
+            journal.commit()
+        self.pace.append({
+            "started": started,
+            "time": time.time(),
+            "documents": summary.succeeded,
+            "pairs": summary.pairs_written,
+            "completion_tokens": summary.completion_tokens,
+        })
+        self.pace.commit()
 
 
 async def _server_infos(
@@ -377,6 +502,9 @@ def _aside_names(output: Path, fmt: str, errors: Path, stamp: str) -> list[tuple
             if errors == default_errors_path(output)
             else tagged(errors, tag),
             record_path(output): record_path(moved),
+            **{side_path(output, kind): side_path(moved, kind)
+               for kind in ("filtered", "duplicates", "progress")},
+            card_path(output): card_path(moved),
         }
         if not any(new.exists() for new in pairs.values()):
             return [(old, new) for old, new in pairs.items() if old.exists()]
@@ -391,6 +519,7 @@ async def _generate(
     output: Output,
     errors: JsonlJournal,
     bar: Progress,
+    curating: _Curating,
     *,
     config: ChannelConfig,
     options: GenerationOptions,
@@ -482,6 +611,7 @@ async def _generate(
             yield options.request(document)
 
     last_commit = time.monotonic()
+    run_started = time.time()
     written = 0  # results since the last fsync
     async with AsyncGenstructClient(config=config) as client:
         try:
@@ -516,10 +646,12 @@ async def _generate(
                         if options.chunk:
                             ledger.parts[doc_id] = response.chunks
                         for record in records:
-                            output.journal.append(record)
+                            journal = curating.place(record, summary) or output.journal
+                            journal.append(record)
                             ledger.record(doc_id, record["generation_index"],
                                           record.get("chunk_index", 0))
-                        output.journal.flush()
+                        for journal in (*curating.aside.values(), output.journal):
+                            journal.flush()
                         parsed = sum(1 for record in records if record["parsed"])
                         summary.succeeded += 1
                         summary.pairs_written += len(records)
@@ -536,6 +668,7 @@ async def _generate(
                     if written >= commit_every or now - last_commit >= commit_seconds:
                         output.journal.commit()
                         errors.commit()
+                        curating.commit(summary, run_started)
                         last_commit, written = now, 0
             summary.finished = True
         except BatchAborted as exc:
@@ -545,3 +678,4 @@ async def _generate(
         finally:
             output.journal.commit()
             errors.commit()
+            curating.commit(summary, run_started)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,15 @@ from genstruct_client.bulk.run_record import RECORD_VERSION, differences, read_r
 from genstruct_client.bulk.writers import (
     Output,
     detect_output_format,
+    encode_line,
     ensure_unlocked,
     journal_path,
-    read_jsonl_records,
+    output_records,
+    side_path,
     write_json_atomic,
 )
+from genstruct_client.curation import DEFAULT_THRESHOLD, Curation
+from genstruct_client.rows import duplicate_key
 
 # Where an Indexed Job's pod finds its shard. Kubernetes sets the index itself; it does not
 # set the count (completions), so the count is read from GENSTRUCT_SHARDS (or JOB_COMPLETIONS,
@@ -108,10 +113,30 @@ class MergeSummary:
     shards: int = 0
     rows: int = 0
     duplicates: int = 0  # (id, generation) rows met again in another shard: written once
+    # pairs whose question nearly repeats one of an earlier shard (the cross-shard pass):
+    # marked in duplicate_of, or moved to the merged duplicates file (--dedup drop)
+    near_duplicates: int = 0
+    dedup: str = "off"
+    card: Path | None = None
+    card_problem: str | None = None
 
     def report(self) -> str:
         extra = f"; {self.duplicates} repeated rows left out" if self.duplicates else ""
-        return f"merged {self.shards} shards, {self.rows} rows, into {self.output}{extra}"
+        lines = [f"merged {self.shards} shards, {self.rows} rows, into {self.output}{extra}"]
+        if self.dedup != "off":
+            where = (
+                f"moved to {side_path(self.output, 'duplicates')}" if self.dedup == "drop"
+                else "marked in duplicate_of"
+            )
+            lines.append(
+                f"{self.near_duplicates} pairs nearly repeat a question of an earlier shard: "
+                f"{where}"
+            )
+        if self.card is not None:
+            lines.append(f"dataset card: {self.card}")
+        elif self.card_problem:
+            lines.append(f"no dataset card: {self.card_problem}")
+        return "\n".join(lines)
 
 
 def _shard_outputs(paths: Sequence[Path], merged: Path) -> list[Path]:
@@ -179,42 +204,55 @@ def _check_shards(outputs: list[Path]) -> dict[str, Any]:
     return first[1]
 
 
-def _rows(output: Path) -> Iterator[dict[str, Any]]:
-    if detect_output_format(output) == "jsonl":
-        yield from read_jsonl_records(output)
-        return
-    import pyarrow.parquet as pq
-
-    for batch in pq.ParquetFile(output).iter_batches(batch_size=4096):
-        yield from batch.to_pylist()
-
-
 def merge(
-    paths: Sequence[str | Path], output_path: str | Path, fmt: str | None = None
+    paths: Sequence[str | Path], output_path: str | Path, fmt: str | None = None,
+    *, card: bool = True,
 ) -> MergeSummary:
     """Combines finished shard outputs into one JSONL or Parquet file, each (id, generation)
     once; raises UsageError (naming the shard) when one is unfinished, missing, repeated or
-    made with another configuration. The file is written whole or not at all."""
+    made with another configuration. The file is written whole or not at all.
+
+    Each shard found near-duplicate questions within itself; the merge does the pass across
+    shards, in shard order, with the shards' own curation settings: a pair whose question
+    nearly repeats one kept by an earlier shard is marked, or moved to the merged output's
+    duplicates file. The shards' filtered, duplicates, errors and progress files are combined
+    beside the merged output, and `card` writes its dataset card.
+    """
     merged = Path(output_path)
     fmt = fmt or detect_output_format(merged)
     outputs = _shard_outputs([Path(path) for path in paths], merged)
     fingerprint = _check_shards(outputs)
-    summary = MergeSummary(output=merged, shards=len(outputs))
+    outputs.sort(key=_shard_index)
+    curation = _curation(fingerprint)
+    chunked = fingerprint.get("truncation") == "chunk"
+    summary = MergeSummary(output=merged, shards=len(outputs), dedup=curation.dedup)
+    index = curation.index()
     # Written beside the file, then renamed: a merge that stops leaves no half file.
     partial = merged.with_name(merged.name + ".partial")
     for stale in (partial, journal_path(partial, fmt)):
         stale.unlink(missing_ok=True)
     out = Output(partial, fmt)
+    moved: list[dict[str, Any]] = []  # near duplicates across shards, with --dedup drop
     seen: set[tuple[str, int, int]] = set()
     try:
         for shard_output in outputs:
-            for row in _rows(shard_output):
+            for row in output_records(shard_output):
                 key = (str(row["id"]), int(row.get("chunk_index") or 0),
                        int(row["generation_index"]))
                 if key in seen:
                     summary.duplicates += 1
                     continue
                 seen.add(key)
+                if index is not None and row.get("parsed") and row.get("duplicate_of") is None:
+                    earlier = index.check(
+                        row.get("user"), (key[0], key[2], key[1] if chunked else None)
+                    )
+                    if earlier is not None:
+                        row["duplicate_of"] = duplicate_key(*earlier)
+                        summary.near_duplicates += 1
+                        if curation.dedup == "drop":
+                            moved.append(row)
+                            continue
                 out.journal.append(row)
                 summary.rows += 1
                 if summary.rows % 4096 == 0:  # lines out of memory, a batch at a time
@@ -223,6 +261,9 @@ def merge(
     finally:
         out.close()
     os.replace(partial, merged)
+    for kind in ("filtered", "duplicates", "errors", "progress"):
+        extra = moved if kind == "duplicates" else []
+        _combine([side_path(shard, kind) for shard in outputs], side_path(merged, kind), extra)
     write_json_atomic(
         record_path(merged),
         {
@@ -231,4 +272,47 @@ def merge(
             "fingerprint": fingerprint,
         },
     )
+    if card:
+        try:
+            from genstruct_client.card import write_card
+
+            summary.card = write_card(merged)
+        except ImportError as exc:
+            summary.card_problem = (
+                f"{exc.name or exc} is not installed (pip install 'genstruct-grpc[curation]')"
+            )
     return summary
+
+
+def _shard_index(output: Path) -> int:
+    record = read_record(record_path(output)) or {}
+    return int(record["fingerprint"]["shard"]["index"])
+
+
+def _curation(fingerprint: Mapping[str, Any]) -> Curation:
+    """The curation the shards were made with (as their run record keeps it)."""
+    recorded = fingerprint.get("curation") or {}
+    dedup = recorded.get("dedup") or {}
+    return Curation(
+        dedup=dedup.get("mode", "off"),
+        threshold=float(dedup.get("threshold", DEFAULT_THRESHOLD)),
+    )
+
+
+def _combine(parts: list[Path], target: Path, extra: list[dict[str, Any]]) -> None:
+    """The lines of every part, then `extra`, into `target` (whole or not at all); nothing
+    is written when there is nothing to write."""
+    found = [part for part in parts if part.exists() and part.stat().st_size]
+    if not found and not extra:
+        target.unlink(missing_ok=True)
+        return
+    tmp = target.with_name(target.name + ".tmp")
+    with tmp.open("wb") as file:
+        for part in found:
+            with part.open("rb") as source:
+                shutil.copyfileobj(source, file)
+        for record in extra:
+            file.write(encode_line(record))
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, target)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from genstruct_client.bulk.errors import UsageError
+from genstruct_client.rows import PAIR_COLUMNS
 
 try:
     import fcntl
@@ -30,22 +31,9 @@ except ImportError:  # pragma: no cover - not on Windows
     fcntl = None  # type: ignore[assignment]
 
 OUTPUT_FORMATS = ("jsonl", "parquet")
-# Output columns: distilabel's (title, content, user, assistant, model_name) and ours.
-COLUMNS = (
-    "id",
-    "generation_index",
-    "title",
-    "content",
-    "user",
-    "assistant",
-    "model_name",
-    "parsed",
-    "finish_reason",
-    "prompt_tokens",
-    "completion_tokens",
-    "truncated",
-    "raw_text",
-)
+# Output columns: the document's, then the pair's (rows.PAIR_COLUMNS: distilabel's user,
+# assistant and model_name, and ours).
+COLUMNS = ("id", "generation_index", "title", "content", *PAIR_COLUMNS)
 # With --chunk, after the pair's columns: the part of the content a pair came from.
 CHUNK_COLUMNS = ("chunk_index", "chunk_start", "chunk_end", "chunks")
 
@@ -247,6 +235,18 @@ class JsonlJournal:
         self._file.close()
 
 
+def side_path(output: Path, kind: str) -> Path:
+    """Where a run keeps its rows of one `kind` beside OUTPUT (OUTPUT's stem + .KIND.jsonl):
+    "errors" (failed documents), "filtered" (pairs a filter took out, with the reason),
+    "duplicates" (near-duplicate pairs, with --dedup drop), "progress" (the run's pace)."""
+    return output.with_name(f"{output.stem}.{kind}.jsonl")
+
+
+def card_path(output: Path) -> Path:
+    """The folder of OUTPUT's dataset card (OUTPUT's stem + .card): README.md and plots."""
+    return output.with_name(f"{output.stem}.card")
+
+
 def journal_path(path: Path, fmt: str) -> Path:
     """Where the rows of an output in `fmt` are appended as they come."""
     return path.with_name(path.name + ".journal.jsonl") if fmt == "parquet" else path
@@ -336,6 +336,16 @@ class Output:
             self.journal.close()
 
 
+def output_records(output: Path) -> Iterator[dict[str, Any]]:
+    """The rows of a finished output, JSONL or Parquet, a batch at a time."""
+    if detect_output_format(output) == "jsonl":
+        yield from read_jsonl_records(output)
+        return
+    pq = _parquet()
+    for batch in pq.ParquetFile(output).iter_batches(batch_size=4096):
+        yield from batch.to_pylist()
+
+
 def _chunks(path: Path, size: int = 4096) -> Iterator[list[dict[str, Any]]]:
     chunk: list[dict[str, Any]] = []
     for record in read_jsonl_records(path):
@@ -365,6 +375,12 @@ def _pair_schema() -> Any:
             ("completion_tokens", pa.int32()),
             ("truncated", pa.bool_()),
             ("raw_text", pa.string()),
+            ("evidence", pa.list_(pa.struct([("start", pa.int32()), ("end", pa.int32())]))),
+            ("grounding", pa.float64()),
+            ("question_grounding", pa.float64()),
+            ("duplicate_of", pa.struct(
+                [("id", pa.string()), ("generation", pa.int32()), ("chunk_index", pa.int32())]
+            )),
         ]
     )
 
