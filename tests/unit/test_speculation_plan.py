@@ -117,7 +117,7 @@ def generations(prompt: list[int], texts: list[list[int]], n: int = 2) -> list[H
 
 def test_a_generation_drafts_from_what_another_generation_wrote() -> None:
     # the prompt never has 7 after 5, 6; the first generation wrote it, so the second drafts it
-    first, second = generations([1, 2, 3, 4], [[5, 6, 7, 8, 9], [5, 6]])
+    _, second = generations([1, 2, 3, 4], [[5, 6, 7, 8, 9], [5, 6]])
     draft = second.draft(limit=3)
     assert draft is not None and draft.tokens == [7, 8, 9]
     # a peer's draft may run to the end of what it wrote, not past it
