@@ -163,8 +163,11 @@ def test_a_draft_continues_an_earlier_match_in_its_own_text_or_a_peers(
 def test_acceptance_starts_hopeful_for_long_matches_learns_and_weighs_the_sequence() -> None:
     a = Acceptance(ngram_max=8)
     # hopeful where the context is being copied, so that drafts are tried and measured
-    assert a.rate(0, 0, 0) == pytest.approx(0.5) and a.rate(8, 0, 0) == pytest.approx(0.95)
+    assert a.rate(0, 0, 0) == pytest.approx(0.5) and a.rate(8, 0, 0) == pytest.approx(0.94)
     assert a.rate(2, 0, 0) < a.rate(3, 0, 0) < a.rate(8, 0, 0)
+    # greedy text copies a long match more faithfully than sampled text
+    assert Acceptance.start(8, greedy=True) > Acceptance.start(8, greedy=False)
+    assert Acceptance.start(64, greedy=True) == Acceptance.start(8, greedy=True)
     for _ in range(200):
         a.record(3, drafted=8, accepted=0)  # short matches: always wrong
         a.record(8, drafted=8, accepted=8)  # long matches: always right
@@ -313,7 +316,7 @@ def test_a_long_match_is_drafted_where_a_second_row_costs_a_whole_step() -> None
         return plan_drafts([candidate], generating=1, decode_rows=1, prompt_rows=0,
                            batch_rows=65, cost=cost, sample_seconds=0.0)  # fmt: skip
 
-    assert plan(8) == [16]
+    assert plan(8)[0] >= 8
     assert plan(2) == [0]
     for _ in range(20):
         a.record(8, drafted=16, accepted=1)
@@ -330,15 +333,15 @@ def test_a_plan_from_the_request_alone_ignores_what_the_engine_learned() -> None
                            prompt_rows=0, batch_rows=65, cost=fixed,
                            sample_seconds=0.0)  # fmt: skip
 
-    before = [plan(a.own_rate(m, 0, 0)) for m in range(9)]
+    before = [plan(a.own_rate(m, 0, 0, greedy=False)) for m in range(9)]
     for _ in range(400):  # other requests: every draft accepted, whatever its match
         for m in range(9):
             a.record(m, drafted=16, accepted=16)
     assert a.rate(2, 0, 0) > 0.95  # the live estimate follows them
-    assert [plan(a.own_rate(m, 0, 0)) for m in range(9)] == before
+    assert [plan(a.own_rate(m, 0, 0, greedy=False)) for m in range(9)] == before
     assert before[8][0] >= 8 and before[2] == [0]  # even where rows cost the most: long ones
     # the request's own record still decides: its drafts miss, it stops drafting
-    assert plan(a.own_rate(8, accepted=2, tried=40)) == [0]
+    assert plan(a.own_rate(8, accepted=2, tried=40, greedy=False)) == [0]
 
 
 # A CPU's step time by rows with steps in it, in multiples of the 1-row step (Gemma 3 270M,
