@@ -8,6 +8,7 @@ drafts by match length, and the sampling time per token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from functools import partial
 
@@ -85,7 +86,9 @@ class DraftChooser:
             # alone, its batches are its own: plan them from the request alone, so that every
             # run of it drafts alike (speculation.py)
             greedy = not requests[0].seeded_sampled
-            rate = partial(self.acceptance.own_rate, greedy=greedy)
+            rate: Callable[[int, int, int], float] = partial(
+                self.acceptance.own_rate, greedy=greedy
+            )
             cost, sample_seconds = self.fixed_cost, 0.0
         else:
             rate, cost, sample_seconds = self.acceptance.rate, self.cost, self.sample_seconds
