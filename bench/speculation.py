@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -67,17 +68,24 @@ class Run:
     drafted: int
     accepted: int
     texts: list[str] = field(default_factory=list)
+    # the engine's: step seconds by batch rows as timed before serving, and its drafts by the
+    # length of the match they came from: match -> [drafts, drafted, compared, accepted]
+    step_costs: dict[int, float] = field(default_factory=dict)
+    by_match: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.seconds
 
 
-def documents(n: int) -> list[Document]:
-    docs = list(DOCUMENTS)
-    for line in EXAMPLES.read_text().splitlines():
-        record = json.loads(line)
-        docs.append(Document(record["title"], record["content"]))
+def read_documents(path: Path) -> list[Document]:
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [Document(r["title"], r["content"]) for r in records]
+
+
+def documents(n: int, path: Path | None = None) -> list[Document]:
+    """The first `n` of the file given, or of the corpus followed by the examples."""
+    docs = read_documents(path) if path else [*DOCUMENTS, *read_documents(EXAMPLES)]
     return docs[:n]
 
 
@@ -90,11 +98,23 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_engine(mode: str, in_flight: int, args: argparse.Namespace) -> Run:
-    from genstruct_service.engine import GenerationRequest, Sampling
+    from genstruct_service.engine import GenerationRequest, Sampling, speculation
     from genstruct_service.engine.llama import LlamaEngine
     from genstruct_service.prompt import GENSTRUCT_FORMAT
 
-    docs = documents(args.docs)
+    by_match: dict[int, list[int]] = {}
+    record = speculation.Acceptance.record
+
+    def counted(self: Any, match: int, drafted: int, accepted: int) -> None:
+        counts = by_match.setdefault(match, [0, 0, 0, 0])
+        counts[0] += 1
+        counts[1] += drafted
+        counts[2] += speculation.compared(drafted, accepted)
+        counts[3] += accepted
+        record(self, match, drafted, accepted)
+
+    speculation.Acceptance.record = counted  # type: ignore[method-assign]
+    docs = documents(args.docs, args.documents)
     kwargs = settings.engine_kwargs(args)
     kwargs["speculation"] = SpeculationSettings(
         mode=mode, draft_max=args.spec_draft_max, ngram_min=args.spec_ngram_min,
@@ -111,6 +131,7 @@ def run_engine(mode: str, in_flight: int, args: argparse.Namespace) -> Run:
         f"engine:{mode}", in_flight, len(docs), sum(d.completion_tokens for d in done), seconds,
         sum(d.draft_tokens for d in done), sum(d.accepted_draft_tokens for d in done),
         sorted(d.generations[0].text for d in done),  # as a set: drive() ends out of order
+        engine.step_costs(), by_match,
     )
 
 
@@ -118,13 +139,18 @@ def _engine_in_subprocess(mode: str, in_flight: int, args: argparse.Namespace) -
     command = [
         sys.executable, "-m", "bench.speculation", "--worker", mode, "--in-flight",
         str(in_flight), "--max-tokens", str(args.max_tokens), "--docs", str(args.docs),
+        *(["--documents", str(args.documents)] if args.documents else []),
         *(["--sampled"] if args.sampled else []),
         "--spec-draft-max", str(args.spec_draft_max), "--spec-ngram-min",
         str(args.spec_ngram_min), "--spec-ngram-max", str(args.spec_ngram_max),
         *settings.worker_flags(args),
     ]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
-    return Run(**json.loads(done.stdout.strip().splitlines()[-1]))
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    # JSON keys are strings
+    record["step_costs"] = {int(k): v for k, v in record["step_costs"].items()}
+    record["by_match"] = {int(k): v for k, v in record["by_match"].items()}
+    return Run(**record)
 
 
 # ---------------------------------------------------------------- llama-server
@@ -135,7 +161,7 @@ def run_server(binary: Path, spec: str, in_flight: int, args: argparse.Namespace
 
     from bench import llama_server
 
-    prompts = [render_prompt(d.title, d.content) for d in documents(args.docs)]
+    prompts = [render_prompt(d.title, d.content) for d in documents(args.docs, args.documents)]
     body = {"n_predict": args.max_tokens, "stop": [STOP], "cache_prompt": False,
             "repeat_penalty": 1.0, "stream": False, **_sampling(args)}
     if args.sampled:
@@ -161,6 +187,62 @@ def run_server(binary: Path, spec: str, in_flight: int, args: argparse.Namespace
         sum(int(t.get("draft_n_accepted", 0)) for t in timings),
         sorted(str(r.get("content", "")) for r in results),
     )
+
+
+# ---------------------------------------------------------------- the host and the tables
+
+# the CPU features that decide which kernels llama.cpp runs, and so the shape of the cost curve
+_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8",
+          "amx_bf16", "fma", "f16c")  # fmt: skip
+
+
+def host() -> dict[str, Any]:
+    """The CPU this ran on: its model name and the flags among _FLAGS it has."""
+    model, flags = "unknown", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    return {"cpu": model, "flags": [f for f in _FLAGS if f in flags], "cpus": os.cpu_count()}
+
+
+def cost_table(runs: list[Run]) -> str:
+    """The step time by rows each level's engine timed before serving (the first such run),
+    in ms and as multiples of one row."""
+    lines = []
+    for level in sorted({r.in_flight for r in runs}):
+        costs = next((r.step_costs for r in runs if r.in_flight == level and r.step_costs), {})
+        if costs:
+            one = costs[min(costs)]
+            lines.append(f"{level} in flight, step ms by rows: " + ", ".join(
+                f"{rows}: {seconds * 1e3:.1f} ({seconds / one:.2f}x)"
+                for rows, seconds in sorted(costs.items())))
+    return "\n".join(lines)
+
+
+def acceptance_table(runs: list[Run]) -> str:
+    """Drafts by the length of their match, summed over every run of each engine mode: the
+    chance a drafted token is accepted after the one before it was (accepted / compared)."""
+    lines = [f"{'system':<16}{'match':>6}{'drafts':>8}{'drafted':>9}{'compared':>10}"
+             f"{'accepted':>10}{'rate':>7}{'whole':>7}"]
+    for system in sorted({r.system for r in runs if r.by_match}):
+        total: dict[int, list[int]] = {}
+        for run in runs:
+            if run.system == system:
+                for match, counts in run.by_match.items():
+                    mine = total.setdefault(match, [0, 0, 0, 0])
+                    for i, n in enumerate(counts):
+                        mine[i] += n
+        for match, (drafts, drafted, compared, accepted) in sorted(total.items()):
+            rate = accepted / compared if compared else 0.0
+            # the share of drafted tokens accepted: 1.0 when every draft is taken whole
+            whole = accepted / drafted if drafted else 0.0
+            lines.append(f"{system:<16}{match:>6}{drafts:>8}{drafted:>9}{compared:>10}"
+                         f"{accepted:>10}{rate:>7.2f}{whole:>7.2f}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- the table
@@ -201,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings.add_arguments(parser, n_ctx=None)
     parser.add_argument("--levels", default="1,8", help="documents in flight, comma-separated")
     parser.add_argument("--docs", type=int, default=16)
+    parser.add_argument("--documents", type=Path,
+                        help="a JSONL file of {title, content} to run instead of the corpus and "
+                        "the examples (documents the planner was not tuned on)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--engine-modes", default="off,auto")
@@ -234,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     modes = [m for m in args.engine_modes.split(",") if m]
     specs = [s for s in args.server_specs.split(",") if s]
+    machine = host()
+    print(f"host {machine['cpu']} ({machine['cpus']} CPUs; {' '.join(machine['flags'])})")
     print(f"model {args.model}\nthreads {args.threads}, n_batch {args.n_batch}, n_ubatch "
           f"{args.n_ubatch}, n_gpu_layers {args.n_gpu_layers}, flash attention "
           f"{args.flash_attn}, {'sampled' if args.sampled else 'greedy'}, up to "
@@ -263,10 +350,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{run.seconds:.1f} s, drafted {run.drafted}, accepted {run.accepted})",
                       flush=True)
                 if args.out:
-                    args.out.write_text(json.dumps([asdict(r) for r in runs], indent=1))
+                    args.out.write_text(json.dumps(
+                        {"host": machine, "runs": [asdict(r) for r in runs]}, indent=1))
     systems = [f"engine:{m}" for m in modes] + [f"server:{s}" for s in specs]
     print()
     print(table(runs, systems, levels))
+    if any(r.step_costs for r in runs):
+        print()
+        print(cost_table(runs))
+    if any(r.by_match for r in runs):
+        print()
+        print(acceptance_table(runs))
     if args.check_text and {"off", "auto"} <= set(modes):
         for level in levels:
             off = median_run(runs, "engine:off", level)

@@ -248,7 +248,7 @@ def test_rehearsal_cpu_form_offline_from_the_stage(stage: Path, image_python: Pa
                for r in results["throughput"])
     assert [p["in_flight"] for p in results["step_profile"]] == [1, 2]
     assert all(p["steps"] > 0 and p["decode_ms_per_step"] > 0 for p in results["step_profile"])
-    modes = {run["system"] for run in results["speculation"]}
+    modes = {run["system"] for run in results["speculation"]["runs"]}
     assert modes == {"engine:off", "engine:always"}
     assert any(line.split()[:1] == ["16"] for line in results["verify_cost"])
 

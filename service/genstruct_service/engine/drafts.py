@@ -8,7 +8,9 @@ drafts by match length, and the sampling time per token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from functools import partial
 
 from genstruct_service.engine.request import Request, Status
 from genstruct_service.engine.sequence import Sequence
@@ -83,7 +85,11 @@ class DraftChooser:
         if alone and requests[0].repeatable:
             # alone, its batches are its own: plan them from the request alone, so that every
             # run of it drafts alike (speculation.py)
-            rate, cost, sample_seconds = self.acceptance.own_rate, self.fixed_cost, 0.0
+            greedy = not requests[0].seeded_sampled
+            rate: Callable[[int, int, int], float] = partial(
+                self.acceptance.own_rate, greedy=greedy
+            )
+            cost, sample_seconds = self.fixed_cost, 0.0
         else:
             rate, cost, sample_seconds = self.acceptance.rate, self.cost, self.sample_seconds
         take = plan_drafts(

@@ -67,7 +67,12 @@ from genstruct_service.engine.loop import EngineLoop
 from genstruct_service.engine.request import Job, Request
 from genstruct_service.engine.scheduler import StepScheduler
 from genstruct_service.engine.sequence import AnswerMarker, Sequence
-from genstruct_service.engine.speculation import History, PromptNgrams, SpeculationSettings
+from genstruct_service.engine.speculation import (
+    History,
+    PromptNgrams,
+    SpeculationSettings,
+    calibration_rows,
+)
 from genstruct_service.engine.types import (
     Completed,
     EngineEvent,
@@ -155,6 +160,7 @@ class LlamaEngine:
         self._drafts: DraftChooser | None = None  # what it learned of drafts, when speculating
         self._layout = KvLayout(n_ctx, n_parallel, kv_unified)
         self._info: EngineInfo | None = None
+        self._step_costs: dict[int, float] = {}  # timed before serving, when speculating
         self._min_constrained_tokens = 0
         self._marker_tokens = 0
         self._ready = threading.Event()
@@ -182,6 +188,11 @@ class LlamaEngine:
     def _tokenizer(self) -> LlamaTokenizer:
         assert self._runner is not None  # set before the constructor returns
         return self._runner.tokenizer
+
+    def step_costs(self) -> dict[int, float]:
+        """Seconds of a decode step by batch rows, as timed before serving (empty without
+        speculation): the curve the draft planner started from."""
+        return dict(self._step_costs)
 
     def stats(self) -> EngineStats:
         busy, queued = self._inbox.counts()
@@ -304,9 +315,10 @@ class LlamaEngine:
         runner.warm_up()
         if drafts is not None:
             started = time.perf_counter()
-            measured = runner.calibrate(settings.n_outputs_max)
+            measured = runner.calibrate(calibration_rows(spec.draft_max, settings.n_outputs_max))
             for rows, seconds in measured.items():
                 drafts.cost.set(rows, seconds)
+            self._step_costs = measured
             log.info(
                 "speculation: step time by batch rows measured in %.2f s (%s)",
                 time.perf_counter() - started,
@@ -352,4 +364,5 @@ class LlamaEngine:
             for seq in seqs:
                 seq.sampler.close()
             raise
+        History.share([seq.history for seq in seqs if seq.history is not None])
         return Request(job, seqs)

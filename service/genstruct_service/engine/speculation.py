@@ -73,11 +73,18 @@ class SpeculationSettings:
         return self.mode != "off"
 
 
-# A decode step's time by batch rows, in one-row steps, where extra rows cost the most of
-# the machines measured (2 CPU cores with AVX-512: a second row nearly doubles the step;
-# `python -m bench.verify_cost`). Planned against it, a draft is verified only where it pays
-# even there; on a GPU it under-drafts, never over-drafts.
-STEEP_ROW_COST = {1: 1.0, 2: 1.9, 3: 2.25, 5: 3.9, 9: 5.2, 17: 7.6}
+# A decode step's time by batch rows, in one-row steps, on the CPU where extra rows cost the
+# most of those measured: Gemma 3 270M on 2 cores of an AMD EPYC (Zen 4, AVX-512), after a
+# 384-token prompt, median of 9 (`python -m bench.verify_cost --drafts 0,1,...,16,23,31`).
+# A second row nearly doubles the step, and the kernels take rows in blocks of four, so the
+# curve has steps: 8 rows cost less than 5, 12 less than 9. Planned against it, a draft is
+# verified only where it pays even there, and ends where a block is full; on a GPU it
+# under-drafts, never over-drafts.
+STEEP_ROW_COST = {
+    1: 1.0, 2: 1.86, 3: 2.15, 4: 2.43, 5: 3.71, 6: 4.10, 7: 4.35, 8: 3.68, 9: 5.03,
+    10: 5.46, 11: 5.65, 12: 4.79, 13: 6.14, 14: 6.34, 15: 6.70, 16: 5.97, 17: 7.14,
+    24: 8.45, 32: 10.40,
+}  # fmt: skip
 
 # The most recent occurrences of an n-gram looked at when measuring a match: frequent
 # n-grams ("of the") have many, and the most recent ones are the likeliest continuation.
@@ -115,9 +122,11 @@ class Draft:
 
 
 class History:
-    """One sequence's tokens (its prompt, then what it generated) and drafts from them."""
+    """One sequence's tokens (its prompt, then what it generated) and drafts from them, and
+    from what the other generations of its request wrote (`share`): generations of one
+    document often restate the same spans."""
 
-    __slots__ = ("_generated", "_max", "_n", "_own", "_prompt", "_prompt_len")
+    __slots__ = ("_generated", "_max", "_n", "_own", "_peers", "_prompt", "_prompt_len")
 
     def __init__(self, prompt: PromptNgrams, ngram_max: int) -> None:
         self._prompt = prompt
@@ -127,6 +136,13 @@ class History:
         self._generated: list[int] = []
         # n-grams that end in the generated part (positions in prompt + generated)
         self._own: dict[tuple[int, ...], list[int]] = {}
+        self._peers: tuple[History, ...] = ()
+
+    @staticmethod
+    def share(histories: Sequence[History]) -> None:
+        """Let each of one request's generations draft from the others' text too."""
+        for h in histories:
+            h._peers = tuple(p for p in histories if p is not h)
 
     def __len__(self) -> int:
         return self._prompt_len + len(self._generated)
@@ -156,65 +172,86 @@ class History:
             found.append(end)
 
     def draft(self, limit: int) -> Draft | None:
-        """The tokens that followed the longest recent match of this sequence's suffix."""
+        """The tokens that followed the longest recent match of this sequence's suffix: in
+        its own text, its prompt, then its peers' text (the first found wins a tie)."""
         n = self._n
         end = len(self)
         if limit < 1 or end <= n:
             return None
         key = tuple(self._slice(end - n, end))
-        best_at, best_len = -1, 0
-        for source in (self._own.get(key), self._prompt.positions.get(key)):
-            if not source:
+        sources = [(self, self._own.get(key)), (self, self._prompt.positions.get(key))]
+        sources += [(peer, peer._own.get(key)) for peer in self._peers]
+        best: tuple[History, int] | None = None
+        best_len = 0
+        for where, found in sources:
+            if not found:
                 continue
-            for at in reversed(source[-_CANDIDATES:]):  # the most recent first
-                if at >= end:  # the suffix itself
+            for at in reversed(found[-_CANDIDATES:]):  # the most recent first
+                if where is self and at >= end:  # the suffix itself
                     continue
-                length = n
+                length, room = n, min(at, end)  # a peer's match may lie past our end
                 while (
                     length < self._max
-                    and at - length > 0
-                    and self._at(at - length - 1) == self._at(end - length - 1)
+                    and room - length > 0
+                    and where._at(at - length - 1) == self._at(end - length - 1)
                 ):
                     length += 1
                 if length > best_len:
-                    best_at, best_len = at, length
+                    best, best_len = (where, at), length
                     if length == self._max:
                         break
             if best_len == self._max:
                 break
-        if best_at < 0:
+        if best is None:
             return None
-        tokens = self._slice(best_at, min(best_at + limit, end))
+        where, at = best
+        stop = min(at + limit, end) if where is self else min(at + limit, len(where))
+        tokens = where._slice(at, stop)
         return Draft(tokens, best_len) if tokens else None
+
+
+# The chance that a drafted token is accepted after the one before it was, by the length of
+# the match its draft came from (index: match length, capped at 8), before anything is
+# learned. Measured with every match drafted (speculation `always`, 16 tokens at most) on 16
+# documents the planner was never tuned on: `python -m bench.speculation --engine-modes
+# always --server-specs "" --levels 1 --docs 16 --max-tokens 128 --documents
+# bench/heldout.jsonl [--sampled]`, Gemma 3 270M Q4_K_M. Matches of 4 to 7 tokens are
+# pooled (each had a few dozen compared tokens). A match of 8 copies its document: greedy
+# text took 761 of 762 such drafted tokens. Sampled is temperature 0.7, top-k 40, top-p 0.95,
+# min-p 0.05.
+GREEDY_ACCEPTANCE = (0.5, 0.5, 0.56, 0.79, 0.88, 0.88, 0.88, 0.88, 0.99)
+SAMPLED_ACCEPTANCE = (0.5, 0.5, 0.58, 0.75, 0.87, 0.87, 0.87, 0.87, 0.94)
 
 
 class Acceptance:
     """The chance that a drafted token is accepted, given the one before it was.
 
-    Starts hopeful for long matches (0.5 for none, up to 0.95 at ngram_max: those are the
-    ones that copy their context), since a draft is the only way to measure its rate, and
-    where a second batch row costs as much as a whole step (some CPUs) an estimate of 0.5
-    would never draft, so never learn. Then it is learned per match length over the
-    engine's life (decaying, so it follows the workload), and per sequence: a sequence's
-    own record counts more as it grows.
+    Starts from what grounded text does (the tables above: a long match copies its
+    document and is accepted nearly whole), since a draft is the only way to measure its
+    rate. Then it is learned per match length over the engine's life (decaying, so it
+    follows the workload), and per sequence: a sequence's own record counts more as it
+    grows. A repeatable request run alone is planned from the start and its own record
+    only (`own_rate`), never from what other requests taught the engine.
     """
 
     _DECAY = 0.995  # per recorded draft
     _PRIOR = 4.0  # a sequence's record weighs this many tokens of the prior
-    _START_WEIGHT = 2.0  # the hopeful start weighs this many compared tokens
+    _START_WEIGHT = 2.0  # the start weighs this many compared tokens
     FLOOR = 0.02  # never quite zero, so a draft that costs nothing is still tried
 
     def __init__(self, ngram_max: int) -> None:
-        self._ngram_max = max(ngram_max, 1)
-        # per match length: [accepted, compared]
+        # per match length: [accepted, compared]; the live estimate mixes greedy and sampled
+        # requests, so it starts from the sampled table, the lower of the two
         self._by_match = [
-            [self._START_WEIGHT * self.start(m), self._START_WEIGHT]
+            [self._START_WEIGHT * self.start(m, greedy=False), self._START_WEIGHT]
             for m in range(ngram_max + 1)
         ]
 
-    def start(self, match: int) -> float:
+    @staticmethod
+    def start(match: int, *, greedy: bool) -> float:
         """The estimate before anything is learned, for a `match`-long match."""
-        return 0.5 + 0.45 * min(match, self._ngram_max) / self._ngram_max
+        table = GREEDY_ACCEPTANCE if greedy else SAMPLED_ACCEPTANCE
+        return table[min(match, len(table) - 1)]
 
     def rate(self, match: int, accepted: int, tried: int) -> float:
         """The estimate for a draft from a `match`-long match, for a sequence whose drafts so
@@ -222,10 +259,10 @@ class Acceptance:
         acc, seen = self._by_match[match]
         return self._shrunk(acc / seen, accepted, tried)
 
-    def own_rate(self, match: int, accepted: int, tried: int) -> float:
+    def own_rate(self, match: int, accepted: int, tried: int, *, greedy: bool) -> float:
         """As `rate`, from the sequence's own record and the start alone: nothing learned
         from other requests moves it."""
-        return self._shrunk(self.start(match), accepted, tried)
+        return self._shrunk(self.start(match, greedy=greedy), accepted, tried)
 
     def _shrunk(self, prior: float, accepted: int, tried: int) -> float:
         rate = (accepted + self._PRIOR * prior) / (tried + self._PRIOR)
@@ -315,6 +352,21 @@ class StepCost:
             lo, hi = known[i - 1], known[i]
         slope = max((curve[hi] - curve[lo]) / (hi - lo), 0.0)
         return curve[lo] + slope * (rows - lo)
+
+
+def calibration_rows(draft_max: int, n_outputs_max: int) -> list[int]:
+    """The batch sizes to time before serving: every count up to a whole draft and its fed
+    token, then 24 and 32 for several sequences' rows together.
+
+    CPU kernels work on rows in blocks, so the cost curve has steps: on an AMD EPYC with
+    AVX-512, 4 rows cost 2.5 times 1 row but 5 rows 3.8 times, and 8 rows less than 7
+    (`python -m bench.verify_cost`). Between two points an estimate is a straight line,
+    which misses every step; measured at each count, the planner picks draft lengths
+    that end where a block is full."""
+    top = min(n_outputs_max, 32)
+    sizes = set(range(1, min(draft_max + 1, top) + 1))
+    sizes.update(rows for rows in (24, 32) if rows <= top)
+    return sorted(sizes)
 
 
 @dataclass(frozen=True, slots=True)

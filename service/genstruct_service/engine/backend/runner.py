@@ -13,7 +13,6 @@ sampling a row without logits, positions of a sequence that are not contiguous.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -30,8 +29,8 @@ from genstruct_service.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-_CALIBRATE_ROWS = 32  # the largest step timed before serving
-_CALIBRATE_ROUNDS = 3  # each size timed this often, its median kept
+_CALIBRATE_ROUNDS = 3  # each size timed this often, its fastest kept...
+_CALIBRATE_BUDGET = 5.0  # ...while the rounds so far took less than this (seconds)
 
 
 class Runner:
@@ -140,20 +139,23 @@ class Runner:
         self._alone(tokens, len(tokens) - 1, "the warm-up decode")
         log.info("warm-up done in %.2f s", time.perf_counter() - started)
 
-    def calibrate(self, n_outputs_max: int) -> dict[int, float]:
-        """Seconds of decode steps of 1, 2, 4, ... rows with logits at each, as drafts have
-        them: the median of a few interleaved rounds, the first estimate of what verifying
-        a draft costs."""
-        sizes = []
-        rows = 1
-        while rows <= min(n_outputs_max, _CALIBRATE_ROWS):
-            sizes.append(rows)
-            rows *= 2
+    def calibrate(self, sizes: Sequence[int]) -> dict[int, float]:
+        """Seconds of decode steps of each of `sizes` rows, with logits at every row as
+        drafts have them: the first estimate of what verifying a draft costs.
+
+        The sizes are timed in interleaved rounds and each keeps its fastest: another
+        process on the same cores only ever adds time (llama.cpp's threads wait on each
+        other, so a step they share can take a hundred times its own). A second and a third
+        round run only while the whole has taken under `_CALIBRATE_BUDGET` seconds, so a
+        large model on a few cores measures once instead of holding up its start."""
         timings: dict[int, list[float]] = {rows: [] for rows in sizes}
-        for _ in range(_CALIBRATE_ROUNDS):
+        started = time.perf_counter()
+        for round_ in range(_CALIBRATE_ROUNDS):
+            if round_ and time.perf_counter() - started > _CALIBRATE_BUDGET:
+                break
             for rows in sizes:
                 timings[rows].append(self._alone([0] * rows, 0, "a calibration decode"))
-        return {rows: statistics.median(seconds) for rows, seconds in timings.items()}
+        return {rows: min(seconds) for rows, seconds in timings.items()}
 
     def _alone(self, tokens: list[int], logits_from: int, what: str) -> float:
         """One of the runner's own batches (slot 0, from position 0), its cells cleared
