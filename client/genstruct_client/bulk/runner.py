@@ -385,6 +385,9 @@ async def arun(
                 path.unlink()
         summary.elapsed_seconds = time.monotonic() - started
     if summary.finished and card:
+        # The card reads the whole output again: what the run held of it goes first (the
+        # ledger and the index of a million rows are a few hundred MB).
+        del ledger, index
         _write_card(summary)
     return summary
 
