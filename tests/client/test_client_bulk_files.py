@@ -18,6 +18,7 @@ from genstruct_client.bulk.writers import (
     JsonlJournal,
     Output,
     read_jsonl_records,
+    read_questions,
     read_row_keys,
     repair_torn_tail,
 )
@@ -310,6 +311,45 @@ def test_resume_keys_are_what_decoding_each_row_gives(
         for r in read_jsonl_records(path)
     ]
     assert list(read_row_keys(path, chunked=chunked)) == decoded
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rows=st.lists(
+        st.tuples(_TEXT, st.one_of(st.none(), _TEXT), st.booleans(), st.booleans(), _TEXT),
+        max_size=8,
+    ),
+    chunked=st.booleans(),
+)
+def test_resume_questions_are_what_decoding_each_row_gives(
+    tmp_path: Path, rows: list[tuple[str, str | None, bool, bool, str]], chunked: bool
+) -> None:
+    # the question and the text around it with quotes, backslashes, any character, and the
+    # names of the columns read; rows in the pair's column order, as a run writes them
+    path = tmp_path / f"questions-{chunked}.jsonl"
+    path.unlink(missing_ok=True)
+    journal = JsonlJournal(path)
+    for number, (doc_id, question, parsed, duplicate, text) in enumerate(rows):
+        record: dict[str, Any] = {
+            "id": doc_id, "generation_index": number, "title": text,
+            "content": f'{text}, "user": "x", "parsed": true, "duplicate_of": null',
+            "user": question, "assistant": text, "parsed": parsed, "raw_text": text,
+            "duplicate_of": {"id": text, "generation": 0} if duplicate else None,
+        }  # fmt: skip
+        if chunked:
+            record |= {"chunk_index": number, "chunk_start": 0, "chunk_end": 5, "chunks": 9}
+        record["meta"] = {"user": text, "parsed": False, "duplicate_of": None}
+        journal.append(record)
+    journal.commit()
+    journal.close()
+    decoded = [
+        ((str(r["id"]), int(r["generation_index"]), int(r.get("chunk_index") or 0),
+          int(r.get("chunks") or 0)), r["user"], r["parsed"], r["duplicate_of"] is not None)
+        for r in read_jsonl_records(path)
+    ]  # fmt: skip
+    assert list(read_questions(path, chunked=chunked)) == decoded
 
 
 def test_resume_keys_of_a_line_in_another_shape_or_a_bad_one(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ from genstruct_client.bulk.writers import (
     card_path,
     detect_output_format,
     journal_path,
-    read_jsonl_records,
+    read_questions,
     side_path,
 )
 from genstruct_client.channel import ChannelConfig, target_addresses
@@ -385,6 +385,9 @@ async def arun(
                 path.unlink()
         summary.elapsed_seconds = time.monotonic() - started
     if summary.finished and card:
+        # The card reads the whole output again: what the run held of it goes first (the
+        # ledger and the index of a million rows are a few hundred MB).
+        del ledger, index
         _write_card(summary)
     return summary
 
@@ -407,14 +410,15 @@ def _write_card(summary: RunSummary) -> None:
 def rebuild_index(index: QuestionIndex, output: Path, *, chunked: bool) -> None:
     """Puts the questions an output keeps (rows not marked as duplicates) into `index`, in
     the output's order, as the run that wrote them did."""
-    for row in read_jsonl_records(output):
-        if row.get("duplicate_of") is None and row.get("parsed"):
-            index.add(row.get("user"), _row_key(row, chunked))
+    for (doc_id, generation, part, _), question, parsed, duplicate in read_questions(
+        output, chunked=chunked
+    ):
+        if parsed and not duplicate:
+            index.add(question, (doc_id, generation, part if chunked else None))
 
 
 def _row_key(row: Mapping[str, Any], chunked: bool) -> tuple[str, int, int | None]:
-    """What the index keeps of a row (a tuple: a million of them must fit in memory); its
-    `duplicate_of` is rows.duplicate_key(*key)."""
+    """What the index keeps of a row; its `duplicate_of` is rows.duplicate_key(*key)."""
     return (
         str(row["id"]), int(row["generation_index"]),
         int(row.get("chunk_index") or 0) if chunked else None,

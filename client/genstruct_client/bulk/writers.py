@@ -147,9 +147,74 @@ def read_row_keys(path: Path, *, chunked: bool) -> Iterator[RowKey]:
 
 
 def _decoded_key(path: Path, number: int, line: bytes) -> RowKey:
-    record = _decoded(path, number, line)
+    return _key_of(_decoded(path, number, line))
+
+
+def _key_of(record: dict[str, Any]) -> RowKey:
     return (str(record["id"]), int(record["generation_index"]),
             int(record.get("chunk_index") or 0), int(record.get("chunks") or 0))
+
+
+# What rebuilding the index of questions needs of a row, searched for after its key: its
+# question, and the two pair columns that say whether the run kept it (encode_line writes
+# them in PAIR_COLUMNS order, before the columns passed through).
+_USER = re.compile(rb', "user": (null|"(?:[^"\\]|\\.)*"), "assistant": ')
+_PARSED = b', "parsed": '
+_DUPLICATE_OF = b', "duplicate_of": '
+
+# a row's key, its question (`user`), `parsed`, and whether `duplicate_of` is set
+QuestionRow = tuple[RowKey, "str | None", bool, bool]
+
+
+def read_questions(path: Path, *, chunked: bool) -> Iterator[QuestionRow]:
+    """The key, question, `parsed` and `duplicate_of` being set, of every row of a repaired
+    journal, read as read_row_keys reads keys: the rest of a row (its content and answer,
+    most of its bytes) is not decoded. A line in another shape is decoded whole."""
+    if not path.exists():
+        return
+    with path.open("rb") as file:
+        for number, line in enumerate(file, start=1):
+            found = _question_fields(line, chunked)
+            if found is not None:
+                yield found
+            elif line.strip():
+                record = _decoded(path, number, line)
+                yield (_key_of(record), record.get("user"), bool(record.get("parsed")),
+                       record.get("duplicate_of") is not None)  # fmt: skip
+
+
+def _question_fields(line: bytes, chunked: bool) -> QuestionRow | None:
+    key = _ROW_KEY.match(line)
+    if key is None or not line.rstrip().endswith(b"}"):
+        return None
+    user = _USER.search(line, key.end())
+    if user is None:
+        return None
+    parsed_at = line.find(_PARSED, user.end()) + len(_PARSED)
+    duplicate_at = line.find(_DUPLICATE_OF, parsed_at) + len(_DUPLICATE_OF)
+    if parsed_at < len(_PARSED) or duplicate_at < len(_DUPLICATE_OF):
+        return None
+    parsed = line.startswith(b"true", parsed_at)
+    if not parsed and not line.startswith(b"false", parsed_at):
+        return None
+    duplicate = not line.startswith(b"null", duplicate_at)
+    if duplicate and not line.startswith(b"{", duplicate_at):
+        return None
+    part, parts = 0, 0
+    if chunked:
+        found = _PART_KEY.search(line, duplicate_at)
+        if found is None:
+            return None
+        part, parts = int(found.group(1)), int(found.group(2))
+    row_key = (_json_text(key.group(1)), int(key.group(2)), part, parts)
+    return row_key, _json_text(user.group(1)), parsed, duplicate
+
+
+def _json_text(value: bytes) -> Any:
+    """A JSON string (or null) as read from a line; most hold no escape to undo."""
+    if value.startswith(b'"') and b"\\" not in value:
+        return value[1:-1].decode("utf-8")
+    return json.loads(value)
 
 
 def _fsync_dir(path: Path) -> None:
