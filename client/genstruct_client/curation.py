@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import hashlib
+import importlib.metadata
 import json
 import re
 from collections.abc import Mapping
@@ -75,6 +76,13 @@ def _rensa() -> Any:
             "(or pass --dedup off)"
         ) from None
     return rensa
+
+
+def rensa_version() -> str:
+    """The installed rensa's version: another may give other MinHash digests, so other
+    candidates, and so mark other pairs as duplicates."""
+    _rensa()  # a UsageError that says how to install it, when it is missing
+    return importlib.metadata.version("rensa")
 
 
 class QuestionIndex:
@@ -294,6 +302,7 @@ class Curation:
         if self.dedup != "off":
             dedup |= {
                 "library": "rensa",
+                "library_version": rensa_version(),
                 "threshold": self.threshold,
                 "shingle_words": SHINGLE_WORDS,
                 "num_perm": NUM_PERM,

@@ -4,6 +4,7 @@ refused, --new-run, and servers that serve another model."""
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import socket
@@ -227,6 +228,41 @@ def test_a_rerun_with_another_temperature_is_refused_and_the_same_one_resumes(
     before = json.loads(record)
     before.pop("finished")
     assert after == before
+
+
+def test_a_resume_under_another_rensa_is_refused_and_a_record_without_its_version_resumes(
+    server_process: ServerProcess, tmp_path: Path
+) -> None:
+    # rensa's MinHash digests decide which pairs are marked as duplicates: a resume under
+    # another version could mark otherwise than the run it continues, silently
+    source = tmp_path / "in.jsonl"
+    documents = write_documents(source, 6)
+    output = tmp_path / "out.jsonl"
+    args = ("generate", str(source), "-o", str(output), "--target", server_process.target,
+            "--no-progress")
+    assert genstruct(*args).returncode == 0
+    record = json.loads(record_path(output).read_text())
+    dedup = record["fingerprint"]["curation"]["dedup"]
+    assert dedup["library_version"] == importlib.metadata.version("rensa")
+    kept = b"".join(output.read_bytes().splitlines(keepends=True)[:3])
+    output.write_bytes(kept)
+
+    dedup["library_version"] = "0.0.1"
+    record_path(output).write_text(json.dumps(record))
+    refused = genstruct(*args)
+    assert refused.returncode == 2
+    assert "curation.dedup.library_version" in refused.stderr, refused.stderr
+    assert "pip install 'rensa==0.0.1'" in refused.stderr and "--new-run" in refused.stderr
+    assert output.read_bytes() == kept
+
+    # A record from before the version was kept: unknown, accepted, and left without one.
+    del dedup["library_version"]
+    record_path(output).write_text(json.dumps(record))
+    resumed = genstruct(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_exactly_once(output_records(output), ids_of(documents))
+    after = json.loads(record_path(output).read_text())
+    assert "library_version" not in after["fingerprint"]["curation"]["dedup"]
 
 
 def test_new_run_moves_the_old_run_aside(server_process: ServerProcess, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ shape is not told apart.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import datetime
 import json
@@ -59,6 +60,9 @@ _TRANSIENT = frozenset(
         grpc.StatusCode.DEADLINE_EXCEEDED,
     }
 )
+# Fingerprint fields added since the first records: an older record without one is accepted
+# (its value is unknown), and kept as it is.
+_UNRECORDED = ("curation.dedup.library_version",)
 # Once one server has answered, how long the others of a list of addresses get to answer
 # too; one that is down is not waited for (round_robin works around it), only logged.
 _GRACE_SECONDS = 5.0
@@ -170,18 +174,54 @@ def read_record(path: Path) -> dict[str, Any] | None:
     return record
 
 
+def _with_unrecorded(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """`recorded` with the fields of _UNRECORDED that it lacks and `current` has, taken from
+    `current`: a record written before a field was kept says nothing of it, so its value is
+    unknown, and accepted rather than refused."""
+    known = copy.deepcopy(dict(recorded))
+    for path in _UNRECORDED:
+        *parents, name = path.split(".")
+        old: Any = known
+        new: Any = current
+        for key in parents:
+            old, new = old.get(key), new.get(key)
+            if not isinstance(old, dict) or not isinstance(new, Mapping):
+                break
+        else:
+            if name not in old and name in new:
+                old[name] = new[name]
+    return known
+
+
+def _advice(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    """What to do about a mismatch: for another rensa, the version to install."""
+    old = recorded.get("curation", {}).get("dedup", {}).get("library_version")
+    new = current.get("curation", {}).get("dedup", {}).get("library_version")
+    if old is not None and new is not None and old != new:
+        return (
+            f"The duplicates were marked with rensa {old} and rensa {new} is installed (another "
+            "version may mark other pairs): install the recorded one (pip install "
+            f"'rensa=={old}') to resume it, or pass --new-run to move it aside and start a "
+            "new output"
+        )
+    return (
+        "Rerun with the settings and servers it was made with to resume it, or pass "
+        "--new-run to move it aside and start a new output"
+    )
+
+
 def check(path: Path, current: dict[str, Any], output: Path, earlier_files: list[Path]) -> bool:
     """Whether the record must be written; RunMismatch when the record at `path` holds another
     fingerprint and the run it describes wrote rows, or when there are rows but no record."""
     record = read_record(path)
     written = [file for file in earlier_files if has_content(file)]
     if record is not None:
-        changed = differences(record["fingerprint"], current)
+        recorded = _with_unrecorded(record["fingerprint"], current)
+        changed = differences(recorded, current)
         if changed and written:
             raise RunMismatch(
                 f"{output} was made with another configuration (see {path}): "
-                f"{'; '.join(changed)}. Rerun with the settings and servers it was made with "
-                "to resume it, or pass --new-run to move it aside and start a new output"
+                f"{'; '.join(changed)}. {_advice(recorded, current)}"
             )
         # A record of a run that wrote nothing describes nothing: this run's replaces it.
         return bool(changed)
