@@ -44,6 +44,34 @@ _DPI = 100
 
 
 @dataclass
+class FirstValues:
+    """The first value that is not null of each output column (None while there is none),
+    in the order the columns come: what the card's features are typed from. Rows are looked
+    at until every column seen so far has a value; a column that first comes after that is
+    not looked for."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    untyped: set[str] = field(default_factory=set)  # columns seen with nulls only, so far
+    done: bool = False
+
+    def see(self, row: Mapping[str, Any]) -> None:
+        if self.done:
+            return
+        values = self.values
+        if not row.keys() <= values.keys():
+            for name, value in row.items():
+                if name not in values:
+                    values[name] = value
+                    if value is None:
+                        self.untyped.add(name)
+        for name in self.untyped.intersection(row):
+            if row[name] is not None:
+                values[name] = row[name]
+                self.untyped.discard(name)
+        self.done = bool(values) and not self.untyped
+
+
+@dataclass
 class Figures:
     """What the card says of the pairs: counted over every pair the run generated (kept,
     filtered out, or moved aside as duplicates) unless said otherwise."""
@@ -61,6 +89,7 @@ class Figures:
     filtered: Counter[str] = field(default_factory=Counter)
     failed_documents: int = 0
     completion_tokens: int = 0
+    columns: FirstValues = field(default_factory=FirstValues)  # of the output
 
     def add(self, row: Mapping[str, Any]) -> None:
         self.pairs += 1
@@ -92,11 +121,12 @@ def _words(text: Any) -> int:
 
 
 def gather(output: Path) -> Figures:
-    """The figures of an output and the files beside it."""
+    """The figures of an output and the files beside it, the output read once."""
     figures = Figures()
     documents: set[str] = set()
     for row in output_records(output):
         figures.rows += 1
+        figures.columns.see(row)
         documents.add(str(row["id"]))
         figures.add(row)
         if row.get("parsed"):
@@ -192,16 +222,9 @@ def _feature(name: str, value: Any) -> dict[str, Any]:
     return {"name": name, "dtype": dtype}
 
 
-def _features(output: Path) -> list[dict[str, Any]]:
+def _features(columns: FirstValues) -> list[dict[str, Any]]:
     """Features of every column, typed from the first row that has a value in it."""
-    found: dict[str, Any] = {}
-    for row in output_records(output):
-        for name, value in row.items():
-            if found.get(name) is None:
-                found[name] = value
-        if found and all(value is not None for value in found.values()):
-            break
-    return [_feature(name, value) for name, value in found.items()]
+    return [_feature(name, value) for name, value in columns.values.items()]
 
 
 def model_license(model_name: str) -> tuple[str, str | None]:
@@ -337,7 +360,7 @@ def card_text(output: Path, figures: Figures, record: Mapping[str, Any] | None) 
             "data_files": [{"split": "train", "path": output.name}],
         }],
         "dataset_info": {
-            "features": _features(output),
+            "features": _features(figures.columns),
             "splits": [{"name": "train", "num_examples": figures.rows}],
         },
         "genstruct": {

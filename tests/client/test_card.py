@@ -119,3 +119,29 @@ def test_a_card_without_a_run_record_says_unknown(tmp_path: Path) -> None:
     card = DatasetCard.load(write_card(out))
     assert card.data.to_dict()["genstruct"]["model"] == "unknown"
     assert card.data.to_dict()["license"] == "unknown"
+
+
+def test_the_output_is_read_once(output: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a resume of a million rows spent a third of its time reading them twice for the card
+    read: list[Path] = []
+    real = card_module.output_records
+
+    def counted(path: Path) -> Any:
+        read.append(path)
+        return real(path)
+
+    monkeypatch.setattr(card_module, "output_records", counted)
+    card = DatasetCard.load(write_card(output))
+    assert read == [output]
+    features = card.data.to_dict()["dataset_info"]["features"]
+    assert [f["name"] for f in features] == [*COLUMNS, "source"]
+
+
+def test_features_are_typed_from_the_first_value_that_is_not_null(tmp_path: Path) -> None:
+    out = tmp_path / "pairs.jsonl"
+    rows = [row("a", 0, parsed=False), {**row("b", 0), "late": 3}]  # user first null
+    out.write_bytes(b"".join(encode_line(r) for r in rows))
+    features = DatasetCard.load(write_card(out)).data.to_dict()["dataset_info"]["features"]
+    dtypes = {f["name"]: f.get("dtype") for f in features}
+    assert dtypes["user"] == "string" and dtypes["late"] == "int64"
+    assert dtypes["duplicate_of"] is None  # a struct, typed by name though always null
