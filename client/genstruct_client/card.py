@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from genstruct_client.bulk.errors import UsageError
 from genstruct_client.bulk.run_record import read_record, record_path
 from genstruct_client.bulk.writers import (
     card_path,
@@ -447,6 +449,44 @@ def _size_category(rows: int) -> str:
         if rows < limit:
             return name
     return "10M<n<100M"
+
+
+def _recorded_facts(readme: str) -> dict[str, Any]:
+    """The fingerprint hash and the whole-number counts that a card's front matter gives
+    (`genstruct.fingerprint_sha256` and `genstruct.counts`, as _yaml writes them); those it
+    lacks are left out."""
+    front = readme.split("\n---\n", 1)[0]
+    facts: dict[str, Any] = {}
+    found = re.search(r'^  fingerprint_sha256: "([0-9a-f]{64})"$', front, re.MULTILINE)
+    if found:
+        facts["fingerprint_sha256"] = found.group(1)
+    counts = re.search(r"^  counts:\n((?:    .*\n?)*)", front, re.MULTILINE)
+    if counts:
+        for name, value in re.findall(r"^    (\w+): (\d+)$", counts.group(1), re.MULTILINE):
+            facts[name] = int(value)
+    return facts
+
+
+def is_current(output: Path, counts: Mapping[str, int]) -> bool:
+    """Whether OUTPUT's card on disk was written from its files as they are, for a caller
+    that knows none of them changed since it was (a resume that wrote nothing): its README
+    and plots are there, and its front matter gives the run record's fingerprint and
+    `counts` (some of Figures.counts(), as the caller counted them)."""
+    output = Path(output)
+    folder = card_path(output)
+    readme = folder / "README.md"
+    if not all((folder / name).is_file() for name in PLOTS.values()):
+        return False
+    try:
+        facts = _recorded_facts(readme.read_text(encoding="utf-8"))
+        record = read_record(record_path(output))
+    except (OSError, ValueError, UsageError):  # no README, not UTF-8, an unreadable record
+        return False
+    if record is None:
+        return False
+    return facts.get("fingerprint_sha256") == fingerprint_hash(record["fingerprint"]) and all(
+        facts.get(name) == value for name, value in counts.items()
+    )
 
 
 def write_card(output: Path) -> Path:

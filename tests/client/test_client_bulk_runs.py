@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from genstruct.v1 import genstruct_pb2 as pb
 from genstruct_client import ChannelConfig, GenerationOptions, ResubmitPolicy
+from genstruct_client import card as card_module
 from genstruct_client.bulk import PROMPT_TEMPLATE_VERSION, ColumnMapping, derive_id, run
 from genstruct_client.bulk.run_record import (
     addresses,
@@ -263,6 +264,70 @@ def test_a_resume_under_another_rensa_is_refused_and_a_record_without_its_versio
     assert_exactly_once(output_records(output), ids_of(documents))
     after = json.loads(record_path(output).read_text())
     assert "library_version" not in after["fingerprint"]["curation"]["dedup"]
+
+
+def counted_card_writes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The outputs whose card is written from now on."""
+    written: list[Path] = []
+    real = card_module.write_card
+
+    def write_card(output: Path) -> Path:
+        written.append(output)
+        return real(output)
+
+    monkeypatch.setattr(card_module, "write_card", write_card)
+    return written
+
+
+def card_files(readme: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(readme.parent.iterdir())}
+
+
+def test_a_resume_that_writes_nothing_keeps_the_card(
+    server_process: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # reading a million-row output again for the same card took a third of such a resume
+    source = tmp_path / "in.jsonl"
+    write_documents(source, 4)
+    output = tmp_path / "out.jsonl"
+    config = ChannelConfig(server_process.target)
+    first = run(source, output, config=config, progress=False)
+    readme = first.card
+    assert readme is not None and not first.card_kept
+    made = readme.stat().st_mtime_ns
+    written = counted_card_writes(monkeypatch)
+
+    again = run(source, output, config=config, progress=False)
+    assert again.already_done == 4 and again.wrote_nothing
+    assert written == [] and again.card == readme and again.card_kept
+    assert readme.stat().st_mtime_ns == made and "unchanged" in again.report()
+    # ... and it is the card its files make now: a run that did nothing adds no progress line
+    kept = card_files(readme)
+    card_module.write_card(output)
+    assert card_files(readme) == kept
+
+    # A card that does not give the output's counts is not its card as it is: written again.
+    readme.write_text(readme.read_text().replace("pairs_generated: 4", "pairs_generated: 3"))
+    third = run(source, output, config=config, progress=False)
+    assert third.wrote_nothing and not third.card_kept
+    assert written == [output, output] and "pairs_generated: 4" in readme.read_text()
+
+
+def test_a_resume_that_adds_rows_writes_the_card_again(
+    server_process: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "in.jsonl"
+    write_documents(source, 3)
+    output = tmp_path / "out.jsonl"
+    config = ChannelConfig(server_process.target)
+    readme = run(source, output, config=config, progress=False).card
+    assert readme is not None and "    rows: 3\n" in readme.read_text()
+    written = counted_card_writes(monkeypatch)
+    write_documents(source, 5)  # the same 3, then 2 more
+
+    again = run(source, output, config=config, progress=False)
+    assert again.succeeded == 2 and not again.card_kept
+    assert written == [output] and "    rows: 5\n" in readme.read_text()
 
 
 def test_new_run_moves_the_old_run_aside(server_process: ServerProcess, tmp_path: Path) -> None:

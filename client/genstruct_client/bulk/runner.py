@@ -103,12 +103,19 @@ class RunSummary:
     duplicate_pairs: int = 0
     dedup: str = "mark"
     card: Path | None = None  # the dataset card written at the end, if any
+    card_kept: bool = False  # the card on disk was already this output's: not written again
     card_problem: str | None = None  # why no card was written
 
     @property
     def record(self) -> Path:
         """The run record: the fingerprint of what the output is made with."""
         return record_path(self.output)
+
+    @property
+    def wrote_nothing(self) -> bool:
+        """No file of the output changed in this run: no row, error or progress line was
+        written, no torn line cut off."""
+        return not (self.succeeded or self.failed or self.repaired_bytes)
 
     @property
     def exit_code(self) -> int:
@@ -170,7 +177,8 @@ class RunSummary:
         if self.finished:
             lines.append(f"output: {self.output}")
         if self.card is not None:
-            lines.append(f"dataset card: {self.card}")
+            kept = " (unchanged: this run wrote nothing)" if self.card_kept else ""
+            lines.append(f"dataset card: {self.card}{kept}")
         elif self.card_problem:
             lines.append(f"no dataset card: {self.card_problem}")
         return "\n".join(lines)
@@ -385,11 +393,28 @@ async def arun(
                 path.unlink()
         summary.elapsed_seconds = time.monotonic() - started
     if summary.finished and card:
+        # What the card counts that the ledger knows: a card that gives other counts was
+        # written from other files (by an earlier run, say, before a later one failed to).
+        counts = {
+            "pairs_generated": sum(mask.bit_count() for mask in ledger.written.values()),
+            "failed_documents": len(ledger.failed),
+        }
         # The card reads the whole output again: what the run held of it goes first (the
         # ledger and the index of a million rows are a few hundred MB).
         del ledger, index
-        _write_card(summary)
+        if summary.wrote_nothing and _card_is_current(summary.output, counts):
+            # the same card again, for reading the whole output once more: kept as it is
+            summary.card, summary.card_kept = card_path(summary.output) / "README.md", True
+        else:
+            _write_card(summary)
     return summary
+
+
+def _card_is_current(output: Path, counts: Mapping[str, int]) -> bool:
+    """card.is_current, imported when needed, as write_card is."""
+    from genstruct_client.card import is_current
+
+    return is_current(output, counts)
 
 
 def _write_card(summary: RunSummary) -> None:
@@ -455,6 +480,8 @@ class _Curating:
     def commit(self, summary: RunSummary, started: float) -> None:
         for journal in self.aside.values():
             journal.commit()
+        if not (summary.succeeded or summary.failed):
+            return  # no progress: a run that handled no document leaves no line
         self.pace.append({
             "started": started,
             "time": time.time(),
