@@ -224,7 +224,10 @@ def test_every_plan_holds_what_llama_cpp_needs_and_the_engine_promises(
         for rows in range(1, 40):  # rows cost little: auto drafts often
             engine.scheduler.drafts.cost.set(rows, 0.01 + 0.0001 * rows)
     requests: list[Request] = []
-    for step in range(400):
+    # a step with work decodes at least one row: the last arrival, then every prompt token
+    # and every generated token one at a time, is as long as a run can take
+    most_steps = 31 + sum(p + min(g, n_slots) * m for _, p, g, m in arrivals)
+    for step in range(most_steps + 1):
         for at, prompt, generations, max_tokens in arrivals:
             if at == step:
                 request = make_request(loop, rng, prompt=prompt,
