@@ -16,7 +16,11 @@ then examples/documents.jsonl) at every level. Systems:
 Every system gets the same model, threads, context and batch sizes (bench/settings.py).
 Peers run one after another, never together, and `--repeat` interleaves whole rounds; the
 table gives each one's median round, generated tokens per second, and drafted / accepted
-tokens. With `--check-text` it also counts the documents whose text `engine:auto` and
+tokens. A second table gives the decode speed: generated tokens over the seconds each request
+spent decoding (its first token to its end; llama-server's `predicted_ms`). Drafts change
+only that part: the prompts are the same work for every system, yet they take a large share
+of a run's seconds on a CPU, and a system whose text ends sooner has fewer tokens to spread
+them over. With `--check-text` it also counts the documents whose text `engine:auto` and
 `engine:off` write alike. This is a benchmark, not a test.
 """
 
@@ -30,7 +34,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,10 +76,17 @@ class Run:
     # length of the match they came from: match -> [drafts, drafted, compared, accepted]
     step_costs: dict[int, float] = field(default_factory=dict)
     by_match: dict[int, list[int]] = field(default_factory=dict)
+    # the sum over requests of the seconds from its first token to its end
+    decode_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.seconds
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens per second of one request while it decodes, over all of them."""
+        return self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
 def read_documents(path: Path) -> list[Document]:
@@ -132,6 +143,7 @@ def run_engine(mode: str, in_flight: int, args: argparse.Namespace) -> Run:
         sum(d.draft_tokens for d in done), sum(d.accepted_draft_tokens for d in done),
         sorted(d.generations[0].text for d in done),  # as a set: drive() ends out of order
         engine.step_costs(), by_match,
+        sum(d.timings.total_seconds - d.timings.first_token_seconds for d in done),
     )
 
 
@@ -186,6 +198,7 @@ def run_server(binary: Path, spec: str, in_flight: int, args: argparse.Namespace
         sum(int(t.get("draft_n", 0)) for t in timings),
         sum(int(t.get("draft_n_accepted", 0)) for t in timings),
         sorted(str(r.get("content", "")) for r in results),
+        decode_seconds=sum(float(t.get("predicted_ms", 0.0)) for t in timings) / 1e3,
     )
 
 
@@ -248,32 +261,47 @@ def acceptance_table(runs: list[Run]) -> str:
 # ---------------------------------------------------------------- the table
 
 
-def median_run(runs: list[Run], system: str, in_flight: int) -> Run | None:
+def _wall(run: Run) -> float:
+    return run.tokens_per_second
+
+
+def _decoding(run: Run) -> float:
+    return run.decode_tokens_per_second
+
+
+def median_run(
+    runs: list[Run], system: str, in_flight: int, speed: Callable[[Run], float] = _wall
+) -> Run | None:
     mine = sorted((r for r in runs if r.system == system and r.in_flight == in_flight),
-                  key=lambda r: r.tokens_per_second)
+                  key=speed)
     return mine[(len(mine) - 1) // 2] if mine else None
 
 
-def table(runs: list[Run], systems: list[str], levels: list[int]) -> str:
-    lines = [f"{'system':<26}{'in flight':>10}{'tok/s':>9}{'runs':>16}{'vs engine:off':>15}"
-             f"{'vs server:none':>16}{'drafted':>9}{'accepted':>10}"]
+def table(
+    runs: list[Run], systems: list[str], levels: list[int], speed: Callable[[Run], float] = _wall
+) -> str:
+    """Each system's median round by `speed`, against engine:off, server:none and the best
+    server:ngram-* setting."""
+    lines = [f"{'system':<26}{'in flight':>10}{'tok/s':>9}{'runs':>18}{'vs engine:off':>15}"
+             f"{'vs server:none':>16}{'vs best ngram':>15}{'drafted':>9}{'accepted':>10}"]
     for level in levels:
-        off = median_run(runs, "engine:off", level)
-        none = median_run(runs, "server:none", level)
+        off = median_run(runs, "engine:off", level, speed)
+        none = median_run(runs, "server:none", level, speed)
+        ngram = [median_run(runs, s, level, speed) for s in systems if s.startswith("server:ngram")]
+        best = max((r for r in ngram if r is not None), key=speed, default=None)
         for system in systems:
-            run = median_run(runs, system, level)
+            run = median_run(runs, system, level, speed)
             if run is None:
                 continue
-            every = sorted(r.tokens_per_second for r in runs
-                           if r.system == system and r.in_flight == level)
+            every = sorted(speed(r) for r in runs if r.system == system and r.in_flight == level)
             spread = "/".join(f"{x:.1f}" for x in every)
 
             def ratio(base: Run | None, run: Run = run) -> str:
-                return f"{run.tokens_per_second / base.tokens_per_second:.2f}x" if base else "-"
+                return f"{speed(run) / speed(base):.2f}x" if base and speed(base) else "-"
 
             lines.append(
-                f"{system:<26}{level:>10}{run.tokens_per_second:>9.1f}{spread:>16}"
-                f"{ratio(off):>15}{ratio(none):>16}{run.drafted:>9}{run.accepted:>10}"
+                f"{system:<26}{level:>10}{speed(run):>9.1f}{spread:>18}{ratio(off):>15}"
+                f"{ratio(none):>16}{ratio(best):>15}{run.drafted:>9}{run.accepted:>10}"
             )
     return "\n".join(lines)
 
@@ -353,8 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.out.write_text(json.dumps(
                         {"host": machine, "runs": [asdict(r) for r in runs]}, indent=1))
     systems = [f"engine:{m}" for m in modes] + [f"server:{s}" for s in specs]
-    print()
+    print("\nwall: generated tokens per second of the whole run")
     print(table(runs, systems, levels))
+    print("\ndecode: generated tokens per second of a request while it decodes (no prompts)")
+    print(table(runs, systems, levels, _decoding))
     if any(r.step_costs for r in runs):
         print()
         print(cost_table(runs))

@@ -218,7 +218,9 @@ async def test_fallback_to_demo_warns_and_every_response_names_the_stand_in(
             info = await stub.GetModelInfo(genstruct_pb2.GetModelInfoRequest(), timeout=30)
             name = info.model_name
             assert name.startswith("demo") and "stand-in" in name, name
-            request = _request(id="d", sampling=SP(max_tokens=4, temperature=0))
+            # the stand-in writes Genstruct's markers only when made to: constrained by default
+            assert info.default_constrained
+            request = _request(id="d", sampling=SP(max_tokens=16, temperature=0))
             unary = await stub.Generate(request, timeout=120)
             streamed = [m async for m in stub.GenerateStream(request, timeout=120)]
 
