@@ -92,17 +92,21 @@ class StepScheduler:
     ) -> StepPlan:
         """The next step. `cancelled`: some caller cancelled since the last step."""
         gone = self._drop_cancelled() if cancelled else ()
-        admitted = tuple(ticket.item for ticket in self.admission.admit())
-        self.running.extend(admitted)
-        moves = [
-            SlotMove(seq, -1, slot)
-            for r in admitted
-            for seq, slot in zip(r.seqs, r.ticket.slots, strict=True)
-        ]
+        # most steps admit nothing and move nothing: they skip the bookkeeping of both
+        admitted: tuple[Request, ...] = ()
+        moves: list[SlotMove] = []
+        if self.admission.waiting:
+            admitted = tuple(ticket.item for ticket in self.admission.admit())
+            self.running.extend(admitted)
+            moves = [
+                SlotMove(seq, -1, slot)
+                for r in admitted
+                for seq, slot in zip(r.seqs, r.ticket.slots, strict=True)
+            ]
         if self._split_kv and self.admission.has_gap:
             moves.extend(self._close_gaps({move.seq: move.target for move in moves}))
         # the slots that update gives the sequences after this step
-        moved = {move.seq: move.target for move in moves}
+        moved = {move.seq: move.target for move in moves} if moves else {}
         rows, n_rows, prompt_rows = self._compose(moved)
         copies, trims, clears = self._copies, self._trims, self._clears
         self._copies, self._trims, self._clears = [], [], []

@@ -98,7 +98,7 @@ class Updater:
                 continue
             if seq is None:  # a chunk of its prompt
                 request.computed += len(rows.tokens)
-                if rows.n_logits:
+                if rows.logits_from < len(rows.tokens):
                     n_sampled += self._first_tokens(request, rows.first_row + rows.logits_from)
                     request.first_token = now
                     if request.finished:
@@ -108,7 +108,7 @@ class Updater:
                 n_sampled += self._verify(request, seq, rows)
             else:
                 seq.advance(len(rows.tokens))
-                if rows.n_logits:
+                if rows.logits_from < len(rows.tokens):
                     n_sampled += 1
                     token = seq.sampler.sample(rows.first_row + rows.logits_from)
                     self._append(request, seq, token)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import llama_cpp as ll
@@ -86,13 +86,10 @@ class Runner:
                 ll.llama_memory_seq_rm(mem, move.target, -1, -1)
         if not plan.n_rows:
             return StepResult(True, 0, 0.0, started)
-        return self._run(plan.rows, timed=plan.timed, started=started)
-
-    def _run(self, runs: Iterable[SlotRows], *, timed: bool, started: float) -> StepResult:
         n = 0
-        for rows in runs:
+        for rows in plan.rows:
             n = self._write(n, rows)
-        return self._decode(n, timed=timed, started=started)
+        return self._decode(n, timed=plan.timed, started=started)
 
     def _write(self, at: int, rows: SlotRows) -> int:
         """The one row writer: a run of one slot's rows from batch row `at` on, at
@@ -162,7 +159,8 @@ class Runner:
         after; its seconds, or ModelError saying that `what` failed."""
         rows = SlotRows(0, RowKind.PROMPT, 0, tokens, logits_from, None, None)
         try:
-            result = self._run([rows], timed=True, started=time.perf_counter())
+            started = time.perf_counter()
+            result = self._decode(self._write(0, rows), timed=True, started=started)
         except RuntimeError as exc:
             raise ModelError(f"{what} failed ({exc})") from exc
         finally:
