@@ -89,7 +89,17 @@ class Runner:
         n = 0
         for rows in plan.rows:
             n = self._write(n, rows)
-        return self._decode(n, timed=plan.timed, started=started)
+        # the one decode site; timed to its end when asked (a GPU decodes asynchronously)
+        self._batch.n_tokens = n
+        decoding = time.perf_counter()
+        rc = ll.llama_decode(self._ctx, self._batch)
+        seconds = 0.0
+        if plan.timed and rc == 0:
+            ll.llama_synchronize(self._ctx)
+            seconds = time.perf_counter() - decoding
+        if rc not in (0, 1):
+            raise RuntimeError(f"llama_decode returned {rc}")
+        return StepResult(rc == 0, n, seconds, started)  # 1: no room in the KV cache
 
     def _write(self, at: int, rows: SlotRows) -> int:
         """The one row writer: a run of one slot's rows from batch row `at` on, at
@@ -103,20 +113,6 @@ class Runner:
             b_seq[n][0] = slot
             b_logits[n] = n >= from_row
         return at + len(rows.tokens)
-
-    def _decode(self, n: int, *, timed: bool, started: float) -> StepResult:
-        """The one decode site: `n` rows written; timed to its end when asked (a GPU
-        decodes asynchronously)."""
-        self._batch.n_tokens = n
-        decoding = time.perf_counter()
-        rc = ll.llama_decode(self._ctx, self._batch)
-        seconds = 0.0
-        if timed and rc == 0:
-            ll.llama_synchronize(self._ctx)
-            seconds = time.perf_counter() - decoding
-        if rc not in (0, 1):
-            raise RuntimeError(f"llama_decode returned {rc}")
-        return StepResult(rc == 0, n, seconds, started)  # 1: no room in the KV cache
 
     # -- before serving
 
@@ -158,9 +154,9 @@ class Runner:
         """One of the runner's own batches (slot 0, from position 0), its cells cleared
         after; its seconds, or ModelError saying that `what` failed."""
         rows = SlotRows(0, RowKind.PROMPT, 0, tokens, logits_from, None, None)
+        plan = StepPlan(rows=(rows,), n_rows=len(tokens), prompt_rows=len(tokens), timed=True)
         try:
-            started = time.perf_counter()
-            result = self._decode(self._write(0, rows), timed=True, started=started)
+            result = self.execute(plan)
         except RuntimeError as exc:
             raise ModelError(f"{what} failed ({exc})") from exc
         finally:
