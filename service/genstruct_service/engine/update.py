@@ -249,6 +249,7 @@ class Updater:
         finally:
             self._outbox.flush()
 
+
 def _deltas(seqs: list[Sequence]) -> list[TokenDelta]:
     """This step's text of a streaming request: one delta per generation that wrote some."""
     deltas = []
