@@ -48,7 +48,7 @@ class EngineLoop:
                     self._updater.shut_down(jobs)
                     self._inbox.publish(waiting=0, busy=0)
                     return
-                self._step(self._intake(jobs), cancelled)
+                self._step(self._intake(jobs), cancelled, bool(jobs))
         except BaseException as exc:
             log.exception("the engine thread failed")
             left = self._inbox.fail(exc)
@@ -74,11 +74,16 @@ class EngineLoop:
             self._scheduler.enqueue(request)
         return tuple(refused)
 
-    def _step(self, refused: tuple[tuple[Job, BaseException], ...], cancelled: bool) -> None:
-        """One step: schedule, execute, update."""
+    def _step(
+        self, refused: tuple[tuple[Job, BaseException], ...], cancelled: bool, taken: bool
+    ) -> None:
+        """One step: schedule, execute, update. `taken`: jobs came in since the last step."""
         scheduler = self._scheduler
         plan = scheduler.schedule(cancelled=cancelled, refused=refused)
-        self._inbox.publish(waiting=scheduler.waiting, busy=scheduler.admission.busy_slots)
+        if taken or plan.admitted or plan.cancelled:
+            # the queue's and the slots' counts changed here only: a sequence that ends
+            # gives its slot back through the inbox itself (Inbox.slot_freed)
+            self._inbox.publish(waiting=scheduler.waiting, busy=scheduler.admission.busy_slots)
         result = self._runner.execute(plan)
         if result.n_rows and self._on_step is not None:
             self._on_step(result.n_rows)

@@ -49,6 +49,9 @@ class StepScheduler:
         self._copies: list[tuple[int, int]] = []
         self._trims: list[tuple[int, int]] = []
         self._clears: list[int] = []
+        # the queue, the free slots or the cells changed since admission last ran: until
+        # then, admission would start nothing new and no gap could have opened
+        self._books_changed = False
 
     # -- the queue
 
@@ -62,6 +65,7 @@ class StepScheduler:
 
     def enqueue(self, request: Request) -> None:
         self.admission.enqueue(request.ticket)
+        self._books_changed = True
 
     def drain(self) -> list[Request]:
         """Empty the queue (shutdown); returns what was waiting, in order."""
@@ -72,6 +76,7 @@ class StepScheduler:
     def release(self, request: Request, seq: Sequence) -> None:
         """A sequence ended: its slot and its share of cells come back, its cells go."""
         self.admission.release(request.ticket, seq.slot)
+        self._books_changed = True
         self._clears.append(seq.slot)
 
     def trim(self, seq: Sequence) -> None:
@@ -92,17 +97,25 @@ class StepScheduler:
     ) -> StepPlan:
         """The next step. `cancelled`: some caller cancelled since the last step."""
         gone = self._drop_cancelled() if cancelled else ()
-        admitted = tuple(ticket.item for ticket in self.admission.admit())
-        self.running.extend(admitted)
-        moves = [
-            SlotMove(seq, -1, slot)
-            for r in admitted
-            for seq, slot in zip(r.seqs, r.ticket.slots, strict=True)
-        ]
-        if self._split_kv and self.admission.has_gap:
-            moves.extend(self._close_gaps({move.seq: move.target for move in moves}))
+        # most steps admit nothing and move nothing: only a step after a change to the
+        # books (a request came or ended) does the bookkeeping of either
+        admitted: tuple[Request, ...] = ()
+        moves: list[SlotMove] = []
+        if self._books_changed:
+            self._books_changed = False
+            admission = self.admission
+            if admission.waiting:
+                admitted = tuple(ticket.item for ticket in admission.admit())
+                self.running.extend(admitted)
+                moves = [
+                    SlotMove(seq, -1, slot)
+                    for r in admitted
+                    for seq, slot in zip(r.seqs, r.ticket.slots, strict=True)
+                ]
+            if self._split_kv and admission.has_gap:
+                moves.extend(self._close_gaps({move.seq: move.target for move in moves}))
         # the slots that update gives the sequences after this step
-        moved = {move.seq: move.target for move in moves}
+        moved = {move.seq: move.target for move in moves} if moves else {}
         rows, n_rows, prompt_rows = self._compose(moved)
         copies, trims, clears = self._copies, self._trims, self._clears
         self._copies, self._trims, self._clears = [], [], []
@@ -179,8 +192,10 @@ class StepScheduler:
                     n += rows
         prompt_rows = 0
         for request in self.running:
+            if request.status is generating or n >= cap:
+                continue
             left = request.prompt_left
-            if request.status is generating or left <= 0 or n >= cap:
+            if left <= 0:
                 continue
             take = min(left, cap - n)
             start = request.computed

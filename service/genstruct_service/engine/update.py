@@ -51,38 +51,37 @@ class Updater:
         self._outbox = Outbox()
 
     def update(self, plan: StepPlan, result: StepResult) -> None:
+        """Apply one step's result; its events leave at the end, whatever happened."""
+        outbox = self._outbox
         try:
-            self._update(plan, result)
+            for job, error in plan.refused:
+                outbox.put(job, error)
+            for request in plan.cancelled:
+                # the scheduler gave their slots back already, so that others could take them
+                for seq in request.seqs:
+                    seq.slot = -1
+                self._end(request)
+            for request in plan.admitted:
+                request.status = Status.PREFILLING
+                request.admitted = result.started
+            for move in plan.moves:
+                move.seq.slot = move.target
+            if not result.ok:  # no room in the KV cache: fail the requests in this batch
+                for request in {rows.request: None for rows in plan.rows if rows.request}:
+                    self._fail(request, ModelError(_KV_FULL))
+                return
+            ended = self._take_rows(plan) if result.n_rows else ()
+            # only requests with rows this step have new text, or can have ended
+            for rows in plan.rows:
+                fed = rows.request
+                if fed is not None and fed.stream and not fed.finished:
+                    deltas = _deltas(fed.seqs)
+                    if deltas:
+                        outbox.put(fed.job, deltas)
+            for request in ended:
+                self.complete(request)
         finally:
-            self._outbox.flush()
-
-    def _update(self, plan: StepPlan, result: StepResult) -> None:
-        for job, error in plan.refused:
-            self._outbox.put(job, error)
-        for request in plan.cancelled:
-            # the scheduler gave their slots back already, so that others could take them
-            for seq in request.seqs:
-                seq.slot = -1
-            self._end(request)
-        for request in plan.admitted:
-            request.status = Status.PREFILLING
-            request.admitted = result.started
-        for move in plan.moves:
-            move.seq.slot = move.target
-        if not result.ok:  # no room in the KV cache: fail the requests in this batch
-            for request in {rows.request: None for rows in plan.rows if rows.request}:
-                self._fail(request, ModelError(_KV_FULL))
-            return
-        ended = self._take_rows(plan) if result.n_rows else ()
-        # only requests with rows this step have new text, or can have ended
-        for rows in plan.rows:
-            fed = rows.request
-            if fed is not None and fed.stream and not fed.finished:
-                deltas = _deltas(fed.seqs)
-                if deltas:
-                    self._outbox.put(fed.job, deltas)
-        for request in ended:
-            self.complete(request)
+            outbox.flush()
 
     def _take_rows(self, plan: StepPlan) -> list[Request]:
         """Every row with logits is sampled, in batch order; returns the requests that
@@ -98,7 +97,7 @@ class Updater:
                 continue
             if seq is None:  # a chunk of its prompt
                 request.computed += len(rows.tokens)
-                if rows.n_logits:
+                if rows.logits_from < len(rows.tokens):
                     n_sampled += self._first_tokens(request, rows.first_row + rows.logits_from)
                     request.first_token = now
                     if request.finished:
@@ -108,10 +107,12 @@ class Updater:
                 n_sampled += self._verify(request, seq, rows)
             else:
                 seq.advance(len(rows.tokens))
-                if rows.n_logits:
+                if rows.logits_from < len(rows.tokens):
                     n_sampled += 1
                     token = seq.sampler.sample(rows.first_row + rows.logits_from)
-                    self._append(request, seq, token)
+                    # _append, less a call on the path of nearly every token
+                    if not seq.append(token) and seq.finish_reason is not None:
+                        self._ended(request, seq)
             if seq.finish_reason is not None and request.finished:
                 ended.append(request)
         if drafts is not None and n_sampled:
@@ -158,10 +159,14 @@ class Updater:
         if seq.append(token):
             return True
         if seq.finish_reason is not None:
-            if not request.first_token:
-                request.first_token = time.perf_counter()
-            self._release(request, seq)
+            self._ended(request, seq)
         return False
+
+    def _ended(self, request: Request, seq: Sequence) -> None:
+        """`seq` ended on the token it just took."""
+        if not request.first_token:
+            request.first_token = time.perf_counter()
+        self._release(request, seq)
 
     def _release(self, request: Request, seq: Sequence) -> None:
         if seq.slot >= 0:
@@ -243,6 +248,7 @@ class Updater:
                     seq.sampler.close()
         finally:
             self._outbox.flush()
+
 
 def _deltas(seqs: list[Sequence]) -> list[TokenDelta]:
     """This step's text of a streaming request: one delta per generation that wrote some."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import llama_cpp as ll
@@ -86,13 +86,20 @@ class Runner:
                 ll.llama_memory_seq_rm(mem, move.target, -1, -1)
         if not plan.n_rows:
             return StepResult(True, 0, 0.0, started)
-        return self._run(plan.rows, timed=plan.timed, started=started)
-
-    def _run(self, runs: Iterable[SlotRows], *, timed: bool, started: float) -> StepResult:
         n = 0
-        for rows in runs:
+        for rows in plan.rows:
             n = self._write(n, rows)
-        return self._decode(n, timed=timed, started=started)
+        # the one decode site; timed to its end when asked (a GPU decodes asynchronously)
+        self._batch.n_tokens = n
+        decoding = time.perf_counter()
+        rc = ll.llama_decode(self._ctx, self._batch)
+        seconds = 0.0
+        if plan.timed and rc == 0:
+            ll.llama_synchronize(self._ctx)
+            seconds = time.perf_counter() - decoding
+        if rc not in (0, 1):
+            raise RuntimeError(f"llama_decode returned {rc}")
+        return StepResult(rc == 0, n, seconds, started)  # 1: no room in the KV cache
 
     def _write(self, at: int, rows: SlotRows) -> int:
         """The one row writer: a run of one slot's rows from batch row `at` on, at
@@ -106,20 +113,6 @@ class Runner:
             b_seq[n][0] = slot
             b_logits[n] = n >= from_row
         return at + len(rows.tokens)
-
-    def _decode(self, n: int, *, timed: bool, started: float) -> StepResult:
-        """The one decode site: `n` rows written; timed to its end when asked (a GPU
-        decodes asynchronously)."""
-        self._batch.n_tokens = n
-        decoding = time.perf_counter()
-        rc = ll.llama_decode(self._ctx, self._batch)
-        seconds = 0.0
-        if timed and rc == 0:
-            ll.llama_synchronize(self._ctx)
-            seconds = time.perf_counter() - decoding
-        if rc not in (0, 1):
-            raise RuntimeError(f"llama_decode returned {rc}")
-        return StepResult(rc == 0, n, seconds, started)  # 1: no room in the KV cache
 
     # -- before serving
 
@@ -161,8 +154,9 @@ class Runner:
         """One of the runner's own batches (slot 0, from position 0), its cells cleared
         after; its seconds, or ModelError saying that `what` failed."""
         rows = SlotRows(0, RowKind.PROMPT, 0, tokens, logits_from, None, None)
+        plan = StepPlan(rows=(rows,), n_rows=len(tokens), prompt_rows=len(tokens), timed=True)
         try:
-            result = self._run([rows], timed=True, started=time.perf_counter())
+            result = self.execute(plan)
         except RuntimeError as exc:
             raise ModelError(f"{what} failed ({exc})") from exc
         finally:
