@@ -1,9 +1,9 @@
 """Which sequences verify a draft this step, and how many tokens of it: the engine's side of
 grounded speculation (speculation.py holds the pure planner and the drafts themselves).
 
-It keeps what the planner weighs, learned as the engine runs: the step time by batch rows
-(measured before serving, refined by every step without a prompt chunk), the acceptance of
-drafts by match length, and the sampling time per token.
+It keeps what the planner weighs: the step time by batch rows (measured before serving),
+how llama.cpp cuts a batch into passes (`BatchShape`), and, learned as the engine runs, the
+acceptance of drafts by match length and the sampling time per token.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from genstruct_service.engine.sequence import Sequence
 from genstruct_service.engine.speculation import (
     STEEP_ROW_COST,
     Acceptance,
+    BatchShape,
     Candidate,
     Draft,
     SpeculationSettings,
@@ -29,9 +30,12 @@ from genstruct_service.engine.speculation import (
 class DraftChooser:
     """Drafts for the step's sequences where verifying them pays."""
 
-    def __init__(self, settings: SpeculationSettings, n_batch: int) -> None:
+    def __init__(
+        self, settings: SpeculationSettings, n_batch: int, shape: BatchShape | None = None
+    ) -> None:
         self.settings = settings
         self.n_batch = n_batch
+        self.shape = shape  # how llama.cpp cuts a batch into passes; None: one pass
         self.cost = StepCost()  # measured before serving, refined by every step
         self.acceptance = Acceptance(settings.ngram_max)
         # a repeatable request run alone is planned against this, never against the measured
@@ -50,10 +54,13 @@ class DraftChooser:
         spec = self.settings
         generating = rows = prefill = 0
         found: list[tuple[Sequence, Draft]] = []
+        fed: list[tuple[int, int]] = []  # (slot, rows) of the step without drafts
         alone = len(requests) == 1
         for request in requests:
             if request.status is not Status.GENERATING:
                 prefill += request.prompt_left
+                if request.status is Status.PREFILLING:
+                    fed.append((request.seqs[0].slot, min(request.prompt_left, self.n_batch)))
                 continue
             # a seeded sampled request beside others is not drafted: on the CPUs measured,
             # drafts of sampled text at 8 to 16 in flight saved nothing, and they would tie
@@ -65,6 +72,7 @@ class DraftChooser:
                     continue
                 generating += 1
                 rows += len(pending)
+                fed.append((seq.slot, len(pending)))
                 if len(pending) != 1 or seq.history is None or undrafted:
                     continue
                 budget = seq.max_tokens - seq.n_generated - 1  # the last token is sampled
@@ -94,11 +102,14 @@ class DraftChooser:
             rate, cost, sample_seconds = self.acceptance.rate, self.cost, self.sample_seconds
         take = plan_drafts(
             [
-                Candidate(rate(d.match, s.drafts_accepted, s.drafts_compared), len(d.tokens))
+                Candidate(
+                    rate(d.match, s.drafts_accepted, s.drafts_compared), len(d.tokens), s.slot
+                )
                 for s, d in found
             ],
             generating=generating, decode_rows=rows, prompt_rows=prefill,
             batch_rows=self.n_batch, cost=cost, sample_seconds=sample_seconds,
+            shape=self.shape, fed=sorted(fed),
         )
         return {
             seq: Draft(draft.tokens[:k], draft.match)

@@ -68,6 +68,7 @@ from genstruct_service.engine.request import Job, Request
 from genstruct_service.engine.scheduler import StepScheduler
 from genstruct_service.engine.sequence import AnswerMarker, Sequence
 from genstruct_service.engine.speculation import (
+    BatchShape,
     History,
     PromptNgrams,
     SpeculationSettings,
@@ -306,7 +307,8 @@ class LlamaEngine:
         marker = self._format.answer_marker
         self._marker_tokens = len(runner.tokenizer.tokenize(marker, add_special=False))
         self._min_constrained_tokens = self._marker_tokens + self._format.answer_reserve + 4
-        drafts = DraftChooser(spec, settings.n_batch) if spec.enabled else None
+        shape = BatchShape(split=not settings.kv_unified, n_ubatch=settings.n_ubatch)
+        drafts = DraftChooser(spec, settings.n_batch, shape) if spec.enabled else None
         self._drafts = drafts
         scheduler = StepScheduler(
             settings.n_parallel, loaded.layout.n_ctx, n_batch=settings.n_batch,

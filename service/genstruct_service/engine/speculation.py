@@ -26,7 +26,7 @@ Everything here is pure Python over token ids, tested without a model.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 MODES = ("auto", "always", "off")
@@ -375,6 +375,44 @@ class Candidate:
 
     rate: float  # Acceptance.rate for its draft
     length: int  # tokens in its draft
+    slot: int = 0  # the slot it is fed on (the passes of a split KV cache follow slots)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchShape:
+    """How llama.cpp cuts a batch into passes over the weights (its ubatches), each of which
+    costs a decode step of its own rows.
+
+    With one KV stream (`kv_unified`) a batch goes in runs of `n_ubatch` rows. With a stream
+    per slot, llama.cpp splits it "equally" (`llama_batch_allocr::split_equal`, sequential):
+    a pass takes the same number of rows from each slot of a run of consecutive slots. So
+    beside sequences that feed one row each, a sequence that feeds a draft finishes it in a
+    pass of its own: at 8 in flight a draft costs a step of its rows alone, not the few
+    rows more that a unified cache pays for it (`python -m bench.draft_passes`).
+    """
+
+    split: bool  # a KV stream per slot
+    n_ubatch: int
+
+    def passes(self, rows_by_slot: Sequence[tuple[int, int]]) -> list[int]:
+        """The rows of each pass for a batch of (slot, rows) in slot order."""
+        if not self.split:
+            full, rest = divmod(sum(rows for _, rows in rows_by_slot), self.n_ubatch)
+            return [self.n_ubatch] * full + ([rest] if rest else [])
+        left = [[slot, rows] for slot, rows in rows_by_slot if rows > 0]
+        passes = []
+        while left:
+            run = [left[0]]  # the consecutive slots from the lowest with rows left
+            for entry in left[1:]:
+                if entry[0] != run[-1][0] + 1 or len(run) == self.n_ubatch:
+                    break
+                run.append(entry)
+            each = min(min(rows for _, rows in run), max(self.n_ubatch // len(run), 1))
+            passes.append(each * len(run))
+            for entry in run:
+                entry[1] -= each
+            left = [entry for entry in left if entry[1] > 0]
+        return passes
 
 
 def rows_left(decode_rows: int, prompt_rows: int, batch_rows: int) -> int:
@@ -391,6 +429,8 @@ def plan_drafts(
     batch_rows: int,
     cost: StepCost,
     sample_seconds: float,
+    shape: BatchShape | None = None,
+    fed: Sequence[tuple[int, int]] = (),
 ) -> list[int]:
     """How many drafted tokens each candidate verifies this step (0: none).
 
@@ -405,6 +445,10 @@ def plan_drafts(
     any draft row looks cheap against its tokens per second. Measured with prompts of a few
     hundred tokens at 16 in flight, such drafts cost 6 ms a row where a token of plain
     decoding cost 4.4.
+
+    With a `shape` and `fed`, the step's rows by slot without drafts (prompt chunks
+    included), a draft costs at least the passes it adds (`BatchShape`): with a KV stream
+    per slot, a draft beside other sequences is decoded in a pass of its own.
     """
     take = [0] * len(candidates)
     free_rows = rows_left(decode_rows, prompt_rows, batch_rows)
@@ -419,16 +463,36 @@ def plan_drafts(
     gains.sort(key=lambda item: -item[0])
     del gains[free_rows:]
 
-    def speed(rows: int, tokens: float) -> float:
-        return tokens / (cost.estimate(rows) + sample_seconds * tokens)
-
-    best_k, best = 0, speed(decode_rows, generating)
+    base = cost.estimate(decode_rows)
+    passes_of = _pass_cost(shape, fed, cost) if shape is not None and len(fed) > 1 else None
+    without = passes_of({}) if passes_of is not None else 0.0
+    best_k, best = 0, generating / (base + sample_seconds * generating)
     gained = float(generating)
-    for k, (g, _) in enumerate(gains, start=1):
+    added: dict[int, int] = {}
+    for k, (g, i) in enumerate(gains, start=1):
         gained += g
-        value = speed(decode_rows + k, gained)
+        step = cost.estimate(decode_rows + k)
+        if passes_of is not None:
+            slot = candidates[i].slot
+            added[slot] = added.get(slot, 0) + 1
+            step = max(step, base + passes_of(added) - without)
+        value = gained / (step + sample_seconds * gained)
         if value > best:
             best_k, best = k, value
     for _, i in gains[:best_k]:
         take[i] += 1
     return take
+
+
+def _pass_cost(
+    shape: BatchShape, fed: Sequence[tuple[int, int]], cost: StepCost
+) -> Callable[[dict[int, int]], float]:
+    """The seconds of a batch of `fed` rows by slot plus drafted rows by slot, pass by pass."""
+
+    def seconds(drafted: dict[int, int]) -> float:
+        rows = dict(fed)
+        for slot, n in drafted.items():
+            rows[slot] = rows.get(slot, 0) + n
+        return sum(cost.estimate(n) for n in shape.passes(sorted(rows.items())))
+
+    return seconds
