@@ -289,6 +289,10 @@ class StepCost:
     a fresh one look nearly free. Each row count keeps a moving average on that curve; a
     count never seen is interpolated between its neighbours, or extended from the two
     largest beyond them.
+
+    The engine only `set`s it, from its calibration before serving: a live step's rows are
+    cut into passes (`BatchShape`), so its time is not the time of its row count, and
+    `observe` is not fed from the engine.
     """
 
     # A step's surprise goes mostly to the scale (every point) and a little to its own
