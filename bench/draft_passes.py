@@ -6,7 +6,7 @@ without drafted rows on some of them, with a KV stream per slot and with one uni
 With a stream per slot llama.cpp cuts a batch into passes that take the same number of rows
 from each of a run of consecutive slots (`split_equal`), so a sequence that feeds a draft
 beside others that feed one row finishes its draft in a pass of its own. The planner's
-`BatchShape` (engine/speculation.py) models this; this benchmark measures it. After a
+`BatchShape` (engine/step_cost.py) models this; this benchmark measures it. After a
 `--prompt`-token prompt on every slot, each shape is timed in turn, `--repeat` rounds, and
 the median is reported. A benchmark, not a test.
 """

@@ -4,18 +4,19 @@ the generated text, the acceptance estimate, the step-cost model and the per-ste
 from __future__ import annotations
 
 import pytest
+from genstruct_service.engine.ngrams import History, PromptNgrams
 from genstruct_service.engine.speculation import (
-    STEEP_ROW_COST,
     Acceptance,
-    BatchShape,
     Candidate,
-    History,
-    PromptNgrams,
     SpeculationSettings,
-    StepCost,
-    calibration_rows,
     compared,
     plan_drafts,
+)
+from genstruct_service.engine.step_cost import (
+    STEEP_ROW_COST,
+    BatchShape,
+    StepCost,
+    calibration_rows,
 )
 from hypothesis import given
 from hypothesis import strategies as st

@@ -18,11 +18,12 @@ import pytest
 from genstruct_service.engine.drafts import DraftChooser
 from genstruct_service.engine.fitting import FittedPrompt
 from genstruct_service.engine.inbox import Inbox
+from genstruct_service.engine.ngrams import History, PromptNgrams
 from genstruct_service.engine.plan import RowKind, StepPlan, StepResult
 from genstruct_service.engine.request import Job, Request, Status
 from genstruct_service.engine.scheduler import StepScheduler
 from genstruct_service.engine.sequence import Sequence
-from genstruct_service.engine.speculation import History, PromptNgrams, SpeculationSettings
+from genstruct_service.engine.speculation import SpeculationSettings
 from genstruct_service.engine.types import (
     Completed,
     FinishReason,

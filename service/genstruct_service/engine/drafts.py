@@ -1,5 +1,6 @@
 """Which sequences verify a draft this step, and how many tokens of it: the engine's side of
-grounded speculation (speculation.py holds the pure planner and the drafts themselves).
+grounded speculation (speculation.py holds the pure planner, ngrams.py the drafts themselves,
+step_cost.py the cost model).
 
 It keeps what the planner weighs: the step time by batch rows (measured before serving),
 how llama.cpp cuts a batch into passes (`BatchShape`), and, learned as the engine runs, the
@@ -12,19 +13,17 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from functools import partial
 
+from genstruct_service.engine.ngrams import Draft
 from genstruct_service.engine.request import Request, Status
 from genstruct_service.engine.sequence import Sequence
 from genstruct_service.engine.speculation import (
-    STEEP_ROW_COST,
     Acceptance,
-    BatchShape,
     Candidate,
-    Draft,
     SpeculationSettings,
-    StepCost,
     plan_drafts,
     rows_left,
 )
+from genstruct_service.engine.step_cost import STEEP_ROW_COST, BatchShape, StepCost
 
 
 class DraftChooser:

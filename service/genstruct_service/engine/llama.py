@@ -64,16 +64,12 @@ from genstruct_service.engine.drafts import DraftChooser
 from genstruct_service.engine.fitting import FittedPrompt, KvLayout, content_budget, fit_prompt
 from genstruct_service.engine.inbox import Inbox
 from genstruct_service.engine.loop import EngineLoop
+from genstruct_service.engine.ngrams import History, PromptNgrams
 from genstruct_service.engine.request import Job, Request
 from genstruct_service.engine.scheduler import StepScheduler
 from genstruct_service.engine.sequence import AnswerMarker, Sequence
-from genstruct_service.engine.speculation import (
-    BatchShape,
-    History,
-    PromptNgrams,
-    SpeculationSettings,
-    calibration_rows,
-)
+from genstruct_service.engine.speculation import SpeculationSettings
+from genstruct_service.engine.step_cost import BatchShape, calibration_rows
 from genstruct_service.engine.types import (
     Completed,
     EngineEvent,

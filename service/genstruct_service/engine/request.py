@@ -12,8 +12,8 @@ from collections.abc import Sequence as Events
 
 from genstruct_service.engine.admission import Ticket
 from genstruct_service.engine.fitting import FittedPrompt
+from genstruct_service.engine.ngrams import PromptNgrams
 from genstruct_service.engine.sequence import Sequence
-from genstruct_service.engine.speculation import PromptNgrams
 from genstruct_service.engine.types import EngineEvent, GenerationRequest
 
 

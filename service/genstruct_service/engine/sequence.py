@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from genstruct_service.engine.speculation import History
+from genstruct_service.engine.ngrams import History
 from genstruct_service.engine.text import TextAssembler
 from genstruct_service.engine.types import FinishReason
 

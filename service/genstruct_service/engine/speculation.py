@@ -2,14 +2,15 @@
 
 A Genstruct answer restates its document. When the last tokens a sequence generated also
 occur in its prompt (or earlier in its own output), the tokens that followed them there are
-a likely continuation: a *draft*. The engine decodes the draft with the sequence's last
-token in one step, with logits at every position, and keeps the drafted tokens its sampler
-picks itself (engine/verify.py). Each accepted token is a decode step saved.
+a likely continuation: a *draft* (engine/ngrams.py). The engine decodes the draft with the
+sequence's last token in one step, with logits at every position, and keeps the drafted
+tokens its sampler picks itself (engine/verify.py). Each accepted token is a decode step saved.
 
 Verifying costs batch rows. On a GPU at low concurrency they are nearly free; on a few CPU
 cores that already decode many sequences they are not. So each step is planned: the
-engine's measured step time by batch rows (`StepCost`) and each draft's expected accepted
-tokens (`Acceptance`) decide how many rows, if any, go to drafts (`plan_drafts`).
+engine's measured step time by batch rows (`StepCost`, engine/step_cost.py) and each
+draft's expected accepted tokens (`Acceptance`) decide how many rows, if any, go to drafts
+(`plan_drafts`).
 
 A row verified in another batch shape can compute logits a hair apart and so change a
 token, and a live plan follows whatever the engine measured and learned before. So a
@@ -20,14 +21,16 @@ drafts the same rows, and writes the same text, on every run and after every res
 Alongside other requests its batches depend on theirs anyway: the live plan applies to a
 greedy request, and under auto a seeded sampled one is not drafted there (engine/drafts.py).
 
-Everything here is pure Python over token ids, tested without a model.
+This module holds the settings, the acceptance estimate and the planner: pure Python,
+tested without a model.
 """
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from genstruct_service.engine.step_cost import BatchShape, StepCost
 
 MODES = ("auto", "always", "off")
 DRAFT_LIMIT = 64  # the most spec_draft_max may be
@@ -71,144 +74,6 @@ class SpeculationSettings:
     @property
     def enabled(self) -> bool:
         return self.mode != "off"
-
-
-# A decode step's time by batch rows, in one-row steps, on the CPU where extra rows cost the
-# most of those measured: Gemma 3 270M on 2 cores of an AMD EPYC (Zen 4, AVX-512), after a
-# 384-token prompt, median of 9 (`python -m bench.verify_cost --drafts 0,1,...,16,23,31`).
-# A second row nearly doubles the step, and the kernels take rows in blocks of four, so the
-# curve has steps: 8 rows cost less than 5, 12 less than 9. Planned against it, a draft is
-# verified only where it pays even there, and ends where a block is full; on a GPU it
-# under-drafts, never over-drafts.
-STEEP_ROW_COST = {
-    1: 1.0, 2: 1.86, 3: 2.15, 4: 2.43, 5: 3.71, 6: 4.10, 7: 4.35, 8: 3.68, 9: 5.03,
-    10: 5.46, 11: 5.65, 12: 4.79, 13: 6.14, 14: 6.34, 15: 6.70, 16: 5.97, 17: 7.14,
-    24: 8.45, 32: 10.40,
-}  # fmt: skip
-
-# The most recent occurrences of an n-gram looked at when measuring a match: frequent
-# n-grams ("of the") have many, and the most recent ones are the likeliest continuation.
-_CANDIDATES = 8
-
-
-class PromptNgrams:
-    """Where each `n`-gram of a prompt occurs: n-gram -> the positions just after it.
-
-    Built once per request, before it reaches the engine thread, and shared read-only by
-    the request's generations.
-    """
-
-    __slots__ = ("n", "positions", "tokens")
-
-    def __init__(self, tokens: Sequence[int], n: int) -> None:
-        self.tokens = list(tokens)
-        self.n = n
-        positions: dict[tuple[int, ...], list[int]] = {}
-        toks = self.tokens
-        for end in range(n, len(toks) + 1):
-            key = tuple(toks[end - n : end])
-            found = positions.get(key)
-            if found is None:
-                positions[key] = [end]
-            else:
-                found.append(end)
-        self.positions = positions
-
-
-@dataclass(frozen=True, slots=True)
-class Draft:
-    tokens: list[int]
-    match: int  # length of the suffix match it came from, capped at ngram_max
-
-
-class History:
-    """One sequence's tokens (its prompt, then what it generated) and drafts from them, and
-    from what the other generations of its request wrote (`share`): generations of one
-    document often restate the same spans."""
-
-    __slots__ = ("_generated", "_max", "_n", "_own", "_peers", "_prompt", "_prompt_len")
-
-    def __init__(self, prompt: PromptNgrams, ngram_max: int) -> None:
-        self._prompt = prompt
-        self._prompt_len = len(prompt.tokens)
-        self._n = prompt.n
-        self._max = ngram_max
-        self._generated: list[int] = []
-        # n-grams that end in the generated part (positions in prompt + generated)
-        self._own: dict[tuple[int, ...], list[int]] = {}
-        self._peers: tuple[History, ...] = ()
-
-    @staticmethod
-    def share(histories: Sequence[History]) -> None:
-        """Let each of one request's generations draft from the others' text too."""
-        for h in histories:
-            h._peers = tuple(p for p in histories if p is not h)
-
-    def __len__(self) -> int:
-        return self._prompt_len + len(self._generated)
-
-    def _at(self, i: int) -> int:
-        p = self._prompt_len
-        return self._prompt.tokens[i] if i < p else self._generated[i - p]
-
-    def _slice(self, start: int, stop: int) -> list[int]:
-        p = self._prompt_len
-        if stop <= p:
-            return self._prompt.tokens[start:stop]
-        head = self._prompt.tokens[start:p] if start < p else []
-        return head + self._generated[max(start - p, 0) : stop - p]
-
-    def append(self, token: int) -> None:
-        self._generated.append(token)
-        end = len(self)
-        n = self._n
-        if end < n:
-            return
-        key = tuple(self._slice(end - n, end))
-        found = self._own.get(key)
-        if found is None:
-            self._own[key] = [end]
-        else:
-            found.append(end)
-
-    def draft(self, limit: int) -> Draft | None:
-        """The tokens that followed the longest recent match of this sequence's suffix: in
-        its own text, its prompt, then its peers' text (the first found wins a tie)."""
-        n = self._n
-        end = len(self)
-        if limit < 1 or end <= n:
-            return None
-        key = tuple(self._slice(end - n, end))
-        sources = [(self, self._own.get(key)), (self, self._prompt.positions.get(key))]
-        sources += [(peer, peer._own.get(key)) for peer in self._peers]
-        best: tuple[History, int] | None = None
-        best_len = 0
-        for where, found in sources:
-            if not found:
-                continue
-            for at in reversed(found[-_CANDIDATES:]):  # the most recent first
-                if where is self and at >= end:  # the suffix itself
-                    continue
-                length, room = n, min(at, end)  # a peer's match may lie past our end
-                while (
-                    length < self._max
-                    and room - length > 0
-                    and where._at(at - length - 1) == self._at(end - length - 1)
-                ):
-                    length += 1
-                if length > best_len:
-                    best, best_len = (where, at), length
-                    if length == self._max:
-                        break
-            if best_len == self._max:
-                break
-        if best is None:
-            return None
-        where, at = best
-        stop = min(at + limit, end) if where is self else min(at + limit, len(where))
-        tokens = where._slice(at, stop)
-        return Draft(tokens, best_len) if tokens else None
-
 
 # The chance that a drafted token is accepted after the one before it was, by the length of
 # the match its draft came from (index: match length, capped at 8), before anything is
@@ -279,100 +144,6 @@ def compared(drafted: int, accepted: int) -> int:
     return accepted + 1 if accepted < drafted else accepted
 
 
-class StepCost:
-    """Seconds of one decode step by its batch rows, measured as the engine runs.
-
-    The curve is kept in the units of its first measurements (`set`: before serving), times
-    one scale for how much slower or faster every step runs now (`observe`). A fuller KV
-    cache or a busier machine slows steps of every size alike, and most row counts are seen
-    rarely: a point measured long ago and left unscaled would make the rows between it and
-    a fresh one look nearly free. Each row count keeps a moving average on that curve; a
-    count never seen is interpolated between its neighbours, or extended from the two
-    largest beyond them.
-
-    The engine only `set`s it, from its calibration before serving: a live step's rows are
-    cut into passes (`BatchShape`), so its time is not the time of its row count, and
-    `observe` is not fed from the engine.
-    """
-
-    # A step's surprise goes mostly to the scale (every point) and a little to its own
-    # point, which so keeps the shape of the curve and follows it only slowly.
-    _DRIFT = 0.2
-    _ALPHA = 0.05
-
-    def __init__(self) -> None:
-        self._rows: list[int] = []
-        self._curve: dict[int, float] = {}
-        self._scale = 1.0
-
-    @classmethod
-    def fixed(cls, table: dict[int, float]) -> StepCost:
-        """Costs from a table (rows -> time); the caller never `observe`s into it."""
-        cost = cls()
-        for rows, seconds in table.items():
-            cost.set(rows, seconds)
-        return cost
-
-    def set(self, rows: int, seconds: float) -> None:
-        """A step's time at today's scale, moving no other point (a measurement before
-        serving)."""
-        if rows not in self._curve:
-            bisect.insort(self._rows, rows)
-        self._curve[rows] = seconds / self._scale
-
-    def observe(self, rows: int, seconds: float) -> None:
-        """A step the engine decoded: it moves the scale of every point, then its own."""
-        if not self._rows:
-            self.set(rows, seconds)
-            return
-        self._scale *= (seconds / self.estimate(rows)) ** self._DRIFT
-        point = seconds / self._scale
-        old = self._curve.get(rows)
-        if old is None:
-            self.set(rows, seconds)
-        else:
-            self._curve[rows] = old + self._ALPHA * (point - old)
-
-    def known(self) -> bool:
-        return bool(self._rows)
-
-    def estimate(self, rows: int) -> float:
-        return self._scale * self._on_curve(rows)
-
-    def _on_curve(self, rows: int) -> float:
-        curve = self._curve
-        exact = curve.get(rows)
-        if exact is not None:
-            return exact
-        known = self._rows
-        i = bisect.bisect_left(known, rows)
-        if i == 0:
-            return curve[known[0]]
-        if i == len(known):
-            if len(known) == 1:
-                return curve[known[0]] * rows / known[0]
-            lo, hi = known[-2], known[-1]
-        else:
-            lo, hi = known[i - 1], known[i]
-        slope = max((curve[hi] - curve[lo]) / (hi - lo), 0.0)
-        return curve[lo] + slope * (rows - lo)
-
-
-def calibration_rows(draft_max: int, n_outputs_max: int) -> list[int]:
-    """The batch sizes to time before serving: every count up to a whole draft and its fed
-    token, then 24 and 32 for several sequences' rows together.
-
-    CPU kernels work on rows in blocks, so the cost curve has steps: on an AMD EPYC with
-    AVX-512, 4 rows cost 2.5 times 1 row but 5 rows 3.8 times, and 8 rows less than 7
-    (`python -m bench.verify_cost`). Between two points an estimate is a straight line,
-    which misses every step; measured at each count, the planner picks draft lengths
-    that end where a block is full."""
-    top = min(n_outputs_max, 32)
-    sizes = set(range(1, min(draft_max + 1, top) + 1))
-    sizes.update(rows for rows in (24, 32) if rows <= top)
-    return sorted(sizes)
-
-
 @dataclass(frozen=True, slots=True)
 class Candidate:
     """A sequence that could verify a draft this step."""
@@ -380,44 +151,6 @@ class Candidate:
     rate: float  # Acceptance.rate for its draft
     length: int  # tokens in its draft
     slot: int = 0  # the slot it is fed on (the passes of a split KV cache follow slots)
-
-
-@dataclass(frozen=True, slots=True)
-class BatchShape:
-    """How llama.cpp cuts a batch into passes over the weights (its ubatches), each of which
-    costs a decode step of its own rows.
-
-    With one KV stream (`kv_unified`) a batch goes in runs of `n_ubatch` rows. With a stream
-    per slot, llama.cpp splits it "equally" (`llama_batch_allocr::split_equal`, sequential):
-    a pass takes the same number of rows from each slot of a run of consecutive slots. So
-    beside sequences that feed one row each, a sequence that feeds a draft finishes it in a
-    pass of its own: at 8 in flight a draft costs a step of its rows alone, not the few
-    rows more that a unified cache pays for it (`python -m bench.draft_passes`).
-    """
-
-    split: bool  # a KV stream per slot
-    n_ubatch: int
-
-    def passes(self, rows_by_slot: Sequence[tuple[int, int]]) -> list[int]:
-        """The rows of each pass for a batch of (slot, rows) in slot order."""
-        if not self.split:
-            full, rest = divmod(sum(rows for _, rows in rows_by_slot), self.n_ubatch)
-            return [self.n_ubatch] * full + ([rest] if rest else [])
-        left = [[slot, rows] for slot, rows in rows_by_slot if rows > 0]
-        passes = []
-        while left:
-            run = [left[0]]  # the consecutive slots from the lowest with rows left
-            for entry in left[1:]:
-                if entry[0] != run[-1][0] + 1 or len(run) == self.n_ubatch:
-                    break
-                run.append(entry)
-            each = min(min(rows for _, rows in run), max(self.n_ubatch // len(run), 1))
-            passes.append(each * len(run))
-            for entry in run:
-                entry[1] -= each
-            left = [entry for entry in left if entry[1] > 0]
-        return passes
-
 
 def rows_left(decode_rows: int, prompt_rows: int, batch_rows: int) -> int:
     """The rows a step's batch has for drafts once its decode rows and prompt chunks fit."""

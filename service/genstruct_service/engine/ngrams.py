@@ -1,0 +1,134 @@
+"""Drafts from text: where the n-grams of a prompt occur, and one sequence's tokens with the
+drafts its longest recent suffix match proposes (from its prompt, its own output, and what
+the other generations of its request wrote).
+
+Pure Python over token ids, tested without a model (tests/unit/test_speculation_plan.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# The most recent occurrences of an n-gram looked at when measuring a match: frequent
+# n-grams ("of the") have many, and the most recent ones are the likeliest continuation.
+_CANDIDATES = 8
+
+
+class PromptNgrams:
+    """Where each `n`-gram of a prompt occurs: n-gram -> the positions just after it.
+
+    Built once per request, before it reaches the engine thread, and shared read-only by
+    the request's generations.
+    """
+
+    __slots__ = ("n", "positions", "tokens")
+
+    def __init__(self, tokens: Sequence[int], n: int) -> None:
+        self.tokens = list(tokens)
+        self.n = n
+        positions: dict[tuple[int, ...], list[int]] = {}
+        toks = self.tokens
+        for end in range(n, len(toks) + 1):
+            key = tuple(toks[end - n : end])
+            found = positions.get(key)
+            if found is None:
+                positions[key] = [end]
+            else:
+                found.append(end)
+        self.positions = positions
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    tokens: list[int]
+    match: int  # length of the suffix match it came from, capped at ngram_max
+
+
+class History:
+    """One sequence's tokens (its prompt, then what it generated) and drafts from them, and
+    from what the other generations of its request wrote (`share`): generations of one
+    document often restate the same spans."""
+
+    __slots__ = ("_generated", "_max", "_n", "_own", "_peers", "_prompt", "_prompt_len")
+
+    def __init__(self, prompt: PromptNgrams, ngram_max: int) -> None:
+        self._prompt = prompt
+        self._prompt_len = len(prompt.tokens)
+        self._n = prompt.n
+        self._max = ngram_max
+        self._generated: list[int] = []
+        # n-grams that end in the generated part (positions in prompt + generated)
+        self._own: dict[tuple[int, ...], list[int]] = {}
+        self._peers: tuple[History, ...] = ()
+
+    @staticmethod
+    def share(histories: Sequence[History]) -> None:
+        """Let each of one request's generations draft from the others' text too."""
+        for h in histories:
+            h._peers = tuple(p for p in histories if p is not h)
+
+    def __len__(self) -> int:
+        return self._prompt_len + len(self._generated)
+
+    def _at(self, i: int) -> int:
+        p = self._prompt_len
+        return self._prompt.tokens[i] if i < p else self._generated[i - p]
+
+    def _slice(self, start: int, stop: int) -> list[int]:
+        p = self._prompt_len
+        if stop <= p:
+            return self._prompt.tokens[start:stop]
+        head = self._prompt.tokens[start:p] if start < p else []
+        return head + self._generated[max(start - p, 0) : stop - p]
+
+    def append(self, token: int) -> None:
+        self._generated.append(token)
+        end = len(self)
+        n = self._n
+        if end < n:
+            return
+        key = tuple(self._slice(end - n, end))
+        found = self._own.get(key)
+        if found is None:
+            self._own[key] = [end]
+        else:
+            found.append(end)
+
+    def draft(self, limit: int) -> Draft | None:
+        """The tokens that followed the longest recent match of this sequence's suffix: in
+        its own text, its prompt, then its peers' text (the first found wins a tie)."""
+        n = self._n
+        end = len(self)
+        if limit < 1 or end <= n:
+            return None
+        key = tuple(self._slice(end - n, end))
+        sources = [(self, self._own.get(key)), (self, self._prompt.positions.get(key))]
+        sources += [(peer, peer._own.get(key)) for peer in self._peers]
+        best: tuple[History, int] | None = None
+        best_len = 0
+        for where, found in sources:
+            if not found:
+                continue
+            for at in reversed(found[-_CANDIDATES:]):  # the most recent first
+                if where is self and at >= end:  # the suffix itself
+                    continue
+                length, room = n, min(at, end)  # a peer's match may lie past our end
+                while (
+                    length < self._max
+                    and room - length > 0
+                    and where._at(at - length - 1) == self._at(end - length - 1)
+                ):
+                    length += 1
+                if length > best_len:
+                    best, best_len = (where, at), length
+                    if length == self._max:
+                        break
+            if best_len == self._max:
+                break
+        if best is None:
+            return None
+        where, at = best
+        stop = min(at + limit, end) if where is self else min(at + limit, len(where))
+        tokens = where._slice(at, stop)
+        return Draft(tokens, best_len) if tokens else None

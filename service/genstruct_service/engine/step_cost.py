@@ -1,0 +1,156 @@
+"""What a decode step costs, as the draft planner weighs it: the step time by batch rows
+(`StepCost`, measured before serving, with a fixed table for repeatable requests), the batch
+sizes to measure, and how llama.cpp cuts a batch into passes over the weights (`BatchShape`).
+
+Pure Python, tested without a model (tests/unit/test_speculation_plan.py).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# A decode step's time by batch rows, in one-row steps, on the CPU where extra rows cost the
+# most of those measured: Gemma 3 270M on 2 cores of an AMD EPYC (Zen 4, AVX-512), after a
+# 384-token prompt, median of 9 (`python -m bench.verify_cost --drafts 0,1,...,16,23,31`).
+# A second row nearly doubles the step, and the kernels take rows in blocks of four, so the
+# curve has steps: 8 rows cost less than 5, 12 less than 9. Planned against it, a draft is
+# verified only where it pays even there, and ends where a block is full; on a GPU it
+# under-drafts, never over-drafts.
+STEEP_ROW_COST = {
+    1: 1.0, 2: 1.86, 3: 2.15, 4: 2.43, 5: 3.71, 6: 4.10, 7: 4.35, 8: 3.68, 9: 5.03,
+    10: 5.46, 11: 5.65, 12: 4.79, 13: 6.14, 14: 6.34, 15: 6.70, 16: 5.97, 17: 7.14,
+    24: 8.45, 32: 10.40,
+}  # fmt: skip
+
+
+class StepCost:
+    """Seconds of one decode step by its batch rows, measured as the engine runs.
+
+    The curve is kept in the units of its first measurements (`set`: before serving), times
+    one scale for how much slower or faster every step runs now (`observe`). A fuller KV
+    cache or a busier machine slows steps of every size alike, and most row counts are seen
+    rarely: a point measured long ago and left unscaled would make the rows between it and
+    a fresh one look nearly free. Each row count keeps a moving average on that curve; a
+    count never seen is interpolated between its neighbours, or extended from the two
+    largest beyond them.
+
+    The engine only `set`s it, from its calibration before serving: a live step's rows are
+    cut into passes (`BatchShape`), so its time is not the time of its row count, and
+    `observe` is not fed from the engine.
+    """
+
+    # A step's surprise goes mostly to the scale (every point) and a little to its own
+    # point, which so keeps the shape of the curve and follows it only slowly.
+    _DRIFT = 0.2
+    _ALPHA = 0.05
+
+    def __init__(self) -> None:
+        self._rows: list[int] = []
+        self._curve: dict[int, float] = {}
+        self._scale = 1.0
+
+    @classmethod
+    def fixed(cls, table: dict[int, float]) -> StepCost:
+        """Costs from a table (rows -> time); the caller never `observe`s into it."""
+        cost = cls()
+        for rows, seconds in table.items():
+            cost.set(rows, seconds)
+        return cost
+
+    def set(self, rows: int, seconds: float) -> None:
+        """A step's time at today's scale, moving no other point (a measurement before
+        serving)."""
+        if rows not in self._curve:
+            bisect.insort(self._rows, rows)
+        self._curve[rows] = seconds / self._scale
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """A step the engine decoded: it moves the scale of every point, then its own."""
+        if not self._rows:
+            self.set(rows, seconds)
+            return
+        self._scale *= (seconds / self.estimate(rows)) ** self._DRIFT
+        point = seconds / self._scale
+        old = self._curve.get(rows)
+        if old is None:
+            self.set(rows, seconds)
+        else:
+            self._curve[rows] = old + self._ALPHA * (point - old)
+
+    def known(self) -> bool:
+        return bool(self._rows)
+
+    def estimate(self, rows: int) -> float:
+        return self._scale * self._on_curve(rows)
+
+    def _on_curve(self, rows: int) -> float:
+        curve = self._curve
+        exact = curve.get(rows)
+        if exact is not None:
+            return exact
+        known = self._rows
+        i = bisect.bisect_left(known, rows)
+        if i == 0:
+            return curve[known[0]]
+        if i == len(known):
+            if len(known) == 1:
+                return curve[known[0]] * rows / known[0]
+            lo, hi = known[-2], known[-1]
+        else:
+            lo, hi = known[i - 1], known[i]
+        slope = max((curve[hi] - curve[lo]) / (hi - lo), 0.0)
+        return curve[lo] + slope * (rows - lo)
+
+
+def calibration_rows(draft_max: int, n_outputs_max: int) -> list[int]:
+    """The batch sizes to time before serving: every count up to a whole draft and its fed
+    token, then 24 and 32 for several sequences' rows together.
+
+    CPU kernels work on rows in blocks, so the cost curve has steps: on an AMD EPYC with
+    AVX-512, 4 rows cost 2.5 times 1 row but 5 rows 3.8 times, and 8 rows less than 7
+    (`python -m bench.verify_cost`). Between two points an estimate is a straight line,
+    which misses every step; measured at each count, the planner picks draft lengths
+    that end where a block is full."""
+    top = min(n_outputs_max, 32)
+    sizes = set(range(1, min(draft_max + 1, top) + 1))
+    sizes.update(rows for rows in (24, 32) if rows <= top)
+    return sorted(sizes)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchShape:
+    """How llama.cpp cuts a batch into passes over the weights (its ubatches), each of which
+    costs a decode step of its own rows.
+
+    With one KV stream (`kv_unified`) a batch goes in runs of `n_ubatch` rows. With a stream
+    per slot, llama.cpp splits it "equally" (`llama_batch_allocr::split_equal`, sequential):
+    a pass takes the same number of rows from each slot of a run of consecutive slots. So
+    beside sequences that feed one row each, a sequence that feeds a draft finishes it in a
+    pass of its own: at 8 in flight a draft costs a step of its rows alone, not the few
+    rows more that a unified cache pays for it (`python -m bench.draft_passes`).
+    """
+
+    split: bool  # a KV stream per slot
+    n_ubatch: int
+
+    def passes(self, rows_by_slot: Sequence[tuple[int, int]]) -> list[int]:
+        """The rows of each pass for a batch of (slot, rows) in slot order."""
+        if not self.split:
+            full, rest = divmod(sum(rows for _, rows in rows_by_slot), self.n_ubatch)
+            return [self.n_ubatch] * full + ([rest] if rest else [])
+        left = [[slot, rows] for slot, rows in rows_by_slot if rows > 0]
+        passes = []
+        while left:
+            run = [left[0]]  # the consecutive slots from the lowest with rows left
+            for entry in left[1:]:
+                if entry[0] != run[-1][0] + 1 or len(run) == self.n_ubatch:
+                    break
+                run.append(entry)
+            each = min(min(rows for _, rows in run), max(self.n_ubatch // len(run), 1))
+            passes.append(each * len(run))
+            for entry in run:
+                entry[1] -= each
+            left = [entry for entry in left if entry[1] > 0]
+        return passes
