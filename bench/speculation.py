@@ -3,9 +3,10 @@
     python -m bench.speculation [--levels 1,8] [--repeat 3] [--server-specs none,ngram-mod]
 
 Acceptance depends on what the model writes, so this runs real text: greedy decoding (or,
-with `--sampled`, the sampling of bench/settings.py), the end of sequence allowed, the
-Genstruct stop `[[[User]]]` for every system, and the same documents (bench/corpus.py,
-then examples/documents.jsonl) at every level. Systems:
+with `--sampled`, the sampling of bench/settings.py, seeded, or not with `--unseeded`: a
+seeded request alone is planned from itself, an unseeded one live), the end of sequence
+allowed, the Genstruct stop `[[[User]]]` for every system, and the same documents
+(bench/corpus.py, then examples/documents.jsonl) at every level. Systems:
 
 - `engine:off`, `engine:auto`, `engine:always`: LlamaEngine with `--speculation` so set
   (each in a fresh process);
@@ -101,8 +102,20 @@ def documents(n: int, path: Path | None = None) -> list[Document]:
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    """Greedy, or with --sampled the sampling every benchmark uses (bench/settings.py)."""
-    return dict(settings.SAMPLING) if args.sampled else {"temperature": 0.0}
+    """Greedy, or with --sampled the sampling every benchmark uses (bench/settings.py), with
+    its seed or, with --unseeded, none (each system then draws its own)."""
+    if not args.sampled:
+        return {"temperature": 0.0}
+    sampling = dict(settings.SAMPLING)
+    if args.unseeded:
+        del sampling["seed"]
+    return sampling
+
+
+def _mode(args: argparse.Namespace) -> str:
+    if not args.sampled:
+        return "greedy"
+    return "sampled, unseeded" if args.unseeded else "sampled"
 
 
 # ---------------------------------------------------------------- the engine
@@ -153,6 +166,7 @@ def _engine_in_subprocess(mode: str, in_flight: int, args: argparse.Namespace) -
         str(in_flight), "--max-tokens", str(args.max_tokens), "--docs", str(args.docs),
         *(["--documents", str(args.documents)] if args.documents else []),
         *(["--sampled"] if args.sampled else []),
+        *(["--unseeded"] if args.unseeded else []),
         "--spec-draft-max", str(args.spec_draft_max), "--spec-ngram-min",
         str(args.spec_ngram_min), "--spec-ngram-max", str(args.spec_ngram_max),
         *settings.worker_flags(args),
@@ -326,6 +340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sampled", action="store_true",
                         help="sample as Genstruct is usually run (temperature 0.7, top_k 40, "
                         "top_p 0.95, min_p 0.05, one seed) instead of greedy decoding")
+    parser.add_argument("--unseeded", action="store_true",
+                        help="with --sampled: no seed, so that a request is planned live, "
+                        "from what the engine measured and learned, not from itself alone")
     parser.add_argument("--check-text", action="store_true",
                         help="count documents whose text engine:auto and engine:off share")
     parser.add_argument("--out", type=Path, help="write every run as JSON here")
@@ -351,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"host {machine['cpu']} ({machine['cpus']} CPUs; {' '.join(machine['flags'])})")
     print(f"model {args.model}\nthreads {args.threads}, n_batch {args.n_batch}, n_ubatch "
           f"{args.n_ubatch}, n_gpu_layers {args.n_gpu_layers}, flash attention "
-          f"{args.flash_attn}, {'sampled' if args.sampled else 'greedy'}, up to "
+          f"{args.flash_attn}, {_mode(args)}, up to "
           f"{args.max_tokens} tokens, {args.docs} documents, "
           f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     binary = None
