@@ -88,7 +88,7 @@ def _step(scheduler: Any, runner: Any, updater: Any) -> None:
 def _time(in_flight: int, steps: int, *, cold: bool) -> float:
     """Microseconds per step, the median of `_REPEATS` fresh engines."""
     loop = asyncio.new_event_loop()  # never run: the engine queues its events on it
-    source, target = bytearray(_EVICT), bytearray(_EVICT)
+    source, target = (bytearray(_EVICT), bytearray(_EVICT)) if cold else (b"", bytearray())
     results = []
     try:
         for _ in range(_REPEATS):
