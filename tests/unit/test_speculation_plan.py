@@ -8,6 +8,7 @@ from genstruct_service.engine.ngrams import History, PromptNgrams
 from genstruct_service.engine.speculation import (
     Acceptance,
     Candidate,
+    DraftRecord,
     SpeculationSettings,
     compared,
     plan_drafts,
@@ -178,6 +179,32 @@ def test_acceptance_starts_hopeful_for_long_matches_learns_and_weighs_the_sequen
     # a sequence whose own drafts were all accepted pulls a poor prior up
     assert a.rate(3, accepted=40, tried=40) > 0.85
     assert a.rate(3, 0, 0) >= Acceptance.FLOOR
+
+
+def test_a_sequences_misses_on_short_matches_leave_its_long_ones_drafted() -> None:
+    # a sequence whose drafts from 3-token matches all missed still copies long spans: its
+    # record is kept by match length, so a match of 8 is drafted whole as for a new one
+    fixed = StepCost.fixed(STEEP_ROW_COST)
+    a = Acceptance(ngram_max=8)
+    record = DraftRecord()
+    for _ in range(10):
+        record.add(3, drafted=3, accepted=0)
+    record.add(8, drafted=15, accepted=15)
+    assert record.of(3) == (0, 10) and record.of(8) == (15, 15) and record.of(5) == (0, 0)
+
+    def plan(match: int) -> list[int]:
+        rate = a.own_rate(match, *record.of(match), greedy=True)
+        return plan_drafts([Candidate(length=15, rate=rate)], generating=1, decode_rows=1,
+                           prompt_rows=0, batch_rows=65, cost=fixed,
+                           sample_seconds=0.0)  # fmt: skip
+
+    assert plan(3) == [0]
+    assert plan(8) == [15]
+    # pooled, the same record would have cut the long draft short
+    pooled = a.own_rate(8, 0 + 15, 10 + 15, greedy=True)
+    assert plan_drafts([Candidate(length=15, rate=pooled)], generating=1, decode_rows=1,
+                       prompt_rows=0, batch_rows=65, cost=fixed,
+                       sample_seconds=0.0)[0] < 15  # fmt: skip
 
 
 def test_compared_counts_accepted_tokens_and_the_first_miss() -> None:

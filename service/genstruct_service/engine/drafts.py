@@ -102,7 +102,7 @@ class DraftChooser:
         take = plan_drafts(
             [
                 Candidate(
-                    rate(d.match, s.drafts_accepted, s.drafts_compared), len(d.tokens), s.slot
+                    rate(d.match, *s.drafts.of(d.match)), len(d.tokens), s.slot
                 )
                 for s, d in found
             ],

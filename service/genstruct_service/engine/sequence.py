@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from genstruct_service.engine.ngrams import History
+from genstruct_service.engine.speculation import DraftRecord
 from genstruct_service.engine.text import TextAssembler
 from genstruct_service.engine.types import FinishReason
 
@@ -103,7 +104,7 @@ class Sequence:
     """
 
     __slots__ = (
-        "_stream", "_vocab", "drafts_accepted", "drafts_compared", "finish_reason", "history",
+        "_stream", "_vocab", "drafts", "finish_reason", "history",
         "index", "marker", "max_tokens", "n_generated", "new_text", "pending", "pos", "sampler",
         "slot", "text",
     )
@@ -127,9 +128,7 @@ class Sequence:
         self.n_generated = 0
         self.finish_reason: FinishReason | None = None
         self.new_text = ""  # text released since the request's last event (streaming only)
-        # its record of drafts: tokens accepted, and compared with the sampler
-        self.drafts_accepted = 0
-        self.drafts_compared = 0
+        self.drafts = DraftRecord()  # tokens accepted and compared, by match length
 
     @property
     def generating(self) -> bool:

@@ -94,9 +94,10 @@ class Acceptance:
     Starts from what grounded text does (the tables above: a long match copies its
     document and is accepted nearly whole), since a draft is the only way to measure its
     rate. Then it is learned per match length over the engine's life (decaying, so it
-    follows the workload), and per sequence: a sequence's own record counts more as it
-    grows. A repeatable request run alone is planned from the start and its own record
-    only (`own_rate`), never from what other requests taught the engine.
+    follows the workload), and per sequence and match length (`DraftRecord`): a
+    sequence's own record counts more as it grows. A repeatable request run alone is
+    planned from the start and its own record only (`own_rate`), never from what other
+    requests taught the engine.
     """
 
     _DECAY = 0.995  # per recorded draft
@@ -119,8 +120,8 @@ class Acceptance:
         return table[min(match, len(table) - 1)]
 
     def rate(self, match: int, accepted: int, tried: int) -> float:
-        """The estimate for a draft from a `match`-long match, for a sequence whose drafts so
-        far had `accepted` of `tried` compared tokens accepted."""
+        """The estimate for a draft from a `match`-long match, for a sequence whose drafts
+        from such matches so far had `accepted` of `tried` compared tokens accepted."""
         acc, seen = self._by_match[match]
         return self._shrunk(acc / seen, accepted, tried)
 
@@ -137,6 +138,32 @@ class Acceptance:
         stats = self._by_match[match]
         stats[0] = stats[0] * self._DECAY + accepted
         stats[1] = stats[1] * self._DECAY + compared(drafted, accepted)
+
+
+class DraftRecord:
+    """One sequence's drafts so far, by the length of the match each came from: tokens
+    accepted and tokens compared.
+
+    Kept per match length, since a sequence that misses on short matches (a word that
+    recurs) still copies a long one nearly whole: pooled, its short misses dragged the
+    estimate for a copied span down to where drafts of 2 or 3 tokens looked best (Gemma 3
+    270M, greedy, AMD EPYC: 221 of 265 drafts were that short, while a match of 8 kept 93%
+    of 15 drafted tokens).
+    """
+
+    __slots__ = ("_accepted", "_compared")
+
+    def __init__(self) -> None:
+        self._accepted: dict[int, int] = {}
+        self._compared: dict[int, int] = {}
+
+    def add(self, match: int, drafted: int, accepted: int) -> None:
+        self._accepted[match] = self._accepted.get(match, 0) + accepted
+        self._compared[match] = self._compared.get(match, 0) + compared(drafted, accepted)
+
+    def of(self, match: int) -> tuple[int, int]:
+        """(accepted, compared) of its drafts from `match`-long matches."""
+        return self._accepted.get(match, 0), self._compared.get(match, 0)
 
 
 def compared(drafted: int, accepted: int) -> int:

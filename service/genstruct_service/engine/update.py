@@ -23,7 +23,6 @@ from genstruct_service.engine.plan import RowKind, SlotRows, StepPlan, StepResul
 from genstruct_service.engine.request import Job, Outbox, Request, Status
 from genstruct_service.engine.scheduler import StepScheduler
 from genstruct_service.engine.sequence import Sequence
-from genstruct_service.engine.speculation import compared
 from genstruct_service.engine.types import (
     Completed,
     EngineEvent,
@@ -144,8 +143,7 @@ class Updater:
         k, hits = len(draft), drafted_hits(draft, tokens)
         if self._drafts is not None:
             self._drafts.acceptance.record(rows.draft_match, k, hits)
-        seq.drafts_accepted += hits
-        seq.drafts_compared += compared(k, hits)
+        seq.drafts.add(rows.draft_match, k, hits)
         request.draft_tokens += k
         request.accepted_draft_tokens += hits
         if seq.finish_reason is None:
