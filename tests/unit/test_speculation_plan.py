@@ -42,10 +42,23 @@ def test_a_suffix_found_in_the_prompt_drafts_what_followed_it() -> None:
 def test_the_draft_is_cut_to_the_limit_and_may_run_into_generated_text() -> None:
     prompt = [5, 6, 7, 8]
     h = history(prompt, [9, 5, 6, 7])  # the prompt's tail is followed by 8, then 9 (generated)
-    draft = h.draft(limit=10)
+    draft = h.draft(limit=5)
     assert draft is not None
     assert draft.tokens == [8, 9, 5, 6, 7]  # up to the end of what exists
     assert h.draft(limit=1).tokens == [8]  # type: ignore[union-attr]
+
+
+def test_a_match_that_runs_into_the_present_drafts_the_loop_again() -> None:
+    # past the end of what exists the text goes on as it did after the match: the span
+    # again, as drafting token by token from the last n-gram would give
+    h = history([5, 6, 7, 8], [9, 5, 6, 7])
+    assert h.draft(limit=12).tokens == [8, 9, 5, 6, 7] * 2 + [8, 9]  # type: ignore[union-attr]
+    loop = history([1, 2, 3, 4], [7, 8, 9, 7, 8, 9, 7, 8, 9])
+    draft = loop.draft(limit=10)
+    assert draft is not None and draft.tokens == [7, 8, 9, 7, 8, 9, 7, 8, 9, 7]
+    # a peer's text is not extended: what it will write is not known
+    _, second = generations([1, 2, 3, 4], [[5, 6, 7, 5, 6, 7], [5, 6]])
+    assert second.draft(limit=10).tokens == [7, 5, 6, 7]  # type: ignore[union-attr]
 
 
 def test_the_longest_match_wins_over_a_more_recent_shorter_one() -> None:
@@ -98,11 +111,13 @@ def test_a_draft_is_always_a_true_continuation_of_an_earlier_match(
     assert 1 <= len(draft.tokens) <= limit
     assert n <= draft.match <= n + 3
     # some earlier position `at` (not the end) is preceded by the last `match` tokens and
-    # followed by the draft
+    # followed by the draft, in the text with the draft written after it (a match that runs
+    # into the present goes on with the draft itself)
     suffix = full[len(full) - draft.match :]
+    drafted = full + draft.tokens
     assert any(
         full[at - draft.match : at] == suffix
-        and full[at : at + len(draft.tokens)] == draft.tokens
+        and drafted[at : at + len(draft.tokens)] == draft.tokens
         for at in range(draft.match, len(full))
     )
 
@@ -151,7 +166,8 @@ def test_a_draft_continues_an_earlier_match_in_its_own_text_or_a_peers(
             continue
         own = prompt + texts[i]
         suffix = own[len(own) - draft.match :]
-        candidates = [(own, range(draft.match, len(own)))] + [
+        # its own text goes on with the draft; a peer's is taken as written
+        candidates = [(own + draft.tokens, range(draft.match, len(own)))] + [
             (prompt + texts[j], range(len(prompt) + 1, len(prompt) + len(texts[j]) + 1))
             for j in range(len(hs)) if j != i
         ]

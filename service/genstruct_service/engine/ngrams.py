@@ -129,6 +129,12 @@ class History:
         if best is None:
             return None
         where, at = best
-        stop = min(at + limit, end) if where is self else min(at + limit, len(where))
-        tokens = where._slice(at, stop)
-        return Draft(tokens, best_len) if tokens else None
+        if where is not self:
+            tokens = where._slice(at, min(at + limit, len(where)))
+            return Draft(tokens, best_len) if tokens else None
+        # In its own text, what followed the match runs up to now, and the text then goes on
+        # as it did from there: the same span again. So a loop (a list, a repeated line) is
+        # drafted up to `limit`, as drafting token by token from the last n-gram would.
+        span = self._slice(at, min(at + limit, end))
+        tokens = (span * -(-limit // len(span)))[:limit]
+        return Draft(tokens, best_len)
