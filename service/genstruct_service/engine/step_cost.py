@@ -82,6 +82,10 @@ class StepCost:
     def known(self) -> bool:
         return bool(self._rows)
 
+    def largest(self) -> int:
+        """The most rows measured (0: none)."""
+        return self._rows[-1] if self._rows else 0
+
     def estimate(self, rows: int) -> float:
         return self._scale * self._on_curve(rows)
 
