@@ -405,6 +405,30 @@ def test_at_8_in_flight_a_draft_pays_in_a_unified_cache_and_not_in_a_split_one()
     assert plan(SPLIT) == [0] * 8
 
 
+def test_no_draft_makes_a_pass_larger_than_the_rows_measured() -> None:
+    # 16 sequences copying their documents, on one stream: drafts of 15 each would make one
+    # pass of 256 rows, and the curve was measured up to 32 rows only
+    copying = [Candidate(0.99, 15, slot) for slot in range(16)]
+    fed = [(slot, 1) for slot in range(16)]
+
+    def rows(shape: BatchShape | None) -> int:
+        take = plan_drafts(copying, generating=16, decode_rows=16, prompt_rows=0,
+                           batch_rows=512, cost=zen4(), sample_seconds=0.0, shape=shape,
+                           fed=fed)  # fmt: skip
+        return 16 + sum(take)
+
+    assert rows(None) == rows(UNIFIED) == 32  # as many as were measured, and no more
+    # a stream per slot: the drafts of neighbouring slots share a pass, which stays within
+    # the 32 rows measured too
+    assert 16 < rows(SPLIT) <= 32
+    # once more rows are measured, more are drafted
+    wider = zen4()
+    wider.set(64, 0.190)
+    assert sum(plan_drafts(copying, generating=16, decode_rows=16, prompt_rows=0,
+                           batch_rows=512, cost=wider, sample_seconds=0.0, shape=UNIFIED,
+                           fed=fed)) > 16  # fmt: skip
+
+
 def test_split_drafts_that_share_a_pass_can_still_pay() -> None:
     # every sequence copies its document: one pass of 8 x (1 + k) rows
     drafts = [Candidate(0.99, 3, slot) for slot in range(8)]
