@@ -5,7 +5,8 @@
 Acceptance depends on what the model writes, so this runs real text: greedy decoding (or,
 with `--sampled`, the sampling of bench/settings.py, seeded, or not with `--unseeded`: a
 seeded request alone is planned from itself, an unseeded one live), the end of sequence
-allowed, the Genstruct stop `[[[User]]]` for every system, and the same documents
+allowed, the Genstruct stop `[[[User]]]` for every system (with `--fixed-length`, neither:
+every text runs to --max-tokens), and the same documents
 (bench/corpus.py, then examples/documents.jsonl) at every level. Systems:
 
 - `engine:off`, `engine:auto`, `engine:always`: LlamaEngine with `--speculation` so set
@@ -104,18 +105,18 @@ def documents(n: int, path: Path | None = None) -> list[Document]:
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     """Greedy, or with --sampled the sampling every benchmark uses (bench/settings.py), with
     its seed or, with --unseeded, none (each system then draws its own)."""
+    fixed = {"ignore_eos": True} if args.fixed_length else {}
     if not args.sampled:
-        return {"temperature": 0.0}
-    sampling = dict(settings.SAMPLING)
+        return {"temperature": 0.0, **fixed}
+    sampling = dict(settings.SAMPLING, **fixed)
     if args.unseeded:
         del sampling["seed"]
     return sampling
 
 
 def _mode(args: argparse.Namespace) -> str:
-    if not args.sampled:
-        return "greedy"
-    return "sampled, unseeded" if args.unseeded else "sampled"
+    mode = "greedy" if not args.sampled else "sampled, unseeded" if args.unseeded else "sampled"
+    return f"{mode}, every text {args.max_tokens} tokens" if args.fixed_length else mode
 
 
 # ---------------------------------------------------------------- the engine
@@ -167,6 +168,7 @@ def _engine_in_subprocess(mode: str, in_flight: int, args: argparse.Namespace) -
         *(["--documents", str(args.documents)] if args.documents else []),
         *(["--sampled"] if args.sampled else []),
         *(["--unseeded"] if args.unseeded else []),
+        *(["--fixed-length"] if args.fixed_length else []),
         "--spec-draft-max", str(args.spec_draft_max), "--spec-ngram-min",
         str(args.spec_ngram_min), "--spec-ngram-max", str(args.spec_ngram_max),
         *settings.worker_flags(args),
@@ -188,7 +190,8 @@ def run_server(binary: Path, spec: str, in_flight: int, args: argparse.Namespace
     from bench import llama_server
 
     prompts = [render_prompt(d.title, d.content) for d in documents(args.docs, args.documents)]
-    body = {"n_predict": args.max_tokens, "stop": [STOP], "cache_prompt": False,
+    body = {"n_predict": args.max_tokens, "stop": [] if args.fixed_length else [STOP],
+            "cache_prompt": False,
             "repeat_penalty": 1.0, "stream": False, **_sampling(args)}
     if args.sampled:
         body["samplers"] = ["top_k", "top_p", "min_p", "temperature"]
@@ -343,6 +346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--unseeded", action="store_true",
                         help="with --sampled: no seed, so that a request is planned live, "
                         "from what the engine measured and learned, not from itself alone")
+    parser.add_argument("--fixed-length", action="store_true",
+                        help="every system writes --max-tokens tokens (end of sequence and the "
+                        "stop ignored), so that wall speeds compare the same amount of text; "
+                        "greedy texts at 8 and 16 in flight differ in length from run to run")
     parser.add_argument("--check-text", action="store_true",
                         help="count documents whose text engine:auto and engine:off share")
     parser.add_argument("--out", type=Path, help="write every run as JSON here")
