@@ -251,6 +251,17 @@ def _learn_that_drafts_pay(engine: Any) -> None:
             engine._drafts.acceptance.record(match, drafted=16, accepted=16)
 
 
+def _learn_that_drafts_never_pay(engine: Any) -> None:
+    """What an engine would learn from other requests if every row cost a step of its own
+    and no draft were accepted."""
+    for _ in range(120):
+        for rows in range(1, N_BATCH + 1):
+            engine._drafts.cost.observe(rows, 0.01 * rows)
+    for _ in range(400):
+        for match in range(engine._spec.ngram_max + 1):
+            engine._drafts.acceptance.record(match, drafted=16, accepted=0)
+
+
 async def test_auto_plans_a_seeded_request_run_alone_from_itself(
     auto: Any, model_path: str, model_name: str
 ) -> None:
@@ -279,13 +290,13 @@ async def test_auto_plans_a_seeded_request_run_alone_from_itself(
     pair = await asyncio.gather(*(collect(auto, req(i, **sampled)) for i in (0, 1)))
     await running.aclose()
     assert [done.draft_tokens for _, done in pair] == [0, 0]
-    # without a seed the live plan applies: it drafts as the engine learned (taught again,
-    # since the real steps above have moved what it learned)
-    _learn_that_drafts_pay(auto)
+    # without a seed the live plan applies: taught that drafts never pay, the same requests
+    # draft nothing, where seeded and alone they drafted from themselves
+    _learn_that_drafts_never_pay(auto)
     unseeded = [(await collect(auto, req(i, **{**sampled, "seed": None})))[1] for i in range(3)]
+    assert sum(u.draft_tokens for u in unseeded) == 0
     if model_name == GEMMA:  # it copies its documents; random weights sample noise
-        assert sum(a.draft_tokens for a in fresh) > 0
-        assert sum(u.draft_tokens for u in unseeded) > sum(a.draft_tokens for a in fresh[:3])
+        assert sum(a.draft_tokens for a in fresh[:3]) > 0
 
 
 async def test_streamed_text_is_the_final_text(drafting: Any) -> None:
