@@ -116,7 +116,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 def _mode(args: argparse.Namespace) -> str:
     mode = "greedy" if not args.sampled else "sampled, unseeded" if args.unseeded else "sampled"
-    return f"{mode}, every text {args.max_tokens} tokens" if args.fixed_length else mode
+    return f"{mode}, every text its full length" if args.fixed_length else mode
 
 
 # ---------------------------------------------------------------- the engine
