@@ -218,7 +218,7 @@ def plan_drafts(
     own largest pass without drafts): past it the cost is extrapolated, and it grew faster
     than the line. At 16 in flight, 14 sequences drafting 9 tokens each made one pass of
     140 rows that took 626 ms against 438 extrapolated from 24 and 32 rows (Gemma 3 270M,
-    AMD EPYC), and the engine fell to 0.8x its speed without drafts.
+    AMD EPYC).
     """
     take = [0] * len(candidates)
     free_rows = rows_left(decode_rows, prompt_rows, batch_rows)
