@@ -191,8 +191,7 @@ def run_server(binary: Path, spec: str, in_flight: int, args: argparse.Namespace
 
     prompts = [render_prompt(d.title, d.content) for d in documents(args.docs, args.documents)]
     body = {"n_predict": args.max_tokens, "stop": [] if args.fixed_length else [STOP],
-            "cache_prompt": False,
-            "repeat_penalty": 1.0, "stream": False, **_sampling(args)}
+            "cache_prompt": False, "repeat_penalty": 1.0, "stream": False, **_sampling(args)}
     if args.sampled:
         body["samplers"] = ["top_k", "top_p", "min_p", "temperature"]
     with llama_server.serve(

@@ -243,17 +243,18 @@ def plan_drafts(
     added: dict[int, int] = {}
     for k, (g, i) in enumerate(gains, start=1):
         gained += g
-        step = cost.estimate(decode_rows + k)
         if passes_of is None:
             if decode_rows + k > widest:
                 break
+            step = cost.estimate(decode_rows + k)
         else:
             slot = candidates[i].slot
             added[slot] = added.get(slot, 0) + 1
             passes = passes_of(added)
             if max(passes) > widest:
                 break
-            step = max(step, base + sum(cost.estimate(n) for n in passes) - without_seconds)
+            step = max(cost.estimate(decode_rows + k),
+                       base + sum(cost.estimate(n) for n in passes) - without_seconds)
         value = gained / (step + sample_seconds * gained)
         if value > best:
             best_k, best = k, value
