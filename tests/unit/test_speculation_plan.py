@@ -378,6 +378,38 @@ def test_passes_hold_every_row_once_and_fit_the_ubatch(
         assert len(passes) >= -(-max(rows) // n_ubatch)
 
 
+@given(
+    rows=st.lists(st.integers(0, 12), min_size=1, max_size=10),
+    gaps=st.lists(st.integers(1, 3), min_size=10, max_size=10),
+    n_ubatch=st.integers(1, 24),
+    split=st.booleans(),
+    limit=st.integers(1, 60),
+)
+def test_priced_passes_are_the_listed_passes_priced(
+    rows: list[int], gaps: list[int], n_ubatch: int, split: bool, limit: int
+) -> None:
+    # slots with gaps between some of them, small ubatches that chunk a run's rows, runs
+    # cut at n_ubatch slots: what the planner prices is what `passes` lists
+    slots = [sum(gaps[: i + 1]) for i in range(len(rows))]
+    shape = BatchShape(split=split, n_ubatch=n_ubatch)
+    price = [n * n + 0.5 * (n % 4) for n in range(limit + 1)]  # uneven, like a CPU's
+    passes = shape.passes(list(zip(slots, rows, strict=True)))
+    seconds = shape.seconds(slots, rows, price, limit)
+    if passes and max(passes) > limit:
+        assert seconds is None
+    else:
+        assert seconds == pytest.approx(sum(price[n] for n in passes))
+
+
+def test_prices_follow_the_curve_and_start_over_when_it_changes() -> None:
+    cost = StepCost()
+    cost.set(1, 0.010)
+    cost.set(4, 0.040)
+    assert cost.prices(6) == pytest.approx([0.0, 0.010, 0.020, 0.030, 0.040, 0.050, 0.060])
+    cost.set(2, 0.030)
+    assert cost.prices(2) == pytest.approx([0.0, 0.010, 0.030])
+
+
 # Gemma 3 270M on 2 Zen 4 cores, the engine's calibration in ms by rows (issue 31)
 ZEN4 = {1: 15.7, 2: 30.9, 4: 38.1, 8: 58.2, 16: 79.9, 32: 123.3}
 

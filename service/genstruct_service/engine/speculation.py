@@ -27,7 +27,7 @@ tested without a model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from genstruct_service.engine.step_cost import BatchShape, StepCost
@@ -234,44 +234,35 @@ def plan_drafts(
     del gains[free_rows:]
 
     base = cost.estimate(decode_rows)
-    passes_of = _passes(shape, fed) if shape is not None and len(fed) > 1 else None
-    without = passes_of({}) if passes_of is not None else [decode_rows]
+    passes = shape if len(fed) > 1 else None  # one slot fed: one pass, whatever the shape
+    by_slot = dict(fed)  # the step's rows by slot without drafts, then with them
+    without = passes.passes(sorted(by_slot.items())) if passes is not None else [decode_rows]
     widest = max(cost.largest(), *without)  # the largest pass a draft may make
-    without_seconds = sum(cost.estimate(n) for n in without)
+    price = cost.prices(max(widest, decode_rows + len(gains)))
+    if passes is not None:
+        for c in candidates:
+            by_slot.setdefault(c.slot, 0)
+        slots = sorted(by_slot)
+        rows = [by_slot[slot] for slot in slots]
+        column = {slot: n for n, slot in enumerate(slots)}
+        without_seconds = sum(price[n] for n in without)
     best_k, best = 0, generating / (base + sample_seconds * generating)
     gained = float(generating)
-    added: dict[int, int] = {}
     for k, (g, i) in enumerate(gains, start=1):
         gained += g
-        if passes_of is None:
+        if passes is None:
             if decode_rows + k > widest:
                 break
-            step = cost.estimate(decode_rows + k)
+            step = price[decode_rows + k]
         else:
-            slot = candidates[i].slot
-            added[slot] = added.get(slot, 0) + 1
-            passes = passes_of(added)
-            if max(passes) > widest:
+            rows[column[candidates[i].slot]] += 1
+            seconds = passes.seconds(slots, rows, price, widest)
+            if seconds is None:
                 break
-            step = max(cost.estimate(decode_rows + k),
-                       base + sum(cost.estimate(n) for n in passes) - without_seconds)
+            step = max(price[decode_rows + k], base + seconds - without_seconds)
         value = gained / (step + sample_seconds * gained)
         if value > best:
             best_k, best = k, value
     for _, i in gains[:best_k]:
         take[i] += 1
     return take
-
-
-def _passes(
-    shape: BatchShape, fed: Sequence[tuple[int, int]]
-) -> Callable[[dict[int, int]], list[int]]:
-    """The rows of each pass of a batch of `fed` rows by slot plus drafted rows by slot."""
-
-    def passes(drafted: dict[int, int]) -> list[int]:
-        rows = dict(fed)
-        for slot, n in drafted.items():
-            rows[slot] = rows.get(slot, 0) + n
-        return shape.passes(sorted(rows.items()))
-
-    return passes

@@ -50,6 +50,7 @@ class StepCost:
         self._rows: list[int] = []
         self._curve: dict[int, float] = {}
         self._scale = 1.0
+        self._prices = [0.0]  # estimate(n) at index n, kept until the curve changes
 
     @classmethod
     def fixed(cls, table: dict[int, float]) -> StepCost:
@@ -65,6 +66,7 @@ class StepCost:
         if rows not in self._curve:
             bisect.insort(self._rows, rows)
         self._curve[rows] = seconds / self._scale
+        self._prices = [0.0]
 
     def observe(self, rows: int, seconds: float) -> None:
         """A step the engine decoded: it moves the scale of every point, then its own."""
@@ -78,6 +80,7 @@ class StepCost:
             self.set(rows, seconds)
         else:
             self._curve[rows] = old + self._ALPHA * (point - old)
+        self._prices = [0.0]
 
     def known(self) -> bool:
         return bool(self._rows)
@@ -88,6 +91,15 @@ class StepCost:
 
     def estimate(self, rows: int) -> float:
         return self._scale * self._on_curve(rows)
+
+    def prices(self, rows: int) -> list[float]:
+        """`estimate(n)` at index n for every n up to `rows` (0 for no rows): the planner
+        prices a step many times over, and a list lookup is what it can afford. Read it,
+        never change it."""
+        table = self._prices
+        if len(table) <= rows:
+            table.extend(self.estimate(n) for n in range(len(table), rows + 1))
+        return table
 
     def _on_curve(self, rows: int) -> float:
         curve = self._curve
@@ -158,3 +170,55 @@ class BatchShape:
                 entry[1] -= each
             left = [entry for entry in left if entry[1] > 0]
         return passes
+
+    def seconds(
+        self, slots: Sequence[int], rows: Sequence[int], price: Sequence[float], limit: int
+    ) -> float | None:
+        """The summed `price` of the passes of `rows[i]` rows on `slots[i]` (slots in
+        order), or None when a pass has more than `limit` rows (`price` lists at least that
+        many). The same passes as `passes`, counted without listing them: the draft planner
+        asks this once for every row it weighs.
+
+        With a stream per slot, the passes over a run of consecutive slots first take the
+        rows every slot of it has, then go on in the runs that the slots with rows left
+        make: a Cartesian tree over the rows, walked once with a stack of rising heights.
+        Each node, `width` slots that share `depth` more rows than around them, is decoded
+        in passes of `n_ubatch // width` rows per slot.
+        """
+        if not self.split:
+            full, rest = divmod(sum(rows), self.n_ubatch)
+            if (self.n_ubatch if full else rest) > limit:
+                return None
+            return (full * price[self.n_ubatch] if full else 0.0) + price[rest]
+        if len(rows) > self.n_ubatch and sum(1 for n in rows if n) > self.n_ubatch:
+            # a run is cut at n_ubatch slots
+            passes = self.passes([(slot, n) for slot, n in zip(slots, rows, strict=True) if n])
+            return None if max(passes) > limit else sum(price[n] for n in passes)
+        total = 0.0
+        stack: list[tuple[int, int]] = []  # (first column, rows), rows rising
+        end = len(rows)
+        for i in range(end + 1):
+            height = rows[i] if i < end else 0
+            # a gap between slot numbers ends every run, as no rows would
+            floor = 0 if i == end or (i and slots[i] != slots[i - 1] + 1) else height
+            start = i
+            while stack and stack[-1][1] >= floor:
+                left, top = stack.pop()
+                below = stack[-1][1] if stack and stack[-1][1] > floor else floor
+                width, depth = i - left, top - below
+                if depth > 0:
+                    each = self.n_ubatch // width
+                    full, rest = divmod(depth, each)
+                    if (each if full else rest) * width > limit:
+                        return None
+                    if full:
+                        total += full * price[each * width]
+                    if rest:
+                        total += price[rest * width]
+                start = left
+            if floor < height:  # after a gap: this column starts a run of its own
+                start = i
+            if height and (not stack or stack[-1][1] < height):
+                stack.append((start, height))
+        return total
+
