@@ -147,10 +147,7 @@ class Engine:
         assert slots == sorted(set(slots)), "one run per slot, in slot order"
         assert plan.n_rows == sum(len(r.tokens) for r in rows) <= self.n_batch
         assert plan.n_logits <= self.outputs_max
-        at = 0
-        for r in rows:
-            assert r.first_row == at and 0 <= r.logits_from <= len(r.tokens)
-            at += len(r.tokens)
+        assert all(0 <= r.logits_from <= len(r.tokens) for r in rows)
         running = self.scheduler.running
         if self.split:
             busy = sorted(

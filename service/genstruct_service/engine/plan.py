@@ -35,7 +35,6 @@ class SlotRows(NamedTuple):
     request: Request | None  # None for the runner's own batches (warm-up, calibration)
     seq: Sequence | None  # the sequence fed (None for a prompt chunk: the request's own)
     draft_match: int = 0  # VERIFY: the length of the match its draft came from
-    first_row: int = 0  # its first row in the batch
 
     @property
     def n_logits(self) -> int:

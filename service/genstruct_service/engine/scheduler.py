@@ -30,8 +30,7 @@ from genstruct_service.engine.plan import RowKind, SlotMove, SlotRows, StepPlan
 from genstruct_service.engine.request import Job, Request, Status
 from genstruct_service.engine.sequence import Sequence
 
-_Part = tuple[int, RowKind, int, list[int], int, Request, Sequence | None, int]
-_BY_SLOT = itemgetter(0)  # a part's slot
+_BY_SLOT = itemgetter(0)  # a SlotRows' slot
 
 class StepScheduler:
     """The requests running, the admission books, and the plan of every step."""
@@ -168,7 +167,7 @@ class StepScheduler:
         cap = self._n_batch
         drafts = self.drafts.choose(self.running) if self.drafts is not None else None
         generating, verify, decode = Status.GENERATING, RowKind.VERIFY, RowKind.DECODE
-        parts: list[_Part] = []  # SlotRows but the first row, known once sorted by slot
+        parts: list[SlotRows] = []
         add = parts.append
         n = 0
         for request in self.running:
@@ -182,13 +181,13 @@ class StepScheduler:
                 draft = drafts.get(seq) if drafts else None
                 if draft is not None:
                     tokens = [pending[0], *draft.tokens]
-                    add((slot, verify, seq.pos, tokens, 0, request, seq, draft.match))
+                    add(SlotRows(slot, verify, seq.pos, tokens, 0, request, seq, draft.match))
                     n += len(tokens)
                     continue
                 rows = min(len(pending), cap - n)
                 if rows:
                     logits_from = rows - 1 if rows == len(pending) else rows
-                    add((slot, decode, seq.pos, pending[:rows], logits_from, request, seq, 0))
+                    add(SlotRows(slot, decode, seq.pos, pending[:rows], logits_from, request, seq))
                     n += rows
         prompt_rows = 0
         for request in self.running:
@@ -203,14 +202,9 @@ class StepScheduler:
             chunk = request.tokens[start : start + take]
             first = request.seqs[0]  # the prompt is decoded on the first generation's slot
             slot = moved.get(first, first.slot) if moved else first.slot
-            add((slot, RowKind.PROMPT, start, chunk, logits_from, request, None, 0))
+            add(SlotRows(slot, RowKind.PROMPT, start, chunk, logits_from, request, None))
             n += take
             prompt_rows += take
         if len(parts) > 1:
-            parts.sort(key=_BY_SLOT)
-        rows_out = []
-        at = 0
-        for part in parts:
-            rows_out.append(SlotRows(*part, at))
-            at += len(part[3])
-        return tuple(rows_out), n, prompt_rows
+            parts.sort(key=_BY_SLOT)  # the batch's rows in slot order
+        return tuple(parts), n, prompt_rows

@@ -89,7 +89,9 @@ class Updater:
         now = time.perf_counter()
         n_sampled = 0
         ended: list[Request] = []
+        at = 0  # the batch row of the run's first row: runs are written in plan order
         for rows in plan.rows:
+            first_row, at = at, at + len(rows.tokens)
             request = rows.request
             seq = rows.seq
             if request is None:
@@ -97,18 +99,18 @@ class Updater:
             if seq is None:  # a chunk of its prompt
                 request.computed += len(rows.tokens)
                 if rows.logits_from < len(rows.tokens):
-                    n_sampled += self._first_tokens(request, rows.first_row + rows.logits_from)
+                    n_sampled += self._first_tokens(request, first_row + rows.logits_from)
                     request.first_token = now
                     if request.finished:
                         ended.append(request)
                 continue
             if rows.kind is RowKind.VERIFY:
-                n_sampled += self._verify(request, seq, rows)
+                n_sampled += self._verify(request, seq, rows, first_row)
             else:
                 seq.advance(len(rows.tokens))
                 if rows.logits_from < len(rows.tokens):
                     n_sampled += 1
-                    token = seq.sampler.sample(rows.first_row + rows.logits_from)
+                    token = seq.sampler.sample(first_row + rows.logits_from)
                     # _append, less a call on the path of nearly every token
                     if not seq.append(token) and seq.finish_reason is not None:
                         self._ended(request, seq)
@@ -132,11 +134,10 @@ class Updater:
             self._append(request, seq, seq.sampler.sample(row))
         return len(request.seqs)
 
-    def _verify(self, request: Request, seq: Sequence, rows: SlotRows) -> int:
+    def _verify(self, request: Request, seq: Sequence, rows: SlotRows, first_row: int) -> int:
         """Sample at the fed token's row and each drafted row while the draft holds; the
         rejected tail's cells go, and the first token that differed is fed next step."""
         draft = rows.tokens[1:]
-        first_row = rows.first_row
         seq.advance(1)
         tokens = verify(draft, lambda i: seq.sampler.sample(first_row + i),
                         lambda token: self._append(request, seq, token))  # fmt: skip
