@@ -7,7 +7,10 @@ with `--sampled`, the sampling of bench/settings.py, seeded, or not with `--unse
 seeded request alone is planned from itself, an unseeded one live), the end of sequence
 allowed, the Genstruct stop `[[[User]]]` for every system (with `--fixed-length`, neither:
 every text runs to --max-tokens), and the same documents
-(bench/corpus.py, then examples/documents.jsonl) at every level. Systems:
+(bench/corpus.py, then examples/documents.jsonl; `--documents` a JSON Lines file of title
+and content instead) at every level. bench/heldout.jsonl holds the 16 documents the
+acceptance tables of engine/speculation.py were measured on; bench/unseen.jsonl 12 written
+after, which no table or setting has seen: give figures of the planner on these. Systems:
 
 - `engine:off`, `engine:auto`, `engine:always`: LlamaEngine with `--speculation` so set
   (each in a fresh process);
