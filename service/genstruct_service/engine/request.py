@@ -48,18 +48,18 @@ class Outbox:
     per event loop: each `call_soon_threadsafe` writes to the loop's self-pipe, and a step
     streams text to every request in it."""
 
-    __slots__ = ("_items",)
+    __slots__ = ("items",)
 
     def __init__(self) -> None:
-        self._items: list[_Delivery] = []
+        self.items: list[_Delivery] = []  # what the next flush delivers
 
     def put(self, job: Job, item: Events[EngineEvent] | BaseException) -> None:
-        self._items.append((job, item))
+        self.items.append((job, item))
 
     def flush(self) -> None:
-        if not self._items:
+        if not self.items:
             return
-        items, self._items = self._items, []
+        items, self.items = self.items, []
         by_loop: dict[asyncio.AbstractEventLoop, list[_Delivery]] = {}
         for job, item in items:
             by_loop.setdefault(job.loop, []).append((job, item))

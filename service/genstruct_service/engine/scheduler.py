@@ -22,7 +22,7 @@ would not be cleared when taken.
 
 from __future__ import annotations
 
-from operator import itemgetter
+from operator import attrgetter
 
 from genstruct_service.engine.admission import Admission
 from genstruct_service.engine.drafts import DraftChooser
@@ -30,7 +30,7 @@ from genstruct_service.engine.plan import RowKind, SlotMove, SlotRows, StepPlan
 from genstruct_service.engine.request import Job, Request, Status
 from genstruct_service.engine.sequence import Sequence
 
-_BY_SLOT = itemgetter(0)  # a SlotRows' slot
+_BY_SLOT = attrgetter("slot")
 
 class StepScheduler:
     """The requests running, the admission books, and the plan of every step."""
@@ -115,55 +115,8 @@ class StepScheduler:
                 moves.extend(self._close_gaps({move.seq: move.target for move in moves}))
         # the slots that update gives the sequences after this step
         moved = {move.seq: move.target for move in moves} if moves else {}
-        rows, n_rows, prompt_rows = self._compose(moved)
-        copies, trims, clears = self._copies, self._trims, self._clears
-        self._copies, self._trims, self._clears = [], [], []
-        return StepPlan(
-            rows=rows, n_rows=n_rows, prompt_rows=prompt_rows, copies=tuple(copies),
-            trims=tuple(trims), clears=tuple(clears), moves=tuple(moves), admitted=admitted,
-            refused=refused, cancelled=gone, timed=self.drafts is not None,
-        )
-
-    def _drop_cancelled(self) -> tuple[Request, ...]:
-        gone = [ticket.item for ticket in self.admission.drop(lambda t: t.item.job.cancelled)]
-        for request in [r for r in self.running if r.job.cancelled]:
-            self.running.remove(request)
-            for seq in request.seqs:
-                if seq.finish_reason is None:
-                    self.release(request, seq)
-            gone.append(request)
-        return tuple(gone)
-
-    def _close_gaps(self, taken: dict[Sequence, int]) -> list[SlotMove]:
-        """Move sequences from the highest busy slots into lower free ones.
-
-        With a stream per slot, llama.cpp decodes one run of consecutive slots per pass over
-        the weights, and a free slot below busy ones (a generation ended, and nothing that
-        waits could take its slot) splits every step in two until it is filled. A move costs
-        a copy of one stream at the next decode, too little to time on a CPU (14 decoding
-        rows took 88 ms with one and without, Gemma 3 270M). Prefilling requests move too:
-        when documents end one after another and the next arrive just after, each new one
-        prefills on the top slot, and a gap below it would last its whole prefill.
-        """
-        live = sorted(
-            (
-                (taken.get(seq, seq.slot), seq, r)
-                for r in self.running
-                for seq in r.seqs
-                if seq.finish_reason is None
-            ),
-            key=lambda entry: entry[0],
-            reverse=True,
-        )
-        moves = []
-        for slot, seq, request in live:
-            lower = self.admission.move_down(request.ticket, slot)
-            if lower is None:
-                break
-            moves.append(SlotMove(seq, slot, lower))
-        return moves
-
-    def _compose(self, moved: dict[Sequence, int]) -> tuple[tuple[SlotRows, ...], int, int]:
+        # the batch (written out here: this runs on every step, when the CPU's caches hold
+        # the model's weights and none of this code, and each call costs cache misses)
         cap = self._n_batch
         drafts = self.drafts.choose(self.running) if self.drafts is not None else None
         generating, verify, decode = Status.GENERATING, RowKind.VERIFY, RowKind.DECODE
@@ -207,4 +160,50 @@ class StepScheduler:
             prompt_rows += take
         if len(parts) > 1:
             parts.sort(key=_BY_SLOT)  # the batch's rows in slot order
-        return tuple(parts), n, prompt_rows
+        copies, trims, clears = self._copies, self._trims, self._clears
+        if copies or trims or clears:
+            self._copies, self._trims, self._clears = [], [], []
+        return StepPlan(
+            rows=tuple(parts), n_rows=n, prompt_rows=prompt_rows, copies=tuple(copies),
+            trims=tuple(trims), clears=tuple(clears), moves=tuple(moves), admitted=admitted,
+            refused=refused, cancelled=gone, timed=self.drafts is not None,
+        )
+
+    def _drop_cancelled(self) -> tuple[Request, ...]:
+        gone = [ticket.item for ticket in self.admission.drop(lambda t: t.item.job.cancelled)]
+        for request in [r for r in self.running if r.job.cancelled]:
+            self.running.remove(request)
+            for seq in request.seqs:
+                if seq.finish_reason is None:
+                    self.release(request, seq)
+            gone.append(request)
+        return tuple(gone)
+
+    def _close_gaps(self, taken: dict[Sequence, int]) -> list[SlotMove]:
+        """Move sequences from the highest busy slots into lower free ones.
+
+        With a stream per slot, llama.cpp decodes one run of consecutive slots per pass over
+        the weights, and a free slot below busy ones (a generation ended, and nothing that
+        waits could take its slot) splits every step in two until it is filled. A move costs
+        a copy of one stream at the next decode, too little to time on a CPU (14 decoding
+        rows took 88 ms with one and without, Gemma 3 270M). Prefilling requests move too:
+        when documents end one after another and the next arrive just after, each new one
+        prefills on the top slot, and a gap below it would last its whole prefill.
+        """
+        live = sorted(
+            (
+                (taken.get(seq, seq.slot), seq, r)
+                for r in self.running
+                for seq in r.seqs
+                if seq.finish_reason is None
+            ),
+            key=lambda entry: entry[0],
+            reverse=True,
+        )
+        moves = []
+        for slot, seq, request in live:
+            lower = self.admission.move_down(request.ticket, slot)
+            if lower is None:
+                break
+            moves.append(SlotMove(seq, slot, lower))
+        return moves

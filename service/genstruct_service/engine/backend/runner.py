@@ -86,11 +86,21 @@ class Runner:
                 ll.llama_memory_seq_rm(mem, move.target, -1, -1)
         if not plan.n_rows:
             return StepResult(True, 0, 0.0, started)
-        n = 0
+        # the one row writer, llama.cpp's common_batch_add: each run of one slot's rows at
+        # consecutive positions, logits from `logits_from` on (written out in this method,
+        # which runs every step, as a call per run costs cache misses after each decode)
+        b_token, b_pos, b_logits, b_seq = self._b_token, self._b_pos, self._b_logits, self._b_seq
+        at = 0  # the run's first batch row
         for rows in plan.rows:
-            n = self._write(n, rows)
+            slot, shift, from_row = rows.slot, rows.first_pos - at, at + rows.logits_from
+            for n, token in enumerate(rows.tokens, at):
+                b_token[n] = token
+                b_pos[n] = shift + n
+                b_seq[n][0] = slot
+                b_logits[n] = n >= from_row
+            at += len(rows.tokens)
         # the one decode site; timed to its end when asked (a GPU decodes asynchronously)
-        self._batch.n_tokens = n
+        self._batch.n_tokens = n = at
         decoding = time.perf_counter()
         rc = ll.llama_decode(self._ctx, self._batch)
         seconds = 0.0
@@ -100,19 +110,6 @@ class Runner:
         if rc not in (0, 1):
             raise RuntimeError(f"llama_decode returned {rc}")
         return StepResult(rc == 0, n, seconds, started)  # 1: no room in the KV cache
-
-    def _write(self, at: int, rows: SlotRows) -> int:
-        """The one row writer: a run of one slot's rows from batch row `at` on, at
-        consecutive positions, with logits from `rows.logits_from` on. Returns the next
-        free row."""
-        b_token, b_pos, b_logits, b_seq = self._b_token, self._b_pos, self._b_logits, self._b_seq
-        slot, pos, from_row = rows.slot, rows.first_pos - at, at + rows.logits_from
-        for n, token in enumerate(rows.tokens, at):
-            b_token[n] = token
-            b_pos[n] = pos + n
-            b_seq[n][0] = slot
-            b_logits[n] = n >= from_row
-        return at + len(rows.tokens)
 
     # -- before serving
 
