@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import pytest
 from genstruct_service.engine.text import StopScanner, TextAssembler
+from hypothesis import given
+from hypothesis import strategies as st
 
 DOCUMENTS = [
     "Photosynthesis turns light into chemical energy.",
@@ -104,3 +107,42 @@ def test_overlapping_prefixes_are_held_back_longest_first() -> None:
     out, stopped = scanner.push("zabc")
     assert (out, stopped) == ("z", False)
     assert scanner.push("x") == ("a", True)
+
+
+def _cuts(data: bytes, points: list[int]) -> list[bytes]:
+    """`data` cut at `points` (any byte offsets, so inside characters too)."""
+    edges = sorted({0, len(data), *(p % (len(data) + 1) for p in points)})
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
+
+
+@given(
+    text=st.text(alphabet=st.sampled_from("ab[]\n é光🌱"), max_size=40),
+    stops=st.lists(st.text(alphabet=st.sampled_from("ab[]\n é光🌱"), min_size=1, max_size=4),
+                   max_size=3),
+    points=st.lists(st.integers(min_value=0, max_value=200), max_size=12),
+)
+def test_any_cut_of_any_text_releases_the_text_up_to_a_stop(
+    text: str, stops: list[str], points: list[int]
+) -> None:
+    """Whatever the pieces, the text released is the text up to where a stop string begins
+    (all of it when none occurs), and no delta ever holds a stop string. Which stop ends
+    it may depend on the cut, when one stop completes inside another: `[` in ` [[`."""
+    deltas, stopped = assemble(_cuts(text.encode(), points), stops)
+    released = "".join(deltas)
+    assert text.startswith(released)
+    assert stopped == any(s in text for s in stops)
+    if stopped:
+        assert any(text.startswith(s, len(released)) for s in stops)
+    else:
+        assert released == text
+    so_far = ""
+    for delta in deltas:
+        so_far += delta
+        assert not any(s in so_far for s in stops)
+
+
+@given(data=st.binary(max_size=40), points=st.lists(st.integers(0, 60), max_size=12))
+def test_any_cut_of_any_bytes_decodes_as_the_whole_would(data: bytes, points: list[int]) -> None:
+    """Invalid bytes and characters cut anywhere read as one decode of all the bytes."""
+    deltas, _ = assemble(_cuts(data, points), stops=())
+    assert "".join(deltas) == data.decode("utf-8", "replace")
