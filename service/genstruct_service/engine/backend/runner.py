@@ -100,7 +100,7 @@ class Runner:
                 b_logits[n] = n >= from_row
             at += len(rows.tokens)
         # the one decode site; timed to its end when asked (a GPU decodes asynchronously)
-        self._batch.n_tokens = n = at
+        self._batch.n_tokens = at
         decoding = time.perf_counter()
         rc = ll.llama_decode(self._ctx, self._batch)
         seconds = 0.0
@@ -109,7 +109,7 @@ class Runner:
             seconds = time.perf_counter() - decoding
         if rc not in (0, 1):
             raise RuntimeError(f"llama_decode returned {rc}")
-        return StepResult(rc == 0, n, seconds, started)  # 1: no room in the KV cache
+        return StepResult(rc == 0, at, seconds, started)  # 1: no room in the KV cache
 
     # -- before serving
 
