@@ -1,4 +1,5 @@
-"""The greedy fast path: the first largest logit, as llama.cpp's greedy sampler picks it."""
+"""The greedy fast path: the first largest logit of the tokens not banned, as llama.cpp's
+greedy sampler picks it behind a logit bias."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ from genstruct_service.engine.types import Sampling
 pytestmark = pytest.mark.model
 
 
-def test_plain_greedy_only_when_the_chain_is_greedy_alone() -> None:
-    assert is_plain_greedy(Sampling(temperature=0.0), banned=())
-    assert not is_plain_greedy(Sampling(temperature=0.0), banned=(2,))  # ignore_eos bans
-    assert not is_plain_greedy(Sampling(temperature=0.0, repeat_penalty=1.1), banned=())
-    assert not is_plain_greedy(Sampling(temperature=0.7), banned=())
+def test_plain_greedy_only_when_the_chain_is_greedy_behind_a_ban() -> None:
+    assert is_plain_greedy(Sampling(temperature=0.0))
+    assert not is_plain_greedy(Sampling(temperature=0.0, repeat_penalty=1.1))
+    assert not is_plain_greedy(Sampling(temperature=0.7))
 
 
 def test_greedy_token_is_the_greedy_samplers_choice_on_every_row(model_path: str) -> None:
@@ -33,14 +33,23 @@ def test_greedy_token_is_the_greedy_samplers_choice_on_every_row(model_path: str
             batch.seq_id[i][0], batch.logits[i] = 0, 1
         batch.n_tokens = len(tokens)
         assert ll.llama_decode(ctx, batch) == 0
-        chain = build_chain(vocab, n_vocab, Sampling(temperature=0.0), 1, banned=())
-        try:
-            picked = [greedy_token(ctx, row, n_vocab) for row in range(len(tokens))]
-            expected = [int(ll.llama_sampler_sample(chain, ctx, row)) for row in range(len(tokens))]
-        finally:
-            ll.llama_sampler_free(chain)
-        assert picked == expected
-        assert len(set(picked)) > 1  # the rows differ: the comparison means something
+        rows = range(len(tokens))
+        unbanned = [greedy_token(ctx, row, n_vocab) for row in rows]
+        assert len(set(unbanned)) > 1  # the rows differ: the comparisons mean something
+        # no ban; a ban that misses every row's largest logit; a ban of every row's largest
+        # logit, so each row's second largest is the choice
+        misses = tuple(t for t in range(8) if t not in unbanned)
+        for banned in ((), misses, tuple(sorted(set(unbanned)))):
+            chain = build_chain(vocab, n_vocab, Sampling(temperature=0.0), 1, banned=banned)
+            try:
+                expected = [int(ll.llama_sampler_sample(chain, ctx, row)) for row in rows]
+            finally:
+                ll.llama_sampler_free(chain)
+            picked = [greedy_token(ctx, row, n_vocab, banned) for row in rows]
+            assert picked == expected, banned
+            assert not set(picked) & set(banned)
+        # the fallback copied the row: the logits llama.cpp holds are as they were
+        assert [greedy_token(ctx, row, n_vocab) for row in rows] == unbanned
     finally:
         ll.llama_batch_free(batch)
         ll.llama_free(ctx)

@@ -33,16 +33,28 @@ def _penalized(sampling: Sampling) -> bool:
     )
 
 
-def is_plain_greedy(sampling: Sampling, *, banned: Sequence[int]) -> bool:
-    """True when `build_chain` makes a greedy sampler alone, so the token is the first
-    largest logit (`greedy_token`): nothing to copy into a candidate list first."""
-    return sampling.temperature <= 0.0 and not banned and not _penalized(sampling)
+def is_plain_greedy(sampling: Sampling) -> bool:
+    """True when `build_chain` makes a greedy sampler, behind at most a ban of some tokens,
+    so the token is the first largest logit of the tokens not banned (`greedy_token`):
+    nothing to copy into a candidate list first."""
+    return sampling.temperature <= 0.0 and not _penalized(sampling)
 
 
-def greedy_token(ctx: Any, row: int, n_vocab: int) -> int:
-    """The first largest logit of a batch row, as llama.cpp's greedy sampler picks it."""
+def greedy_token(ctx: Any, row: int, n_vocab: int, banned: Sequence[int] = ()) -> int:
+    """The first largest logit of a batch row among the tokens not `banned`, as llama.cpp's
+    greedy sampler picks it behind a -inf logit bias on them.
+
+    Filling llama.cpp's candidate list costs a copy of the whole vocabulary per row (0.27 ms
+    against 0.02 for the argmax, 262k tokens, AMD EPYC), and every verified draft row pays
+    it. A banned token is rarely the largest, so the row is copied only when it is.
+    """
     logits = np.ctypeslib.as_array(ll.llama_get_logits_ith(ctx, row), shape=(n_vocab,))
-    return int(np.argmax(logits))
+    token = int(np.argmax(logits))
+    if banned and token in banned:
+        logits = logits.copy()
+        logits[list(banned)] = -np.inf
+        token = int(np.argmax(logits))
+    return token
 
 
 def build_chain(
@@ -170,13 +182,15 @@ class ConstrainedSampler:
 
 @dataclass(frozen=True, slots=True)
 class GreedySampler:
-    """A greedy sampler alone: the first largest logit, with no candidate list to fill."""
+    """A greedy sampler: the first largest logit of the tokens not banned, with no candidate
+    list to fill."""
 
     ctx: Any
     n_vocab: int
+    banned: tuple[int, ...] = ()
 
     def sample(self, row: int) -> int:
-        return greedy_token(self.ctx, row, self.n_vocab)
+        return greedy_token(self.ctx, row, self.n_vocab, self.banned)
 
     def take_forced(self, token: int) -> None:
         """Greedy holds no state: nothing to take."""
@@ -236,8 +250,8 @@ def make_sampler(
 ) -> GreedySampler | ChainSampler | GrammarSampler:
     """One sequence's sampler for `sampling`: greedy alone where it may be, a grammar apart
     from its chain where there is one."""
-    if grammar is None and is_plain_greedy(sampling, banned=banned):
-        return GreedySampler(ctx, n_vocab)
+    if grammar is None and is_plain_greedy(sampling):
+        return GreedySampler(ctx, n_vocab, tuple(banned))
     chain = build_chain(vocab, n_vocab, sampling, seed, banned=banned)
     if grammar is None:
         return ChainSampler(ctx, chain)

@@ -1,0 +1,212 @@
+"""How close the draft planner comes to the best plan on a text: a replay, at 1 in flight.
+
+    python -m bench.draft_replay [--documents bench/unseen.jsonl] [--docs 12]
+
+The engine writes each document's greedy text once, alone and at its full length
+(`--speculation auto`, as `bench.speculation --fixed-length` runs it), and times its steps by
+batch rows before serving. Then, without the model, every step of that text is replayed:
+the draft the engine's drafter (engine/ngrams.py) offers at each point is fixed by the text
+so far, and how many of its tokens the text goes on with is known. Three plans are priced
+on the engine's own step times:
+
+- `plain`: one token a step;
+- `planner`: the engine's plan for a request alone whose text must repeat (`own_rate`
+  against `STEEP_ROW_COST`, engine/drafts.py). Its drafted and accepted tokens must equal
+  the live run's, which the table shows beside them: the replay is the engine's plan;
+- `foresight`: the fastest plan of all, which knows how much of every draft the text takes
+  (a shortest path over the text's positions). No planner can beat it with these drafts:
+  the room left between it and `planner` is all that better estimates could win.
+
+Seconds are the summed step times of decoding alone: no sampling, no prompts, no Python.
+Text is read back as tokens by the model's tokenizer. This is a benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from genstruct_service.engine import speculation
+from genstruct_service.engine.ngrams import History, PromptNgrams
+from genstruct_service.engine.step_cost import STEEP_ROW_COST, StepCost
+
+from bench import settings
+from bench.speculation import documents
+from bench.throughput import drive
+
+
+@dataclass(frozen=True)
+class Point:
+    """Where the text has `at` tokens: the draft offered there and how much of it the text
+    goes on with."""
+
+    at: int
+    match: int  # the match the draft came from (0: no draft)
+    draft: int  # its tokens
+    good: int  # how many of them the text goes on with
+
+
+@dataclass
+class Plan:
+    seconds: float = 0.0
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    def step(self, seconds: float, drafted: int, accepted: int) -> None:
+        self.seconds += seconds
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+
+
+def points(prompt: list[int], text: list[int], spec: speculation.SpeculationSettings) -> list[Point]:
+    """The draft at each decode step's start, as the engine asks for it: the first token
+    comes from the prompt's step, and the last token of the budget is never drafted."""
+    history = History(PromptNgrams(prompt, spec.ngram_min), spec.ngram_max)
+    history.append(text[0])
+    found = []
+    for at in range(1, len(text)):
+        budget = len(text) - at - 1
+        draft = history.draft(min(spec.draft_max, budget))
+        if draft is None:
+            found.append(Point(at, 0, 0, 0))
+        else:
+            good = 0
+            while good < len(draft.tokens) and draft.tokens[good] == text[at + good]:
+                good += 1
+            found.append(Point(at, draft.match, len(draft.tokens), good))
+        history.append(text[at])
+    return found
+
+
+def replay_planner(texts: list[list[Point]], price: list[float], ngram_max: int) -> Plan:
+    """The engine's plan for a repeatable request alone (engine/drafts.py), step by step."""
+    acceptance = speculation.Acceptance(ngram_max)
+    fixed = StepCost.fixed(STEEP_ROW_COST)
+    plan = Plan()
+    for found in texts:
+        record = speculation.DraftRecord()
+        i = 0
+        while i < len(found):
+            p = found[i]
+            k = 0
+            if p.draft:
+                rate = acceptance.own_rate(p.match, *record.of(p.match), greedy=True)
+                k = speculation.plan_drafts(
+                    [speculation.Candidate(rate, p.draft)], generating=1, decode_rows=1,
+                    prompt_rows=0, batch_rows=len(price), cost=fixed, sample_seconds=0.0,
+                )[0]
+            accepted = min(k, p.good)
+            if k:
+                record.add(p.match, k, accepted)
+            plan.step(price[k + 1], k, accepted)
+            i += accepted + 1
+    return plan
+
+
+def foresight(texts: list[list[Point]], price: list[float]) -> Plan:
+    """The fastest plan that knows each draft's outcome: at each point, any length of the
+    draft offered (tokens past its good ones only buy a cheaper row count)."""
+    plan = Plan()
+    for found in texts:
+        n = len(found)
+        best: list[tuple[float, int]] = [(0.0, 0)] * (n + 1)  # (seconds to the end, k)
+        for i in range(n - 1, -1, -1):
+            p = found[i]
+            best[i] = min(
+                (price[k + 1] + best[min(i + min(k, p.good) + 1, n)][0], k)
+                for k in range(p.draft + 1)
+            )
+        i = 0
+        while i < n:
+            k = best[i][1]
+            accepted = min(k, found[i].good)
+            plan.step(price[k + 1], k, accepted)
+            i += accepted + 1
+    return plan
+
+
+def generate(args: argparse.Namespace) -> tuple[list[tuple[str, str]], dict[int, float], int, int]:
+    """Each document's prompt and greedy text from the engine alone, its step times by rows,
+    and its live drafted and accepted tokens."""
+    from genstruct_service.engine import GenerationRequest, Sampling
+    from genstruct_service.engine.llama import LlamaEngine
+    from genstruct_service.prompt import GENSTRUCT_FORMAT, render_prompt
+
+    docs = documents(args.docs, args.documents)
+    kwargs = settings.engine_kwargs(args)
+    kwargs["speculation"] = spec_settings(args)
+    engine = LlamaEngine(
+        args.model, prompt_format=GENSTRUCT_FORMAT, n_parallel=1, max_queue=len(docs), **kwargs
+    )
+    sampling = Sampling(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    requests = [GenerationRequest(d.title, d.content, sampling, stream=False) for d in docs]
+    costs = engine.step_costs()
+    done, _ = asyncio.run(drive(engine, requests, 1))  # one at a time: in document order
+    pairs = [
+        (render_prompt(d.title, d.content), c.generations[0].text)
+        for d, c in zip(docs, done, strict=True)
+    ]
+    drafted = sum(c.draft_tokens for c in done)
+    accepted = sum(c.accepted_draft_tokens for c in done)
+    return pairs, costs, drafted, accepted
+
+
+def spec_settings(args: argparse.Namespace) -> speculation.SpeculationSettings:
+    return speculation.SpeculationSettings(
+        mode="auto", draft_max=args.spec_draft_max, ngram_min=args.spec_ngram_min,
+        ngram_max=args.spec_ngram_max,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    defaults = speculation.SpeculationSettings()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    settings.add_arguments(parser, n_ctx=1024)
+    parser.add_argument("--docs", type=int, default=12)
+    parser.add_argument("--documents", type=Path, default=Path("bench/unseen.jsonl"))
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--spec-draft-max", type=int, default=defaults.draft_max)
+    parser.add_argument("--spec-ngram-min", type=int, default=defaults.ngram_min)
+    parser.add_argument("--spec-ngram-max", type=int, default=defaults.ngram_max)
+    args = parser.parse_args(argv)
+    settings.resolve(args)
+
+    import llama_cpp
+
+    pairs, costs, live_drafted, live_accepted = generate(args)
+    if not costs:
+        raise SystemExit("the engine timed no steps before serving: nothing to price")
+    vocab = llama_cpp.Llama(args.model, vocab_only=True, verbose=False)
+    spec = spec_settings(args)
+    texts = []
+    for prompt, text in pairs:
+        prompt_ids = vocab.tokenize(prompt.encode(), add_bos=True, special=True)
+        text_ids = vocab.tokenize(text.encode(), add_bos=False, special=True)
+        texts.append(points(prompt_ids, text_ids, spec))
+    curve = StepCost()
+    for rows, seconds in costs.items():
+        curve.set(rows, seconds)
+    price = curve.prices(spec.draft_max + 1)
+
+    plain = sum(len(found) for found in texts) * price[1]
+    planned = replay_planner(texts, price, spec.ngram_max)
+    best = foresight(texts, price)
+    print(f"{len(texts)} documents of {args.documents}, greedy, {args.max_tokens} tokens each; "
+          f"step ms by rows: " + ", ".join(f"{n}: {price[n] * 1e3:.1f}" for n in range(1, len(price))))
+    print(f"{'plan':<10} {'seconds':>8} {'vs plain':>9} {'steps':>6} {'drafted':>8} {'accepted':>9}")
+    print(f"{'plain':<10} {plain:8.2f} {1.0:8.2f}x {sum(map(len, texts)):6d} {0:8d} {0:9d}")
+    for name, plan in (("planner", planned), ("foresight", best)):
+        print(f"{name:<10} {plan.seconds:8.2f} {plain / plan.seconds:8.2f}x {plan.steps:6d} "
+              f"{plan.drafted:8d} {plan.accepted:9d}")
+    print(f"the live run drafted {live_drafted} and accepted {live_accepted} tokens; the "
+          f"planner's replay {planned.drafted} and {planned.accepted}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
