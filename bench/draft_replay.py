@@ -63,7 +63,9 @@ class Plan:
         self.accepted += accepted
 
 
-def points(prompt: list[int], text: list[int], spec: speculation.SpeculationSettings) -> list[Point]:
+def points(
+    prompt: list[int], text: list[int], spec: speculation.SpeculationSettings
+) -> list[Point]:
     """The draft at each decode step's start, as the engine asks for it: the first token
     comes from the prompt's step, and the last token of the budget is never drafted."""
     history = History(PromptNgrams(prompt, spec.ngram_min), spec.ngram_max)
@@ -196,9 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     plain = sum(len(found) for found in texts) * price[1]
     planned = replay_planner(texts, price, spec.ngram_max)
     best = foresight(texts, price)
+    steps = ", ".join(f"{n}: {price[n] * 1e3:.1f}" for n in range(1, len(price)))
     print(f"{len(texts)} documents of {args.documents}, greedy, {args.max_tokens} tokens each; "
-          f"step ms by rows: " + ", ".join(f"{n}: {price[n] * 1e3:.1f}" for n in range(1, len(price))))
-    print(f"{'plan':<10} {'seconds':>8} {'vs plain':>9} {'steps':>6} {'drafted':>8} {'accepted':>9}")
+          f"step ms by rows: {steps}")
+    header = ("plan", "seconds", "vs plain", "steps", "drafted", "accepted")
+    print("{:<10} {:>8} {:>9} {:>6} {:>8} {:>9}".format(*header))
     print(f"{'plain':<10} {plain:8.2f} {1.0:8.2f}x {sum(map(len, texts)):6d} {0:8d} {0:9d}")
     for name, plan in (("planner", planned), ("foresight", best)):
         print(f"{name:<10} {plan.seconds:8.2f} {plain / plan.seconds:8.2f}x {plan.steps:6d} "

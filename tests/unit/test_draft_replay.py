@@ -1,0 +1,47 @@
+"""bench.draft_replay's plans, without a model: the drafts offered along a text, and the
+fastest plan that knows their outcome."""
+
+from __future__ import annotations
+
+from bench.draft_replay import Point, foresight, points, replay_planner
+from genstruct_service.engine.speculation import SpeculationSettings
+
+
+def test_points_offer_the_copied_span_and_count_what_the_text_takes() -> None:
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    text = [20, 3, 4, 5, 6, 7, 30, 31, 32]  # copies 5 6 7 after "3 4", then leaves it
+    found = points(prompt, text, SpeculationSettings(draft_max=4, ngram_min=2))
+    assert [p.at for p in found] == list(range(1, len(text)))
+    # after "3 4" (a match of 2) the prompt offers 5 6 7 8: the text takes 5 6 7
+    assert found[2] == Point(at=3, match=2, draft=4, good=3)
+    # no pair of the text's last tokens occurs before it
+    assert found[-1] == Point(at=8, match=0, draft=0, good=0)
+
+
+def test_foresight_drafts_what_pays_and_pads_to_a_cheaper_row_count() -> None:
+    quiet = [Point(at, 0, 0, 0) for at in range(2, 6)]
+    # rows: 1 -> 1.0 s, 2 and 3 -> 3.0 s, 4 -> 1.2 s (a kernel block: 4 rows cost less than 2)
+    price = [0.0, 1.0, 3.0, 3.0, 1.2]
+    # a draft of 3 whose first token holds: 1 row pays 2 tokens at 3.0 s, 4 rows at 1.2 s
+    plan = foresight([[Point(1, 8, 3, 1), *quiet]], price)
+    assert (plan.steps, plan.drafted, plan.accepted) == (4, 3, 1)
+    assert plan.seconds == 1.2 + 3 * 1.0
+    # where no row count pays, it decodes a token a step
+    plan = foresight([[Point(1, 8, 3, 1), *quiet]], [0.0, 1.0, 3.0, 3.0, 3.0])
+    assert (plan.steps, plan.drafted, plan.seconds) == (5, 0, 5.0)
+
+
+def test_no_plan_is_faster_than_foresight() -> None:
+    prompt = list(range(40))
+    text = [99, *range(5, 20), 98, 97, *range(20, 35), 96, *range(8, 12)]
+    texts = [points(prompt, text, SpeculationSettings(draft_max=8))]
+    price = [0.0, 1.0, 1.8, 2.1, 2.4, 3.7, 4.1, 4.3, 3.7, 5.0]
+    best = foresight(texts, price)
+    planned = replay_planner(texts, price, ngram_max=8)
+    plain = sum(len(found) for found in texts) * price[1]
+    assert best.accepted > 0  # the copied spans are drafted
+    assert best.seconds <= planned.seconds <= plain
+    assert best.seconds < plain
+    # every plan covers the whole text: its steps and accepted tokens add up to it
+    for plan in (best, planned):
+        assert plan.steps + plan.accepted == len(text) - 1
