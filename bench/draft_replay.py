@@ -1,6 +1,7 @@
 """How close the draft planner comes to the best plan on a text: a replay, at 1 in flight.
 
     python -m bench.draft_replay [--documents bench/unseen.jsonl] [--docs 12]
+                                 [--price-with STEP_COSTS.json]
 
 The engine writes each document's greedy text once, alone and at its full length
 (`--speculation auto`, as `bench.speculation --fixed-length` runs it), and times its steps by
@@ -13,18 +14,24 @@ on the engine's own step times:
 - `planner`: the engine's plan for a request alone whose text must repeat (`own_rate`
   against `STEEP_ROW_COST`, engine/drafts.py). Its drafted and accepted tokens must equal
   the live run's, which the table shows beside them: the replay is the engine's plan;
+- `planner, priced curve`: the same estimates planned against the very step times the
+  plans are priced with, as a repeatable plan could be with a fixed per-host curve;
 - `foresight`: the fastest plan of all, which knows how much of every draft the text takes
   (a shortest path over the text's positions). No planner can beat it with these drafts:
   the room left between it and `planner` is all that better estimates could win.
 
 Seconds are the summed step times of decoding alone: no sampling, no prompts, no Python.
-Text is read back as tokens by the model's tokenizer. This is a benchmark, not a test.
+Text is read back as tokens by the model's tokenizer. `--price-with` prices the same plans
+with another model's step times, as `bench.verify_cost --out` writes them (for example
+Genstruct-7B's shape, `--model synthetic`): what the drafts of this text would buy on that
+model's cost curve. This is a benchmark, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,10 +92,13 @@ def points(
     return found
 
 
-def replay_planner(texts: list[list[Point]], price: list[float], ngram_max: int) -> Plan:
-    """The engine's plan for a repeatable request alone (engine/drafts.py), step by step."""
+def replay_planner(
+    texts: list[list[Point]], price: list[float], ngram_max: int, cost: StepCost | None = None
+) -> Plan:
+    """The engine's plan for a repeatable request alone (engine/drafts.py), step by step,
+    against `cost` (default: `STEEP_ROW_COST`, as the engine plans it)."""
     acceptance = speculation.Acceptance(ngram_max)
-    fixed = StepCost.fixed(STEEP_ROW_COST)
+    fixed = cost if cost is not None else StepCost.fixed(STEEP_ROW_COST)
     plan = Plan()
     for found in texts:
         record = speculation.DraftRecord()
@@ -175,6 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spec-draft-max", type=int, default=defaults.draft_max)
     parser.add_argument("--spec-ngram-min", type=int, default=defaults.ngram_min)
     parser.add_argument("--spec-ngram-max", type=int, default=defaults.ngram_max)
+    parser.add_argument("--price-with", type=Path,
+                        help="step seconds by rows (JSON) to price the plans with, in place "
+                        "of the engine's own")
     args = parser.parse_args(argv)
     settings.resolve(args)
 
@@ -190,23 +203,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompt_ids = vocab.tokenize(prompt.encode(), add_bos=True, special=True)
         text_ids = vocab.tokenize(text.encode(), add_bos=False, special=True)
         texts.append(points(prompt_ids, text_ids, spec))
-    curve = StepCost()
-    for rows, seconds in costs.items():
-        curve.set(rows, seconds)
+    if args.price_with:
+        costs = {int(rows): s for rows, s in json.loads(args.price_with.read_text()).items()}
+    curve = StepCost.fixed(costs)
     price = curve.prices(spec.draft_max + 1)
 
     plain = sum(len(found) for found in texts) * price[1]
-    planned = replay_planner(texts, price, spec.ngram_max)
-    best = foresight(texts, price)
+    plans = (
+        ("planner", replay_planner(texts, price, spec.ngram_max)),
+        ("planner, priced curve", replay_planner(texts, price, spec.ngram_max, curve)),
+        ("foresight", foresight(texts, price)),
+    )
     steps = ", ".join(f"{n}: {price[n] * 1e3:.1f}" for n in range(1, len(price)))
     print(f"{len(texts)} documents of {args.documents}, greedy, {args.max_tokens} tokens each; "
-          f"step ms by rows: {steps}")
+          f"priced with {args.price_with or 'its own step times'}, ms by rows: {steps}")
     header = ("plan", "seconds", "vs plain", "steps", "drafted", "accepted")
-    print("{:<10} {:>8} {:>9} {:>6} {:>8} {:>9}".format(*header))
-    print(f"{'plain':<10} {plain:8.2f} {1.0:8.2f}x {sum(map(len, texts)):6d} {0:8d} {0:9d}")
-    for name, plan in (("planner", planned), ("foresight", best)):
-        print(f"{name:<10} {plan.seconds:8.2f} {plain / plan.seconds:8.2f}x {plan.steps:6d} "
+    print("{:<22} {:>8} {:>9} {:>6} {:>8} {:>9}".format(*header))
+    print(f"{'plain':<22} {plain:8.2f} {1.0:8.2f}x {sum(map(len, texts)):6d} {0:8d} {0:9d}")
+    for name, plan in plans:
+        print(f"{name:<22} {plan.seconds:8.2f} {plain / plan.seconds:8.2f}x {plan.steps:6d} "
               f"{plan.drafted:8d} {plan.accepted:9d}")
+    planned = plans[0][1]
     print(f"the live run drafted {live_drafted} and accepted {live_accepted} tokens; the "
           f"planner's replay {planned.drafted} and {planned.accepted}")
     return 0

@@ -1,7 +1,7 @@
 """What verifying a draft costs: one decode step of 1 + k rows against one of a single row.
 
     python -m bench.verify_cost [--model synthetic] [--drafts 0,1,2,4,8,16] [--repeat 5]
-                                [--logits all|last]
+                                [--logits all|last] [--out STEP_COSTS.json]
 
 Speculation pays when the tokens a draft saves outweigh the extra rows of its step. With
 random weights nothing is ever accepted, so on the Genstruct-7B-shaped model
@@ -19,10 +19,12 @@ test.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from bench import settings
 
@@ -85,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--logits", choices=("all", "last"), default="all",
                         help="rows with logits: every one (verification) or the last")
+    parser.add_argument("--out", type=Path,
+                        help="write the step seconds by batch rows as JSON (for "
+                        "bench.draft_replay --price-with)")
     args = parser.parse_args(argv)
     settings.resolve(args)
     drafts = sorted({0, *(int(x) for x in args.drafts.split(","))})
@@ -101,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the step must yield `ratio` tokens to match one-row decoding: 1 + accepted
         print(f"{k:>8}{k + 1:>6}{seconds[k] * 1000:>10.1f}{ratio:>9.2f}x{ratio - 1:>19.2f}")
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.out:
+        args.out.write_text(json.dumps({k + 1: seconds[k] for k in drafts}, indent=1) + "\n")
     return 0
 
 
