@@ -329,7 +329,7 @@ throughput() {  # system level round
         --docs "$docs" --max-tokens "$MAX_TOKENS" --out "$WORK/throughput-$1-c$2-r$3.json"
 }
 rm -f "$WORK"/throughput-*.json "$WORK"/step_profile-*.json "$WORK"/speculation.json \
-    "$WORK"/verify_cost.txt
+    "$WORK"/verify_cost.txt "$WORK"/verify_cost.json
 # The engine at every level first, so a later failure still leaves its figures.
 for level in "${LEVEL_LIST[@]}"; do guarded "engine-c$level" 45 throughput engine "$level" 1; done
 for level in "${LEVEL_LIST[@]}"; do guarded "server-c$level" 45 throughput server "$level" 1; done
@@ -343,7 +343,11 @@ for level in "${PROFILE_LIST[@]}"; do guarded "step-profile-c$level" 50 profile 
 guarded speculation 70 "$PY" -m bench.speculation "${COMMON[@]}" --levels 1 --docs 4 \
     --max-tokens "$MAX_TOKENS" --repeat 1 --engine-modes off,always --server-specs "" \
     --out "$WORK/speculation.json"
-verify_cost() { "$PY" -m bench.verify_cost "${COMMON[@]}" >"$WORK/verify_cost.txt"; }
+# The step time by rows also as JSON, to price drafts on it (bench.draft_replay --price-with).
+verify_cost() {
+    "$PY" -m bench.verify_cost "${COMMON[@]}" --drafts 1,2,3,4,5,6,7,8,11,15,16 \
+        --out "$WORK/verify_cost.json" >"$WORK/verify_cost.txt"
+}
 guarded verify-cost 40 verify_cost
 # More rounds while time is left, each peer beside the other at each level: the table gives
 # the median run of each.
@@ -375,6 +379,7 @@ results = {
                                                    key=lambda f: int(f.stem.split("-c")[1]))],
     "speculation": read("speculation.json"),
     "verify_cost": cost.read_text().splitlines() if cost.exists() else None,
+    "verify_cost_seconds": read("verify_cost.json"),
     "steps": {name: {"status": value.split(":")[0], "seconds": int(value.split(":")[1])}
               for name, value in (s.split("=", 1) for s in steps)},
     "total_seconds": total,

@@ -251,6 +251,9 @@ def test_rehearsal_cpu_form_offline_from_the_stage(stage: Path, image_python: Pa
     modes = {run["system"] for run in results["speculation"]["runs"]}
     assert modes == {"engine:off", "engine:always"}
     assert any(line.split()[:1] == ["16"] for line in results["verify_cost"])
+    # the same curve as seconds by batch rows, for bench.draft_replay --price-with
+    costs = results["verify_cost_seconds"]
+    assert {"1", "2", "4", "17"} <= set(costs) and all(s > 0 for s in costs.values())
 
     machine = json.loads((out / "machine.json").read_text())
     assert machine["mode"] == "cpu" and machine["gpus"] == []
