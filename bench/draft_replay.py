@@ -7,8 +7,8 @@ The engine writes each document's greedy text once, alone and at its full length
 (`--speculation auto`, as `bench.speculation --fixed-length` runs it), and times its steps by
 batch rows before serving. Then, without the model, every step of that text is replayed:
 the draft the engine's drafter (engine/ngrams.py) offers at each point is fixed by the text
-so far, and how many of its tokens the text goes on with is known. Three plans are priced
-on the engine's own step times:
+so far, and how many of its tokens the text goes on with is known. The plans are priced on
+the engine's own step times:
 
 - `plain`: one token a step;
 - `planner`: the engine's plan for a request alone whose text must repeat (`own_rate`
@@ -157,8 +157,8 @@ def generate(args: argparse.Namespace) -> tuple[list[tuple[str, str]], dict[int,
     )
     sampling = Sampling(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     requests = [GenerationRequest(d.title, d.content, sampling, stream=False) for d in docs]
-    costs = engine.step_costs()
     done, _ = asyncio.run(drive(engine, requests, 1))  # one at a time: in document order
+    costs = engine.step_costs()
     pairs = [
         (render_prompt(d.title, d.content), c.generations[0].text)
         for d, c in zip(docs, done, strict=True)
