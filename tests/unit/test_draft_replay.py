@@ -3,8 +3,9 @@ fastest plan that knows their outcome."""
 
 from __future__ import annotations
 
-from bench.draft_replay import Point, foresight, points, replay_planner
 from genstruct_service.engine.speculation import SpeculationSettings
+
+from bench.draft_replay import Point, foresight, points, replay_planner
 
 
 def test_points_offer_the_copied_span_and_count_what_the_text_takes() -> None:
