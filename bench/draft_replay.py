@@ -208,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     curve = StepCost.fixed(costs)
     price = curve.prices(spec.draft_max + 1)
 
-    plain = sum(len(found) for found in texts) * price[1]
+    n_steps = sum(len(found) for found in texts)  # decoding a token a step
+    plain = n_steps * price[1]
     plans = (
         ("planner", replay_planner(texts, price, spec.ngram_max)),
         ("planner, priced curve", replay_planner(texts, price, spec.ngram_max, curve)),
@@ -219,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"priced with {args.price_with or 'its own step times'}, ms by rows: {steps}")
     header = ("plan", "seconds", "vs plain", "steps", "drafted", "accepted")
     print("{:<22} {:>8} {:>9} {:>6} {:>8} {:>9}".format(*header))
-    print(f"{'plain':<22} {plain:8.2f} {1.0:8.2f}x {sum(map(len, texts)):6d} {0:8d} {0:9d}")
+    print(f"{'plain':<22} {plain:8.2f} {1.0:8.2f}x {n_steps:6d} {0:8d} {0:9d}")
     for name, plan in plans:
         print(f"{name:<22} {plan.seconds:8.2f} {plain / plan.seconds:8.2f}x {plan.steps:6d} "
               f"{plan.drafted:8d} {plan.accepted:9d}")
