@@ -25,8 +25,9 @@ tokens. A second table gives the decode speed: generated tokens over the seconds
 spent decoding (its first token to its end; llama-server's `predicted_ms`). Drafts change
 only that part: the prompts are the same work for every system, yet they take a large share
 of a run's seconds on a CPU, and a system whose text ends sooner has fewer tokens to spread
-them over. With `--check-text` it also counts the documents whose text `engine:auto` and
-`engine:off` write alike. This is a benchmark, not a test.
+them over. A third, with `--repeat`, pairs each run with engine:off and the best n-gram
+setting of its own round (`paired_table`). With `--check-text` it also counts the documents
+whose text `engine:auto` and `engine:off` write alike. This is a benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -325,6 +326,38 @@ def table(
     return "\n".join(lines)
 
 
+def paired_table(rounds: list[dict[tuple[str, int], Run]], systems: list[str],
+                 levels: list[int]) -> str:
+    """Each round's ratio of every system to engine:off and to the best server:ngram-*
+    setting (by median) of that same round, and their median.
+
+    Runs minutes apart on a shared machine differ by more than many effects that are
+    measured (on 2 cores of an AMD EPYC, the same 8-row decode step took 47 to 63 ms from
+    one run to the next): a ratio of two medians mixes rounds, while a ratio within each
+    round compares runs next to each other, and the rounds' spread shows what one is worth.
+    """
+    runs = [run for by_system in rounds for run in by_system.values()]
+    lines = [f"{'system':<26}{'in flight':>10}{'against':>20}  median  rounds"]
+    for level in levels:
+        ngram = [s for s in systems if s.startswith("server:ngram")]
+        medians = [(_wall(run), s) for s in ngram
+                   if (run := median_run(runs, s, level)) is not None]
+        best = max(medians)[1] if medians else None
+        for system in systems:
+            for base in ("engine:off", best):
+                if base is None or base == system:
+                    continue
+                ratios = [by[(system, level)].tokens_per_second
+                          / by[(base, level)].tokens_per_second
+                          for by in rounds if (system, level) in by and (base, level) in by]
+                if not ratios:
+                    continue
+                middle = sorted(ratios)[(len(ratios) - 1) // 2]
+                each = " ".join(f"{r:.2f}" for r in ratios)
+                lines.append(f"{system:<26}{level:>10}{base:>20}  {middle:5.2f}x  {each}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     settings.add_arguments(parser, n_ctx=None)
@@ -386,7 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         binary = llama_server.ensure_built()
     runs: list[Run] = []
+    rounds: list[dict[tuple[str, int], Run]] = []
     for round_ in range(args.repeat):
+        rounds.append({})
         for level in levels:
             level_args = sized(level)
             todo = [("engine", m) for m in modes]
@@ -399,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     assert binary is not None
                     run = run_server(binary, name, level, level_args)
                 runs.append(run)
+                rounds[-1][(run.system, level)] = run
                 print(f"round {round_ + 1} {run.system:<26} {level} in flight: "
                       f"{run.tokens_per_second:6.1f} tok/s ({run.generated_tokens} tokens in "
                       f"{run.seconds:.1f} s, drafted {run.drafted}, accepted {run.accepted})",
@@ -411,6 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(runs, systems, levels))
     print("\ndecode: generated tokens per second of a request while it decodes (no prompts)")
     print(table(runs, systems, levels, _decoding))
+    if args.repeat > 1:
+        print("\nwall, paired: each round's ratio to the runs of the same round")
+        print(paired_table(rounds, systems, levels))
     if any(r.step_costs for r in runs):
         print()
         print(cost_table(runs))
