@@ -3,7 +3,7 @@ up here."""
 
 from __future__ import annotations
 
-from bench.speculation import Run, paired_table
+from bench.speculation import Run, paired_table, round_order
 
 SYSTEMS = ["engine:off", "engine:auto", "server:ngram-mod", "server:ngram-simple"]
 
@@ -42,3 +42,13 @@ def test_each_round_is_paired_with_its_own_runs_and_the_best_ngram_by_median() -
          "0.82"],
         ["server:ngram-simple", "8", "engine:off", "0.95x", "1.50", "0.95", "0.82", "1.06"],
     ]
+
+
+def test_rounds_alternate_the_order_of_their_systems() -> None:
+    systems = ["engine:off", "engine:auto", "server:ngram-mod"]
+    orders = [round_order(systems, r) for r in range(4)]
+    assert orders == [systems, systems[::-1], systems, systems[::-1]]
+    # over a pair of rounds each system runs in every position's mirror: first and last
+    # alike, so neither sits always after the other
+    assert all(orders[0].index(s) + orders[1].index(s) == len(systems) - 1 for s in systems)
+    assert systems == ["engine:off", "engine:auto", "server:ngram-mod"]  # left as given
