@@ -24,6 +24,7 @@ from genstruct_service.engine.request import Job, Request, Status
 from genstruct_service.engine.scheduler import StepScheduler
 from genstruct_service.engine.sequence import Sequence
 from genstruct_service.engine.speculation import SpeculationSettings
+from genstruct_service.engine.step_cost import STEEP_ROW_COST
 from genstruct_service.engine.types import (
     Completed,
     FinishReason,
@@ -348,3 +349,55 @@ def test_a_draft_is_verified_on_free_rows_and_its_tokens_kept(
     assert 0 < done.accepted_draft_tokens <= done.draft_tokens
     assert done.generations[0].completion_tokens == 12
     assert len(engine.plans) < 12  # fewer steps than tokens
+
+
+@pytest.mark.parametrize("rows_cost", ["steep", "flat"])
+def test_when_nothing_waits_only_the_last_to_end_drafts_where_rows_are_dear(
+    loop: asyncio.AbstractEventLoop, rows_cost: str
+) -> None:
+    spec = SpeculationSettings("auto", draft_max=4, ngram_min=2, ngram_max=4)
+    engine = Engine(n_slots=2, n_cells=1000, n_batch=64, split=True, spec=spec)
+    drafts = engine.scheduler.drafts
+    assert drafts is not None
+    for rows, share in STEEP_ROW_COST.items():  # a CPU's, or nearly free rows (a GPU's)
+        drafts.cost.set(rows, 0.01 * share if rows_cost == "steep" else 0.01 + 1e-5 * rows)
+    rng = random.Random(3)
+    short, long, waiting = (
+        make_request(loop, rng, prompt=20, generations=1, max_tokens=m, miss=0.0, spec=spec)
+        for m in (30, 60, 30)
+    )
+    for request in (short, long, waiting):
+        engine.scheduler.enqueue(request)
+
+    def drafting(steps: int, *, cancelled: bool = False) -> set[Request | None]:
+        """The requests that verified a draft in the next `steps` steps."""
+        plans = [engine.step(cancelled=cancelled and i == 0) for i in range(steps)]
+        return {rows.request for plan in plans for rows in plan.rows if rows.kind is RowKind.VERIFY}
+
+    # a request waits for a slot: each sequence's drafts pay on their own
+    assert drafting(4) == {short, long}
+    # now nothing waits: these two are the last work, and `long` has the most budget left
+    # (30 tokens more, and 3 steps take at most 15 of it)
+    waiting.job.cancelled = True
+    assert drafting(3, cancelled=True) == ({long} if rows_cost == "steep" else {short, long})
+    assert waiting.status is Status.DONE
+    assert short.status is long.status is Status.GENERATING
+
+
+def test_a_request_alone_drafts_for_every_generation_when_nothing_waits(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    spec = SpeculationSettings("auto", draft_max=4, ngram_min=2, ngram_max=4)
+    engine = Engine(n_slots=2, n_cells=1000, n_batch=64, split=True, spec=spec)
+    assert engine.scheduler.drafts is not None
+    for rows, share in STEEP_ROW_COST.items():
+        engine.scheduler.drafts.cost.set(rows, 0.01 * share)
+    request = make_request(loop, random.Random(3), prompt=20, generations=2, max_tokens=60,
+                           miss=0.0, spec=spec)  # fmt: skip
+    request.seqs[0].max_tokens = 30  # the first generation has less budget left throughout
+    engine.scheduler.enqueue(request)
+    plans = [engine.step() for _ in range(6)]
+    assert request.status is Status.GENERATING
+    # greedy and alone, it is planned from itself: both its generations draft
+    drafted = {r.seq for plan in plans for r in plan.rows if r.kind is RowKind.VERIFY}
+    assert drafted == set(request.seqs)

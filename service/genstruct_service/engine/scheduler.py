@@ -120,7 +120,11 @@ class StepScheduler:
         # the batch (written out here: this runs on every step, when the CPU's caches hold
         # the model's weights and none of this code, and each call costs cache misses)
         cap = self._n_batch
-        drafts = self.drafts.choose(self.running) if self.drafts is not None else None
+        drafts = (
+            self.drafts.choose(self.running, draining=not self.admission.waiting)
+            if self.drafts is not None
+            else None
+        )
         generating, verify, decode = _GENERATING, _VERIFY, _DECODE
         parts: list[SlotRows] = []
         add = parts.append
