@@ -54,16 +54,17 @@ class DraftChooser:
 
         `draining`: no request waits for a slot, so the sequences in flight are the last
         work there is, and the one with the most tokens left ends it. Where rows are dear
-        (`rows_are_dear`: a CPU) and more than one request is in flight, only a sequence with the
-        most budget left may then draft (`last_to_end`). A draft elsewhere makes every
-        other sequence wait for its rows, the last one included, and moves its own
-        sequence ahead to end alone, where the last ones would have shared their steps. On
-        2 cores of an AMD EPYC, 12 documents at 8 in flight ended with 1 to 3 in flight for
+        (`rows_are_dear`: a CPU) and more than one request is in flight, only a sequence
+        with the most budget left may then draft (`last_to_end`). A draft elsewhere makes
+        every other sequence wait for its rows, the last one included, and moves its own
+        sequence ahead to end alone, where the last ones would have shared their steps. On 2
+        cores of an AMD EPYC, 12 documents at 8 in flight ended with 1 to 3 in flight for
         many steps (47 to 58 of them alone) where without drafts the last 4 ran together,
         and engine:auto was 0.90x engine:off (`bench.speculation`, paired median of 8
-        rounds). A request alone plans its generations as before: for 2 seeded sampled
-        generations, drafting only the last one took 24.2 s for 6 documents against 22.0 s
-        (medians of 3 interleaved runs). On a GPU a draft beside others costs them little.
+        rounds), 1.02x with this rule. A request alone plans its generations as before: for
+        2 seeded sampled generations, drafting only the last one took 24.2 s for 6 documents
+        against 22.0 s (medians of 3 interleaved runs). On a GPU a draft beside others costs
+        them little.
         """
         spec = self.settings
         generating = rows = prefill = 0
