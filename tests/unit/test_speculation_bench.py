@@ -1,5 +1,5 @@
-"""bench.speculation's paired table, without a model: each round's ratios, from runs made
-up here."""
+"""bench.speculation without a model: each round's paired ratios, from runs made up here,
+and the order each round runs its systems in."""
 
 from __future__ import annotations
 
