@@ -54,6 +54,8 @@ class Point:
     match: int  # the match the draft came from (0: no draft)
     draft: int  # its tokens
     good: int  # how many of them the text goes on with
+    agreed: int = 0  # Draft.agreed
+    contested: bool = False  # Draft.contested
 
 
 @dataclass
@@ -87,7 +89,9 @@ def points(
             good = 0
             while good < len(draft.tokens) and draft.tokens[good] == text[at + good]:
                 good += 1
-            found.append(Point(at, draft.match, len(draft.tokens), good))
+            found.append(
+                Point(at, draft.match, len(draft.tokens), good, draft.agreed, draft.contested)
+            )
         history.append(text[at])
     return found
 
@@ -108,8 +112,12 @@ def replay_planner(
             k = 0
             if p.draft:
                 rate = acceptance.own_rate(p.match, *record.of(p.match), greedy=True)
+                candidate = speculation.Candidate(
+                    rate, p.draft, agreed=p.agreed,
+                    agreed_rate=speculation.AGREED_ACCEPTANCE[0], contested=p.contested,
+                )
                 k = speculation.plan_drafts(
-                    [speculation.Candidate(rate, p.draft)], generating=1, decode_rows=1,
+                    [candidate], generating=1, decode_rows=1,
                     prompt_rows=0, batch_rows=len(price), cost=fixed, sample_seconds=0.0,
                 )[0]
             accepted = min(k, p.good)

@@ -17,6 +17,7 @@ from genstruct_service.engine.ngrams import Draft
 from genstruct_service.engine.request import Request, Status
 from genstruct_service.engine.sequence import Sequence
 from genstruct_service.engine.speculation import (
+    AGREED_ACCEPTANCE,
     Acceptance,
     Candidate,
     SpeculationSettings,
@@ -69,6 +70,7 @@ class DraftChooser:
         spec = self.settings
         generating = rows = prefill = 0
         found: list[tuple[Sequence, Draft]] = []
+        agreed_rate: dict[Sequence, float] = {}  # for its draft's agreed tokens
         fed: list[tuple[int, int]] = []  # (slot, rows) of the step without drafts
         alone = len(requests) == 1
         for request in requests:
@@ -94,16 +96,17 @@ class DraftChooser:
                 draft = seq.history.draft(min(spec.draft_max, budget))
                 if draft is not None:
                     found.append((seq, draft))
+                    agreed_rate[seq] = AGREED_ACCEPTANCE[0 if request.greedy else 1]
         if not found:
             return {}
         if spec.mode == "always":
             free = rows_left(rows, prefill, self.n_batch)
             chosen = {}
             for seq, draft in found:
-                tokens = draft.tokens[: max(free, 0)]
-                if tokens:
-                    chosen[seq] = Draft(tokens, draft.match)
-                free -= len(tokens)
+                length = min(len(draft.tokens), max(free, 0))
+                if length:
+                    chosen[seq] = draft.cut(length)
+                free -= length
             return chosen
         if alone and requests[0].repeatable:
             # alone, its batches are its own: plan them from the request alone, so that every
@@ -120,7 +123,8 @@ class DraftChooser:
         take = plan_drafts(
             [
                 Candidate(
-                    rate(d.match, *s.drafts.of(d.match)), len(d.tokens), s.slot
+                    rate(d.match, *s.drafts.of(d.match)), len(d.tokens), s.slot,
+                    d.agreed, agreed_rate[s], d.contested,
                 )
                 for s, d in found
             ],
@@ -129,7 +133,7 @@ class DraftChooser:
             shape=self.shape, fed=sorted(fed),
         )
         return {
-            seq: Draft(draft.tokens[:k], draft.match)
+            seq: draft.cut(k)
             for (seq, draft), k in zip(found, take, strict=True)
             if k
         }

@@ -43,6 +43,18 @@ class PromptNgrams:
 class Draft:
     tokens: list[int]
     match: int  # length of the suffix match it came from, capped at ngram_max
+    # Where the suffix occurs more than once, what the other occurrences go on with:
+    # `agreed` leading tokens that another occurrence continues alike and none otherwise,
+    # and `contested` when one continues otherwise at the token after them.
+    agreed: int = 0
+    contested: bool = False
+
+    def cut(self, length: int) -> Draft:
+        """Its first `length` tokens."""
+        return Draft(
+            self.tokens[:length], self.match, min(self.agreed, length),
+            self.contested and self.agreed < length,
+        )
 
 
 class History:
@@ -97,7 +109,8 @@ class History:
 
     def draft(self, limit: int) -> Draft | None:
         """The tokens that followed the longest recent match of this sequence's suffix: in
-        its own text, its prompt, then its peers' text (the first found wins a tie)."""
+        its own text, its prompt, then its peers' text (the first found wins a tie), and
+        how far the suffix n-gram's other occurrences agree with them (`_agreement`)."""
         n = self._n
         end = len(self)
         if limit < 1 or end <= n:
@@ -107,12 +120,14 @@ class History:
         sources += [(peer, peer._own.get(key)) for peer in self._peers]
         best: tuple[History, int] | None = None
         best_len = 0
+        seen: list[tuple[History, int]] = []  # every occurrence looked at
         for where, found in sources:
             if not found:
                 continue
             for at in reversed(found[-_CANDIDATES:]):  # the most recent first
                 if where is self and at >= end:  # the suffix itself
                     continue
+                seen.append((where, at))
                 length, room = n, min(at, end)  # a peer's match may lie past our end
                 while (
                     length < self._max
@@ -122,19 +137,38 @@ class History:
                     length += 1
                 if length > best_len:
                     best, best_len = (where, at), length
-                    if length == self._max:
-                        break
-            if best_len == self._max:
-                break
         if best is None:
             return None
         where, at = best
         if where is not self:
             tokens = where._slice(at, min(at + limit, len(where)))
-            return Draft(tokens, best_len) if tokens else None
-        # In its own text, what followed the match runs up to now, and the text then goes on
-        # as it did from there: the same span again. So a loop (a list, a repeated line) is
-        # drafted up to `limit`, as drafting token by token from the last n-gram would.
-        span = self._slice(at, min(at + limit, end))
-        tokens = (span * -(-limit // len(span)))[:limit]
-        return Draft(tokens, best_len)
+        else:
+            # In its own text, what followed the match runs up to now, and the text then goes
+            # on as it did from there: the same span again. So a loop (a list, a repeated
+            # line) is drafted up to `limit`, as drafting token by token from the last n-gram
+            # would.
+            span = self._slice(at, min(at + limit, end))
+            tokens = (span * -(-limit // len(span)))[:limit]
+        if not tokens:
+            return None
+        agreed, contested = self._agreement(tokens, seen, end)
+        return Draft(tokens, best_len, agreed, contested)
+
+    def _agreement(
+        self, tokens: list[int], seen: list[tuple[History, int]], end: int
+    ) -> tuple[int, bool]:
+        """How far the other occurrences of the suffix's n-gram go on as `tokens` do: the
+        leading tokens none continues otherwise, and whether one then does (0 and False
+        where the n-gram occurs once). Where a list or a loop repeats a line, a counter in
+        it is the first token its occurrences disagree on."""
+        if len(seen) < 2:
+            return 0, False
+        spans = [
+            where._slice(at, min(at + len(tokens), end if where is self else len(where)))
+            for where, at in seen
+        ]
+        for j, token in enumerate(tokens):
+            here = [span[j] for span in spans if len(span) > j]
+            if len(here) > 1 and any(t != token for t in here):
+                return j, True
+        return len(tokens), False

@@ -125,6 +125,10 @@ class Request:
         self.accepted_draft_tokens = 0  # of which the sampler agreed with
 
     @property
+    def greedy(self) -> bool:
+        return self.repeatable and not self.seeded_sampled
+
+    @property
     def prompt_left(self) -> int:
         """Prompt tokens not yet in the KV cache."""
         return len(self.tokens) - self.computed
