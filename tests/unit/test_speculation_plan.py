@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 from genstruct_service.engine.ngrams import History, PromptNgrams
 from genstruct_service.engine.speculation import (
+    AGREED_ACCEPTANCE,
+    CONTESTED,
     Acceptance,
     Candidate,
     DraftRecord,
@@ -122,6 +124,31 @@ def test_a_draft_is_always_a_true_continuation_of_an_earlier_match(
     )
 
 
+def test_the_other_occurrences_of_the_suffix_say_how_far_a_draft_is_agreed() -> None:
+    # a line repeated with a counter in it (50, 51): both earlier lines go on with 9, then
+    # part at the counter, so the draft is agreed for one token and contested at the next
+    line = history([7, 8, 9, 50, 7, 8, 9, 51, 7], [8], n=2)
+    draft = line.draft(limit=4)
+    assert draft is not None
+    assert draft.tokens == [9, 51, 7, 8] and draft.match == 2  # the most recent line
+    assert (draft.agreed, draft.contested) == (1, True)
+    # lines that go on alike agree on the whole draft, and nothing is contested
+    same = history([7, 8, 9, 50, 7, 8, 9, 50, 7], [8], n=2).draft(limit=4)
+    assert same is not None and (same.agreed, same.contested) == (4, False)
+    # an n-gram that occurs once: no other occurrence says anything
+    once = history([7, 8, 9, 50, 60], [7, 8], n=2).draft(limit=3)
+    assert once is not None and once.tokens == [9, 50, 60]
+    assert (once.agreed, once.contested) == (0, False)
+    # an occurrence parting at the first token contests the draft from its start
+    first = history([7, 8, 30, 7, 8, 31], [7, 8], n=2).draft(limit=2)
+    assert first is not None and first.tokens == [31, 7]
+    assert (first.agreed, first.contested) == (0, True)
+    # cut shorter, a draft keeps what it knew of the tokens it kept
+    assert (draft.cut(1).agreed, draft.cut(1).contested) == (1, False)
+    assert (draft.cut(3).agreed, draft.cut(3).contested) == (1, True)
+    assert draft.cut(3).tokens == [9, 51, 7]
+
+
 def generations(prompt: list[int], texts: list[list[int]], n: int = 2) -> list[History]:
     """One request's generations, sharing the prompt's index and each other's text."""
     ngrams = PromptNgrams(prompt, n)
@@ -177,6 +204,8 @@ def test_a_draft_continues_an_earlier_match_in_its_own_text_or_a_peers(
             for full, ats in candidates
             for at in ats
         )
+        assert 0 <= draft.agreed <= len(draft.tokens)
+        assert not draft.contested or draft.agreed < len(draft.tokens)
 
 
 def test_acceptance_starts_hopeful_for_long_matches_learns_and_weighs_the_sequence() -> None:
@@ -575,6 +604,39 @@ def test_a_flat_curve_drafts_whole_drafts() -> None:
     assert one_draft(flat, 0.5) == 16
     assert one_draft(flat, 0.3) == 16  # free rows: any expected token pays
     assert one_draft(flat, 0.5, length=3) == 3
+
+
+def test_agreed_tokens_are_drafted_up_to_where_the_occurrences_part() -> None:
+    stepped = StepCost.fixed(STEPPED)
+
+    def plan(rate: float, length: int = 8, **agreement: int | bool) -> int:
+        candidate = Candidate(rate, length, agreed_rate=AGREED_ACCEPTANCE[0], **agreement)  # type: ignore[arg-type]
+        return plan_drafts([candidate], generating=1, decode_rows=1, prompt_rows=0,
+                           batch_rows=65, cost=stepped, sample_seconds=0.0)[0]  # fmt: skip
+
+    short_match = Acceptance.start(2, greedy=True)
+    assert plan(short_match) == 0  # where rows are dear, a short match alone is not bought
+    # the line's other occurrences agree on 3 tokens and part at the 4th (a counter): the
+    # agreed tokens fill the block of 4 rows, and the contested one starts no new block
+    assert plan(short_match, agreed=3, contested=True) == 3
+    assert plan(short_match, agreed=7, contested=False) == 7
+    # a long match's own rate is not lowered by the floor for agreed tokens
+    long_match = Acceptance.start(8, greedy=True)
+    assert plan(long_match, length=16) == plan(long_match, length=16, agreed=2) == 15
+    # past agreed tokens, a contested one weighs less than the same one uncontested
+    assert plan(0.9, agreed=3, contested=True) < plan(0.9, agreed=3, contested=False)
+    # where rows are nearly free, a contested draft is still drafted whole
+    flat = StepCost.fixed({rows: 1.0 for rows in (1, 2, 4, 8, 16, 32)})
+    candidate = Candidate(short_match, 8, agreed=1, agreed_rate=0.97, contested=True)
+    assert plan_drafts([candidate], generating=1, decode_rows=1, prompt_rows=0,
+                       batch_rows=65, cost=flat, sample_seconds=0.0) == [8]  # fmt: skip
+
+
+def test_a_candidates_chances_follow_its_agreement() -> None:
+    c = Candidate(0.5, 6, agreed=2, agreed_rate=0.97, contested=True)
+    assert list(c.chances()) == [0.97, 0.97, 0.5 * CONTESTED, 0.5, 0.5, 0.5]
+    assert list(Candidate(0.99, 3, agreed=3, agreed_rate=0.97).chances()) == [0.99] * 3
+    assert list(Candidate(0.6, 2).chances()) == [0.6, 0.6]
 
 
 def test_every_row_count_of_a_draft_is_timed_before_serving() -> None:

@@ -401,3 +401,25 @@ def test_a_request_alone_drafts_for_every_generation_when_nothing_waits(
     # greedy and alone, it is planned from itself: both its generations draft
     drafted = {r.seq for plan in plans for r in plan.rows if r.kind is RowKind.VERIFY}
     assert drafted == set(request.seqs)
+
+
+def test_a_greedy_request_alone_drafts_a_short_match_its_prompt_agrees_on(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    # every match is 2 tokens long (ngram_max 2), which alone is not worth a draft where
+    # rows are dear; but the prompt repeats its cycle, so every occurrence of the match
+    # goes on alike, and the agreed tokens are drafted
+    spec = SpeculationSettings("auto", draft_max=4, ngram_min=2, ngram_max=2)
+    engine = Engine(n_slots=1, n_cells=1000, n_batch=64, split=True, spec=spec)
+    # the prompt ends where the cycle does, so the sampler's first token goes on with it
+    request = make_request(loop, random.Random(5), prompt=21, generations=1, max_tokens=24,
+                           miss=0.0, spec=spec)  # fmt: skip
+    engine.scheduler.enqueue(request)
+    while request.status is not Status.DONE:
+        engine.step()
+    verified = [r for plan in engine.plans for r in plan.rows if r.kind is RowKind.VERIFY]
+    # 3 drafted tokens, 4 rows, until the budget left is shorter
+    assert len(verified) > 2 and all(len(r.tokens) == 4 for r in verified[:-1])
+    done = drain(request.job, loop)[-1]
+    assert isinstance(done, Completed)
+    assert done.accepted_draft_tokens == done.draft_tokens > 0
