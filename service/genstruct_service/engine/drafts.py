@@ -124,7 +124,7 @@ class DraftChooser:
             [
                 Candidate(
                     rate(d.match, *s.drafts.of(d.match)), len(d.tokens), s.slot,
-                    d.agreed, agreed_rate[s], d.contested,
+                    agreed=d.agreed, agreed_rate=agreed_rate[s], contested=d.contested,
                 )
                 for s, d in found
             ],

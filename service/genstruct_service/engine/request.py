@@ -126,6 +126,7 @@ class Request:
 
     @property
     def greedy(self) -> bool:
+        """Temperature 0: every generation writes the same text."""
         return self.repeatable and not self.seeded_sampled
 
     @property

@@ -227,9 +227,11 @@ def plan_drafts(
 ) -> list[int]:
     """How many drafted tokens each candidate verifies this step (0: none).
 
-    Each extra row for a sequence whose draft already has j - 1 rows is worth rate^j
-    expected tokens. Rows go to the best such gains first, and the step takes as many as
-    maximise expected tokens per second: (generating + gain) / (step time + sampling time).
+    Each extra row for a sequence whose draft already has j - 1 rows is worth the chance
+    that all j drafted tokens are accepted (the product of `Candidate.chances`: rate^j
+    where nothing else is known). Rows go to the best such gains first, and the step takes
+    as many as maximise expected tokens per second: (generating + gain) / (step time +
+    sampling time).
     `decode_rows` is the step's batch without drafts and prompt chunks, `prompt_rows` the
     prompt tokens waiting for it, `batch_rows` the most a batch holds.
 
