@@ -2,6 +2,7 @@
 
     python -m bench.draft_replay [--documents bench/unseen.jsonl] [--docs 12]
                                  [--price-with STEP_COSTS.json]
+                                 [--save-texts TEXTS.json | --texts TEXTS.json]
 
 The engine writes each document's greedy text once, alone and at its full length
 (`--speculation auto`, as `bench.speculation --fixed-length` runs it), and times its steps by
@@ -24,7 +25,12 @@ Seconds are the summed step times of decoding alone: no sampling, no prompts, no
 Text is read back as tokens by the model's tokenizer. `--price-with` prices the same plans
 with another model's step times, as `bench.verify_cost --out` writes them (for example
 Genstruct-7B's shape, `--model synthetic`): what the drafts of this text would buy on that
-model's cost curve. This is a benchmark, not a test.
+model's cost curve.
+
+Greedy text moves with the drafting: a row verified in another batch shape can tip a token,
+so a planner that drafts otherwise writes other texts, and its replay weighs it on those.
+To compare two planners on one text, write the texts once with `--save-texts` and replay
+them with `--texts` under the other. This is a benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import argparse
 import asyncio
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from genstruct_service.engine import speculation
@@ -176,6 +182,29 @@ def generate(args: argparse.Namespace) -> tuple[list[tuple[str, str]], dict[int,
     return pairs, costs, drafted, accepted
 
 
+@dataclass(frozen=True)
+class Written:
+    """What the engine wrote alone: each document's prompt and text, its step times by rows,
+    and the tokens it drafted and had accepted doing so."""
+
+    pairs: list[tuple[str, str]]
+    step_costs: dict[int, float]
+    drafted: int
+    accepted: int
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: Path) -> Written:
+        saved = json.loads(path.read_text())
+        return cls(
+            [(prompt, text) for prompt, text in saved["pairs"]],
+            {int(rows): seconds for rows, seconds in saved["step_costs"].items()},
+            saved["drafted"], saved["accepted"],
+        )
+
+
 def spec_settings(args: argparse.Namespace) -> speculation.SpeculationSettings:
     return speculation.SpeculationSettings(
         mode="auto", draft_max=args.spec_draft_max, ngram_min=args.spec_ngram_min,
@@ -196,12 +225,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--price-with", type=Path,
                         help="step seconds by rows (JSON) to price the plans with, in place "
                         "of the engine's own")
+    parser.add_argument("--save-texts", type=Path,
+                        help="write the texts, step times and live drafts (JSON) for --texts")
+    parser.add_argument("--texts", type=Path,
+                        help="replay what --save-texts wrote instead of writing texts: greedy "
+                        "text moves with the drafting, so two planners compare on one text")
     args = parser.parse_args(argv)
     settings.resolve(args)
 
     import llama_cpp
 
-    pairs, costs, live_drafted, live_accepted = generate(args)
+    if args.texts:
+        written = Written.load(args.texts)
+    else:
+        written = Written(*generate(args))
+        if args.save_texts:
+            written.save(args.save_texts)
+    pairs, costs = written.pairs, written.step_costs
     if not costs:
         raise SystemExit("the engine timed no steps before serving: nothing to price")
     vocab = llama_cpp.Llama(args.model, vocab_only=True, verbose=False)
@@ -233,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name:<22} {plan.seconds:8.2f} {plain / plan.seconds:8.2f}x {plan.steps:6d} "
               f"{plan.drafted:8d} {plan.accepted:9d}")
     planned = plans[0][1]
-    print(f"the live run drafted {live_drafted} and accepted {live_accepted} tokens; the "
+    live = f"the run that wrote {args.texts}" if args.texts else "the live run"
+    print(f"{live} drafted {written.drafted} and accepted {written.accepted} tokens; the "
           f"planner's replay {planned.drafted} and {planned.accepted}")
     return 0
 

@@ -3,9 +3,11 @@ fastest plan that knows their outcome."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from genstruct_service.engine.speculation import SpeculationSettings
 
-from bench.draft_replay import Point, foresight, points, replay_planner
+from bench.draft_replay import Point, Written, foresight, points, replay_planner
 
 
 def test_points_offer_the_copied_span_and_count_what_the_text_takes() -> None:
@@ -46,3 +48,11 @@ def test_no_plan_is_faster_than_foresight() -> None:
     # every plan covers the whole text: its steps and accepted tokens add up to it
     for plan in (best, planned):
         assert plan.steps + plan.accepted == len(text) - 1
+
+
+def test_saved_texts_come_back_as_written(tmp_path: Path) -> None:
+    written = Written([("prompt one", "text one"), ("prompt two", "text two")],
+                      {1: 0.0134, 4: 0.0287, 17: 0.0802}, drafted=969, accepted=676)  # fmt: skip
+    path = tmp_path / "texts.json"
+    written.save(path)
+    assert Written.load(path) == written  # JSON's string keys are rows again
