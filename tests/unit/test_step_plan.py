@@ -19,7 +19,7 @@ from genstruct_service.engine.drafts import DraftChooser
 from genstruct_service.engine.fitting import FittedPrompt
 from genstruct_service.engine.inbox import Inbox
 from genstruct_service.engine.ngrams import History, PromptNgrams
-from genstruct_service.engine.plan import RowKind, StepPlan, StepResult
+from genstruct_service.engine.plan import RowKind, SlotRows, StepPlan, StepResult
 from genstruct_service.engine.request import Job, Request, Status
 from genstruct_service.engine.scheduler import StepScheduler
 from genstruct_service.engine.sequence import Sequence
@@ -331,6 +331,20 @@ def test_a_gap_below_a_busy_slot_is_closed_by_a_move(loop: asyncio.AbstractEvent
     assert [r.slot for r in plan.rows] == [0] and long.seqs[0].slot == 0
 
 
+def run_alone(
+    engine: Engine, request: Request, loop: asyncio.AbstractEventLoop
+) -> tuple[list[SlotRows], Completed]:
+    """Steps `request`, alone in `engine`, to its end: the rows that verified its drafts, and
+    its last event."""
+    engine.scheduler.enqueue(request)
+    while request.status is not Status.DONE:
+        engine.step()
+    verified = [r for plan in engine.plans for r in plan.rows if r.kind is RowKind.VERIFY]
+    done = drain(request.job, loop)[-1]
+    assert isinstance(done, Completed)
+    return verified, done
+
+
 def test_a_draft_is_verified_on_free_rows_and_its_tokens_kept(
     loop: asyncio.AbstractEventLoop,
 ) -> None:
@@ -338,13 +352,8 @@ def test_a_draft_is_verified_on_free_rows_and_its_tokens_kept(
     engine = Engine(n_slots=1, n_cells=1000, n_batch=16, split=True, spec=spec)
     request = make_request(loop, random.Random(7), prompt=20, generations=1, max_tokens=12,
                            miss=0.0, spec=spec)  # fmt: skip
-    engine.scheduler.enqueue(request)
-    while request.status is not Status.DONE:
-        engine.step()
-    verified = [r for plan in engine.plans for r in plan.rows if r.kind is RowKind.VERIFY]
+    verified, done = run_alone(engine, request, loop)
     assert verified and all(r.n_logits == len(r.tokens) for r in verified)
-    done = drain(request.job, loop)[-1]
-    assert isinstance(done, Completed)
     # the sampler follows the prompt's cycle: the drafts copy it
     assert 0 < done.accepted_draft_tokens <= done.draft_tokens
     assert done.generations[0].completion_tokens == 12
@@ -414,12 +423,7 @@ def test_a_greedy_request_alone_drafts_a_short_match_its_prompt_agrees_on(
     # the prompt ends where the cycle does, so the sampler's first token goes on with it
     request = make_request(loop, random.Random(5), prompt=21, generations=1, max_tokens=24,
                            miss=0.0, spec=spec)  # fmt: skip
-    engine.scheduler.enqueue(request)
-    while request.status is not Status.DONE:
-        engine.step()
-    verified = [r for plan in engine.plans for r in plan.rows if r.kind is RowKind.VERIFY]
+    verified, done = run_alone(engine, request, loop)
     # 3 drafted tokens, 4 rows, until the budget left is shorter
     assert len(verified) > 2 and all(len(r.tokens) == 4 for r in verified[:-1])
-    done = drain(request.job, loop)[-1]
-    assert isinstance(done, Completed)
     assert done.accepted_draft_tokens == done.draft_tokens > 0
