@@ -125,6 +125,7 @@ def replay_planner(
                 k = speculation.plan_drafts(
                     [candidate], generating=1, decode_rows=1,
                     prompt_rows=0, batch_rows=len(price), cost=fixed, sample_seconds=0.0,
+                    lift=speculation.KEPT_LIFT,
                 )[0]
             accepted = min(k, p.good)
             if k:

@@ -8,6 +8,7 @@ from genstruct_service.engine.ngrams import History, PromptNgrams
 from genstruct_service.engine.speculation import (
     AGREED_ACCEPTANCE,
     CONTESTED,
+    KEPT_LIFT,
     Acceptance,
     Candidate,
     DraftRecord,
@@ -630,6 +631,30 @@ def test_agreed_tokens_are_drafted_up_to_where_the_occurrences_part() -> None:
     candidate = Candidate(short_match, 8, agreed=1, agreed_rate=0.97, contested=True)
     assert plan_drafts([candidate], generating=1, decode_rows=1, prompt_rows=0,
                        batch_rows=65, cost=flat, sample_seconds=0.0) == [8]  # fmt: skip
+
+
+def test_a_lift_asks_a_drafts_rows_to_buy_tokens_as_fast_as_drafting_keeps() -> None:
+    stepped = StepCost.fixed(STEEP_ROW_COST)
+    flat = StepCost.fixed({rows: 1.0 for rows in (1, 2, 4, 8, 16, 32)})
+
+    def plan(candidate: Candidate, lift: float | None, cost: StepCost = stepped) -> int:
+        return plan_drafts([candidate], generating=1, decode_rows=1, prompt_rows=0,
+                           batch_rows=65, cost=cost, sample_seconds=0.0, lift=lift)[0]  # fmt: skip
+
+    # one agreed token, then a counter: 1.97 expected tokens for a step of 1.86 raise that
+    # step's own rate, but its second row buys 0.97 tokens for 0.86 of a step, slower than
+    # the text is expected to go on
+    one = Candidate(Acceptance.start(2, greedy=True), 8, agreed=1,
+                    agreed_rate=AGREED_ACCEPTANCE[0], contested=True)  # fmt: skip
+    assert plan(one, None) == 1
+    assert plan(one, KEPT_LIFT) == 0
+    # a fair draft is left to later steps, a nearly sure one fills a larger block
+    assert plan(Candidate(0.8, 16), None) == 3
+    assert plan(Candidate(0.8, 16), KEPT_LIFT) == 0
+    assert plan(Candidate(0.95, 16), None) == 11
+    assert plan(Candidate(0.95, 16), KEPT_LIFT) == 15
+    # nearly free rows pay at any rate the text keeps: whole drafts, as without a lift
+    assert plan(Candidate(0.5, 16), KEPT_LIFT, flat) == 16
 
 
 def test_a_candidates_chances_follow_its_agreement() -> None:

@@ -427,3 +427,19 @@ def test_a_greedy_request_alone_drafts_a_short_match_its_prompt_agrees_on(
     # 3 drafted tokens, 4 rows, until the budget left is shorter
     assert len(verified) > 2 and all(len(r.tokens) == 4 for r in verified[:-1])
     assert done.accepted_draft_tokens == done.draft_tokens > 0
+
+
+def test_a_request_alone_buys_no_draft_whose_rows_pay_only_for_their_own_step(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    # every draft is one token (draft_max 1) that the prompt's cycle agrees on: 1.97
+    # expected tokens for a step of 2 rows, 1.86 times one where rows are dear. That step
+    # decodes faster than one without the draft, but its second row buys tokens slower than
+    # drafting keeps over a text (KEPT_LIFT), and a request alone is planned for its text
+    spec = SpeculationSettings("auto", draft_max=1, ngram_min=2, ngram_max=2)
+    engine = Engine(n_slots=1, n_cells=1000, n_batch=64, split=True, spec=spec)
+    request = make_request(loop, random.Random(5), prompt=21, generations=1, max_tokens=24,
+                           miss=0.0, spec=spec)  # fmt: skip
+    verified, done = run_alone(engine, request, loop)
+    assert verified == [] and done.draft_tokens == 0
+    assert done.generations[0].completion_tokens == 24

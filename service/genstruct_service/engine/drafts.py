@@ -18,6 +18,7 @@ from genstruct_service.engine.request import Request, Status
 from genstruct_service.engine.sequence import Sequence
 from genstruct_service.engine.speculation import (
     AGREED_ACCEPTANCE,
+    KEPT_LIFT,
     Acceptance,
     Candidate,
     SpeculationSettings,
@@ -130,7 +131,7 @@ class DraftChooser:
             ],
             generating=generating, decode_rows=rows, prompt_rows=prefill,
             batch_rows=self.n_batch, cost=cost, sample_seconds=sample_seconds,
-            shape=self.shape, fed=sorted(fed),
+            shape=self.shape, fed=sorted(fed), lift=KEPT_LIFT if alone else None,
         )
         return {
             seq: draft.cut(k)
