@@ -29,6 +29,14 @@ a system whose text ends sooner has fewer tokens to spread them over. A third, w
 `--repeat`, pairs each run with engine:off and the best n-gram setting of its own round
 (`paired_table`). With `--check-text` it also counts the documents whose text `engine:auto`
 and `engine:off` write alike. This is a benchmark, not a test.
+
+`--each-alone` (1 in flight) starts every system afresh for each document and sums the runs,
+so that no request drafts from what an earlier one wrote. llama-server's `ngram-mod` keeps
+one n-gram pool for all its slots and requests; the engine plans a repeatable request alone
+from that request only (its seed contract). On `--fixed-length` Gemma 3 270M texts, whose
+documents run into the same numbered loops, the pool lets a later document draft an earlier
+one's text: greedy, 12 documents of bench/unseen.jsonl, AMD EPYC, `ngram-mod` drafted 1,317
+tokens in one server and 285 with a server per document.
 """
 
 from __future__ import annotations
@@ -102,10 +110,11 @@ def read_documents(path: Path) -> list[Document]:
     return [Document(r["title"], r["content"]) for r in records]
 
 
-def documents(n: int, path: Path | None = None) -> list[Document]:
-    """The first `n` of the file given, or of the corpus followed by the examples."""
+def documents(n: int, path: Path | None = None, only: int | None = None) -> list[Document]:
+    """The first `n` of the file given, or of the corpus followed by the examples; with
+    `only`, that one of them."""
     docs = read_documents(path) if path else [*DOCUMENTS, *read_documents(EXAMPLES)]
-    return docs[:n]
+    return docs[:n] if only is None else docs[:n][only : only + 1]
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -122,7 +131,8 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 def _mode(args: argparse.Namespace) -> str:
     mode = "greedy" if not args.sampled else "sampled, unseeded" if args.unseeded else "sampled"
-    return f"{mode}, every text its full length" if args.fixed_length else mode
+    mode = f"{mode}, every text its full length" if args.fixed_length else mode
+    return f"{mode}, each document alone on a fresh system" if args.each_alone else mode
 
 
 # ---------------------------------------------------------------- the engine
@@ -145,7 +155,7 @@ def run_engine(mode: str, in_flight: int, args: argparse.Namespace) -> Run:
         record(self, match, drafted, accepted)
 
     speculation.Acceptance.record = counted  # type: ignore[method-assign]
-    docs = documents(args.docs, args.documents)
+    docs = documents(args.docs, args.documents, args.only)
     kwargs = settings.engine_kwargs(args)
     kwargs["speculation"] = SpeculationSettings(
         mode=mode, draft_max=args.spec_draft_max, ngram_min=args.spec_ngram_min,
@@ -172,6 +182,7 @@ def _engine_in_subprocess(mode: str, in_flight: int, args: argparse.Namespace) -
         sys.executable, "-m", "bench.speculation", "--worker", mode, "--in-flight",
         str(in_flight), "--max-tokens", str(args.max_tokens), "--docs", str(args.docs),
         *(["--documents", str(args.documents)] if args.documents else []),
+        *(["--only", str(args.only)] if args.only is not None else []),
         *(["--sampled"] if args.sampled else []),
         *(["--unseeded"] if args.unseeded else []),
         *(["--fixed-length"] if args.fixed_length else []),
@@ -187,6 +198,25 @@ def _engine_in_subprocess(mode: str, in_flight: int, args: argparse.Namespace) -
     return Run(**record)
 
 
+def summed(runs: Sequence[Run]) -> Run:
+    """The runs of one system that each ran one document (`--each-alone`), as one run of
+    them all; the step costs are those timed for the first."""
+    by_match: dict[int, list[int]] = {}
+    for run in runs:
+        for match, counts in run.by_match.items():
+            total = by_match.setdefault(match, [0] * len(counts))
+            for i, n in enumerate(counts):
+                total[i] += n
+    first = runs[0]
+    return Run(
+        first.system, first.in_flight, sum(r.documents for r in runs),
+        sum(r.generated_tokens for r in runs), sum(r.seconds for r in runs),
+        sum(r.drafted for r in runs), sum(r.accepted for r in runs),
+        sorted(text for r in runs for text in r.texts), first.step_costs, by_match,
+        sum(r.decode_seconds for r in runs),
+    )
+
+
 # ---------------------------------------------------------------- llama-server
 
 
@@ -195,7 +225,10 @@ def run_server(binary: Path, spec: str, in_flight: int, args: argparse.Namespace
 
     from bench import llama_server
 
-    prompts = [render_prompt(d.title, d.content) for d in documents(args.docs, args.documents)]
+    prompts = [
+        render_prompt(d.title, d.content)
+        for d in documents(args.docs, args.documents, args.only)
+    ]
     body = {"n_predict": args.max_tokens, "stop": [] if args.fixed_length else [STOP],
             "cache_prompt": False, "repeat_penalty": 1.0, "stream": False, **_sampling(args)}
     if args.sampled:
@@ -398,11 +431,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "greedy texts at 8 and 16 in flight differ in length from run to run")
     parser.add_argument("--check-text", action="store_true",
                         help="count documents whose text engine:auto and engine:off share")
+    parser.add_argument("--each-alone", action="store_true",
+                        help="with --levels 1: start every system afresh for each document, so "
+                        "that none drafts from an earlier request's text (llama-server's "
+                        "ngram-mod pool is shared by all its requests)")
     parser.add_argument("--out", type=Path, help="write every run as JSON here")
+    parser.add_argument("--only", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--in-flight", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
+    if args.each_alone and levels != [1]:
+        parser.error("--each-alone runs one document at a time: give --levels 1")
     requested_ctx = args.n_ctx
     settings.resolve(args)
 
@@ -429,6 +469,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench import llama_server
 
         binary = llama_server.ensure_built()
+    def one(kind: str, name: str, level: int, run_args: argparse.Namespace) -> Run:
+        if kind == "engine":
+            return _engine_in_subprocess(name, level, run_args)
+        assert binary is not None
+        return run_server(binary, name, level, run_args)
+
+    n_docs = len(documents(args.docs, args.documents))
     runs: list[Run] = []
     rounds: list[dict[tuple[str, int], Run]] = []
     for round_ in range(args.repeat):
@@ -439,11 +486,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if binary is not None:
                 todo += [("server", s) for s in specs]
             for kind, name in round_order(todo, round_):
-                if kind == "engine":
-                    run = _engine_in_subprocess(name, level, level_args)
+                if args.each_alone:
+                    alone = (argparse.Namespace(**{**vars(level_args), "only": i})
+                             for i in range(n_docs))  # fmt: skip
+                    run = summed([one(kind, name, level, doc_args) for doc_args in alone])
                 else:
-                    assert binary is not None
-                    run = run_server(binary, name, level, level_args)
+                    run = one(kind, name, level, level_args)
                 runs.append(run)
                 rounds[-1][(run.system, level)] = run
                 print(f"round {round_ + 1} {run.system:<26} {level} in flight: "

@@ -1,9 +1,14 @@
 """bench.speculation without a model: each round's paired ratios, from runs made up here,
-and the order each round runs its systems in."""
+the order each round runs its systems in, and `--each-alone`'s runs of one document each."""
 
 from __future__ import annotations
 
-from bench.speculation import Run, paired_table, round_order
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.speculation import Run, documents, main, paired_table, round_order, summed
 
 SYSTEMS = ["engine:off", "engine:auto", "server:ngram-mod", "server:ngram-simple"]
 
@@ -52,3 +57,35 @@ def test_rounds_alternate_the_order_of_their_systems() -> None:
     # alike, so neither sits always after the other
     assert all(orders[0].index(s) + orders[1].index(s) == len(systems) - 1 for s in systems)
     assert systems == ["engine:off", "engine:auto", "server:ngram-mod"]  # left as given
+
+
+def test_runs_of_one_document_each_add_up_to_one_run_of_them_all() -> None:
+    first = Run("engine:auto", 1, 1, 128, 2.0, 10, 8, ["b"], {1: 0.01, 2: 0.02},
+                {2: [1, 10, 9, 8]}, 1.5)  # fmt: skip
+    second = Run("engine:auto", 1, 1, 100, 3.0, 22, 22, ["a"], {1: 0.03},
+                  {2: [2, 6, 6, 6], 8: [1, 16, 16, 16]}, 2.5)  # fmt: skip
+    run = summed([first, second])
+    assert (run.system, run.in_flight, run.documents) == ("engine:auto", 1, 2)
+    assert (run.generated_tokens, run.seconds, run.decode_seconds) == (228, 5.0, 4.0)
+    assert (run.drafted, run.accepted) == (32, 30)
+    assert run.texts == ["a", "b"]
+    assert run.by_match == {2: [3, 16, 15, 14], 8: [1, 16, 16, 16]}
+    assert run.step_costs == {1: 0.01, 2: 0.02}  # the first document's, as timed for it
+    assert first.by_match == {2: [1, 10, 9, 8]}  # its parts are left as they were
+
+
+def test_only_picks_one_of_the_first_n_documents(tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(
+        json.dumps({"title": f"T{i}", "content": f"C{i}"}) + "\n" for i in range(4)
+    ))  # fmt: skip
+    assert [d.title for d in documents(3, path)] == ["T0", "T1", "T2"]
+    assert [d.title for d in documents(3, path, only=1)] == ["T1"]
+    assert documents(3, path, only=3) == []  # past the first 3
+
+
+def test_each_alone_is_refused_beside_other_requests(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as refused:
+        main(["--each-alone", "--levels", "1,8"])
+    assert refused.value.code == 2
+    assert "--each-alone runs one document at a time" in capsys.readouterr().err
