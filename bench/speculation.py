@@ -469,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench import llama_server
 
         binary = llama_server.ensure_built()
+
     def one(kind: str, name: str, level: int, run_args: argparse.Namespace) -> Run:
         if kind == "engine":
             return _engine_in_subprocess(name, level, run_args)
