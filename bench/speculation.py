@@ -31,9 +31,10 @@ a system whose text ends sooner has fewer tokens to spread them over. A third, w
 and `engine:off` write alike. This is a benchmark, not a test.
 
 `--each-alone` (1 in flight) starts every system afresh for each document and sums the runs,
-so that no request drafts from what an earlier one wrote. llama-server's `ngram-mod` keeps
-one n-gram pool for all its slots and requests; the engine plans a repeatable request alone
-from that request only (its seed contract). On `--fixed-length` Gemma 3 270M texts, whose
+so that no request draws on what an earlier one wrote. llama-server's `ngram-mod` keeps one
+n-gram pool for all its slots and requests; the engine plans a repeatable request alone from
+that request only (its seed contract), and an unseeded one from acceptance it learned on
+earlier requests, which this takes away from it too. On `--fixed-length` Gemma 3 270M texts, whose
 documents run into the same numbered loops, the pool lets a later document draft an earlier
 one's text: greedy, 12 documents of bench/unseen.jsonl, AMD EPYC, `ngram-mod` drafted 1,317
 tokens in one server and 285 with a server per document.
