@@ -4,7 +4,7 @@ the generated text, the acceptance estimate, the step-cost model and the per-ste
 from __future__ import annotations
 
 import pytest
-from genstruct_service.engine.ngrams import History, PromptNgrams
+from genstruct_service.engine.ngrams import History, PromptNgrams, RecentTexts
 from genstruct_service.engine.speculation import (
     AGREED_ACCEPTANCE,
     CONTESTED,
@@ -207,6 +207,82 @@ def test_a_draft_continues_an_earlier_match_in_its_own_text_or_a_peers(
         )
         assert 0 <= draft.agreed <= len(draft.tokens)
         assert not draft.contested or draft.agreed < len(draft.tokens)
+
+
+def test_where_its_own_text_has_no_match_a_draft_is_borrowed_from_recent_texts() -> None:
+    recent = RecentTexts(2)
+    recent.add([50, 51, 52, 53, 54])
+    recent.add([60, 51, 52, 55])
+    h = history([1, 2, 3, 4], [9, 51, 52], n=2)
+    assert h.draft(limit=3) is None  # nothing of its own
+    draft = h.draft(limit=3, recent=recent)
+    # the most recent text wins a tie of match lengths; a text is not extended
+    assert draft is not None and draft.borrowed and draft.match == 2 and draft.tokens == [55]
+    assert draft.agreed == 0 and not draft.contested  # other documents' texts do not agree
+    assert draft.cut(1).borrowed
+    # the longest match wins among them
+    recent.add([9, 51, 52, 70, 71, 72, 73])
+    longest = h.draft(limit=3, recent=recent)
+    assert longest is not None and longest.match == 3 and longest.tokens == [70, 71, 72]
+    # any match in its own prompt or text comes first, however long the borrowed one
+    own = history([1, 51, 52, 80], [9, 51, 52], n=2)
+    found = own.draft(limit=3, recent=recent)
+    assert found is not None and not found.borrowed and found.tokens == [80, 9, 51]
+
+
+def test_recent_texts_keep_at_most_their_capacity_the_newest_first_to_stay() -> None:
+    recent = RecentTexts(2, capacity=20)
+    recent.add([7])  # too short to hold an n-gram with a token after it
+    assert len(recent) == 0
+    texts = [[100 * i + j for j in range(6)] for i in range(1, 6)]
+    for text in texts:
+        recent.add(text)
+        assert len(recent) <= 20
+        assert recent.occurrences((text[0], text[1])) == [(text, 2)]
+        assert not recent.occurrences((text[-2], text[-1]))  # nothing after it
+    # past 20 tokens the older half went: the first texts draft nothing any more
+    assert not recent.occurrences((texts[0][0], texts[0][1]))
+    assert recent.occurrences((texts[-2][0], texts[-2][1]))
+    long = list(range(1000, 1050))
+    recent.add(long)  # longer than it holds: its last 20 tokens
+    assert len(recent) == 20 and recent.occurrences((1030, 1031)) == [(long[30:], 2)]
+
+
+@given(
+    text=st.lists(st.integers(0, 3), max_size=20),
+    others=st.lists(st.lists(st.integers(0, 3), max_size=20), max_size=3),
+    limit=st.integers(1, 6),
+)
+def test_a_borrowed_draft_continues_a_match_in_a_recent_text(
+    text: list[int], others: list[list[int]], limit: int
+) -> None:
+    recent = RecentTexts(2)
+    for other in others:
+        recent.add(other)
+    h = history([], text, n=2)
+    draft = h.draft(limit, recent)
+    if draft is None or not draft.borrowed:
+        return
+    assert h.draft(limit) is None  # borrowed only where its own text has nothing
+    suffix = text[len(text) - draft.match :]
+    assert 1 <= len(draft.tokens) <= limit
+    assert any(
+        other[at - draft.match : at] == suffix
+        and other[at : at + len(draft.tokens)] == draft.tokens
+        for other in others
+        for at in range(draft.match, len(other))
+    )
+
+
+def test_borrowed_drafts_are_learned_apart_from_the_requests_own() -> None:
+    a = Acceptance(ngram_max=8)
+    record = DraftRecord()
+    for _ in range(100):
+        a.record(8, drafted=8, accepted=0, borrowed=True)
+        record.add(8, drafted=8, accepted=0, borrowed=True)
+    assert a.rate(8, 0, 0, borrowed=True) < 0.05
+    assert a.rate(8, 0, 0) == pytest.approx(Acceptance.start(8, greedy=False))
+    assert record.of(8, borrowed=True) == (0, 100) and record.of(8) == (0, 0)
 
 
 def test_acceptance_starts_hopeful_for_long_matches_learns_and_weighs_the_sequence() -> None:

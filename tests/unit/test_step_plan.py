@@ -86,9 +86,13 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 def make_request(
     loop: asyncio.AbstractEventLoop, rng: random.Random, *, prompt: int, generations: int,
     max_tokens: int, miss: float, spec: SpeculationSettings | None,
+    cycle_prompt: bool = True, temperature: float = 0.0,
 ) -> Request:
-    tokens = [1] + [CYCLE[i % len(CYCLE)] for i in range(prompt - 1)]
-    sampling = Sampling(max_tokens=max_tokens, temperature=0.0)
+    """A request whose samplers follow CYCLE (`miss`: how often not), of `prompt` tokens
+    that repeat the cycle (`cycle_prompt`) or never hold it; unseeded where sampled."""
+    body = CYCLE if cycle_prompt else [20 + i for i in range(prompt)]
+    tokens = [1] + [body[i % len(body)] for i in range(prompt - 1)]
+    sampling = Sampling(max_tokens=max_tokens, temperature=temperature)
     ngrams = PromptNgrams(tokens, spec.ngram_min) if spec is not None else None
     job = Job(GenerationRequest("t", "c", sampling, num_generations=generations),
               FittedPrompt(tokens, truncated=False), ngrams, loop)  # fmt: skip
@@ -443,3 +447,45 @@ def test_a_request_alone_buys_no_draft_whose_rows_pay_only_for_their_own_step(
     verified, done = run_alone(engine, request, loop)
     assert verified == [] and done.draft_tokens == 0
     assert done.generations[0].completion_tokens == 24
+
+
+def test_what_a_request_wrote_drafts_for_the_next_unless_its_text_must_repeat(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    # prompts that never hold the cycle: until its own text repeats, a request has nothing
+    # of its own to draft from, and what an earlier request wrote is the only source
+    spec = SpeculationSettings("auto", draft_max=4, ngram_min=2, ngram_max=4)
+
+    def engine() -> Engine:
+        e = Engine(n_slots=1, n_cells=1000, n_batch=64, split=True, spec=spec)
+        assert e.scheduler.drafts is not None
+        for rows in STEEP_ROW_COST:  # nearly free rows (a GPU's)
+            e.scheduler.drafts.cost.set(rows, 0.01 + 1e-5 * rows)
+        return e
+
+    def request(temperature: float) -> Request:
+        return make_request(loop, random.Random(11), prompt=20, generations=1, max_tokens=30,
+                            miss=0.0, spec=spec, cycle_prompt=False,
+                            temperature=temperature)  # fmt: skip
+
+    def drafted(verified: list[SlotRows]) -> list[tuple[int, list[int], bool]]:
+        return [(r.first_pos, r.tokens, r.draft_borrowed) for r in verified]
+
+    busy = engine()
+    first, first_done = run_alone(busy, request(0.7), loop)
+    first_steps = len(busy.plans)
+    assert not any(r.draft_borrowed for r in first)
+    assert busy.scheduler.drafts is not None and len(busy.scheduler.drafts.recent) == 30
+    # an unseeded request borrows from it before its own text has anything to offer
+    busy.plans.clear()
+    second, second_done = run_alone(busy, request(0.7), loop)
+    assert second[0].draft_borrowed and second[0].first_pos == 21
+    assert len(busy.plans) < first_steps
+    assert second_done.accepted_draft_tokens > first_done.accepted_draft_tokens
+    # a greedy request alone must write the same text whatever ran before: it drafts as in
+    # an engine that ran nothing, though the texts it could borrow from would be accepted
+    busy.plans.clear()
+    after, _ = run_alone(busy, request(0.0), loop)
+    fresh, _ = run_alone(engine(), request(0.0), loop)
+    assert drafted(after) == drafted(fresh)
+    assert not any(r.draft_borrowed for r in after)

@@ -4,7 +4,8 @@ step_cost.py the cost model).
 
 It keeps what the planner weighs: the step time by batch rows (measured before serving),
 how llama.cpp cuts a batch into passes (`BatchShape`), and, learned as the engine runs, the
-acceptance of drafts by match length and the sampling time per token.
+acceptance of drafts by match length and the sampling time per token; and what recent
+generations wrote (`RecentTexts`), for drafts of requests whose text need not repeat.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from functools import partial
 
-from genstruct_service.engine.ngrams import Draft
+from genstruct_service.engine.ngrams import Draft, RecentTexts
 from genstruct_service.engine.request import Request, Status
 from genstruct_service.engine.sequence import Sequence
 from genstruct_service.engine.speculation import (
@@ -44,6 +45,7 @@ class DraftChooser:
         # a repeatable request run alone is planned against this, never against the measured
         self.fixed_cost = StepCost.fixed(STEEP_ROW_COST)
         self.sample_seconds = 0.0  # moving average per sampled token
+        self.recent = RecentTexts(settings.ngram_min)  # fed as generations end (update.py)
 
     def observe_sampling(self, seconds: float, tokens: int) -> None:
         self.sample_seconds += 0.2 * (seconds / tokens - self.sample_seconds)
@@ -52,7 +54,10 @@ class DraftChooser:
         """This step's drafts, by sequence (none for most steps of most sequences).
 
         A sequence drafts when it feeds one sampled token (not forced ones) and has at least
-        two tokens of budget left; its draft never takes rows a prompt chunk needs.
+        two tokens of budget left; its draft never takes rows a prompt chunk needs. Where
+        its own text and prompt have nothing to draft, a request whose text need not repeat
+        (unseeded, or beside others) borrows from what recent generations wrote; one whose
+        text must repeat, run alone, never does: what ran before would then decide its rows.
 
         `draining`: no request waits for a slot, so the sequences in flight are the last
         work there is, and the one with the most tokens left ends it. Where rows are dear
@@ -84,6 +89,7 @@ class DraftChooser:
             # drafts of sampled text at 8 to 16 in flight saved nothing, and they would tie
             # its text to what else runs
             undrafted = spec.mode == "auto" and request.seeded_sampled and not alone
+            recent = None if alone and request.repeatable else self.recent
             for seq in request.seqs:
                 pending = seq.pending
                 if seq.finish_reason is not None or not pending:
@@ -94,7 +100,7 @@ class DraftChooser:
                 if len(pending) != 1 or seq.history is None or undrafted:
                     continue
                 budget = seq.max_tokens - seq.n_generated - 1  # the last token is sampled
-                draft = seq.history.draft(min(spec.draft_max, budget))
+                draft = seq.history.draft(min(spec.draft_max, budget), recent)
                 if draft is not None:
                     found.append((seq, draft))
                     agreed_rate[seq] = AGREED_ACCEPTANCE[0 if request.greedy else 1]
@@ -121,10 +127,18 @@ class DraftChooser:
             rate, cost, sample_seconds = self.acceptance.rate, self.cost, self.sample_seconds
         if draining and generating > 1 and not alone and rows_are_dear(cost):
             found = last_to_end(found, requests)
+        learned = self.acceptance
+
+        def estimate(seq: Sequence, draft: Draft) -> float:
+            if draft.borrowed:  # never for a repeatable request alone
+                tried = seq.drafts.of(draft.match, borrowed=True)
+                return learned.rate(draft.match, *tried, borrowed=True)
+            return rate(draft.match, *seq.drafts.of(draft.match))
+
         take = plan_drafts(
             [
                 Candidate(
-                    rate(d.match, *s.drafts.of(d.match)), len(d.tokens), s.slot,
+                    estimate(s, d), len(d.tokens), s.slot,
                     agreed=d.agreed, agreed_rate=agreed_rate[s], contested=d.contested,
                 )
                 for s, d in found

@@ -1,6 +1,7 @@
 """Drafts from text: where the n-grams of a prompt occur, and one sequence's tokens with the
 drafts its longest recent suffix match proposes (from its prompt, its own output, and what
-the other generations of its request wrote).
+the other generations of its request wrote; failing those, from what other requests wrote,
+`RecentTexts`).
 
 Pure Python over token ids, tested without a model (tests/unit/test_speculation_plan.py).
 """
@@ -48,13 +49,72 @@ class Draft:
     # and `contested` when one continues otherwise at the token after them.
     agreed: int = 0
     contested: bool = False
+    borrowed: bool = False  # from another request's text (`RecentTexts`)
 
     def cut(self, length: int) -> Draft:
         """Its first `length` tokens."""
         return Draft(
             self.tokens[:length], self.match, min(self.agreed, length),
-            self.contested and self.agreed < length,
+            self.contested and self.agreed < length, self.borrowed,
         )
+
+
+# The tokens `RecentTexts` keeps: about 250 answers of 128 tokens, an index of a few MB.
+RECENT_TOKENS = 1 << 15
+
+
+class RecentTexts:
+    """What the engine's recent generations wrote, indexed by n-gram: drafts for a request
+    from the text of others (answers from one model restate its phrasing, its list
+    numbering and its format from one document to the next).
+
+    Only for a request whose text need not repeat (engine/drafts.py): such a draft depends
+    on what ran before. Holds at most `capacity` tokens; past that, the oldest texts go
+    until half is left (the newest always stays), and the index is built again.
+    """
+
+    __slots__ = ("_positions", "_texts", "_tokens", "capacity", "n")
+
+    def __init__(self, n: int, capacity: int = RECENT_TOKENS) -> None:
+        self.n = n
+        self.capacity = capacity
+        self._texts: list[list[int]] = []  # oldest first
+        self._tokens = 0
+        # n-gram -> (text, the position just after it) of its occurrences, oldest first
+        self._positions: dict[tuple[int, ...], list[tuple[list[int], int]]] = {}
+
+    def __len__(self) -> int:
+        return self._tokens
+
+    def add(self, tokens: Sequence[int]) -> None:
+        """A generation's text, once it has ended."""
+        if len(tokens) <= self.n:
+            return
+        text = list(tokens[-self.capacity :])
+        self._texts.append(text)
+        self._tokens += len(text)
+        if self._tokens > self.capacity:
+            while self._tokens > self.capacity // 2 and len(self._texts) > 1:
+                self._tokens -= len(self._texts.pop(0))
+            self._positions = {}
+            for kept in self._texts:
+                self._index(kept)
+        else:
+            self._index(text)
+
+    def _index(self, text: list[int]) -> None:
+        n, positions = self.n, self._positions
+        for end in range(n, len(text)):  # an n-gram at the very end has nothing after it
+            key = tuple(text[end - n : end])
+            found = positions.get(key)
+            if found is None:
+                positions[key] = [(text, end)]
+            else:
+                found.append((text, end))
+
+    def occurrences(self, key: tuple[int, ...]) -> list[tuple[list[int], int]]:
+        """The most recent occurrences of an n-gram, the latest last."""
+        return self._positions.get(key, [])[-_CANDIDATES:]
 
 
 class History:
@@ -107,10 +167,18 @@ class History:
         else:
             found.append(end)
 
-    def draft(self, limit: int) -> Draft | None:
+    @property
+    def generated(self) -> list[int]:
+        """The tokens this sequence generated (not a copy: read, never change)."""
+        return self._generated
+
+    def draft(self, limit: int, recent: RecentTexts | None = None) -> Draft | None:
         """The tokens that followed the longest recent match of this sequence's suffix: in
         its own text, its prompt, then its peers' text (the first found wins a tie), and
-        how far the suffix n-gram's other occurrences agree with them (`_agreement`)."""
+        how far the suffix n-gram's other occurrences agree with them (`_agreement`).
+        Where none of those has the suffix, the longest match in `recent`, other requests'
+        texts (`borrowed`; their agreement is not weighed: where texts of other documents
+        agree, this one often goes on otherwise)."""
         n = self._n
         end = len(self)
         if limit < 1 or end <= n:
@@ -138,7 +206,7 @@ class History:
                 if length > best_len:
                     best, best_len = (where, at), length
         if best is None:
-            return None
+            return None if recent is None else self._borrow(key, limit, recent)
         where, at = best
         if where is not self:
             tokens = where._slice(at, min(at + limit, len(where)))
@@ -153,6 +221,27 @@ class History:
             return None
         agreed, contested = self._agreement(tokens, seen, end)
         return Draft(tokens, best_len, agreed, contested)
+
+    def _borrow(self, key: tuple[int, ...], limit: int, recent: RecentTexts) -> Draft | None:
+        """What followed the longest match of the suffix in other requests' texts."""
+        end = len(self)
+        best: tuple[list[int], int] | None = None
+        best_len = 0
+        for text, at in reversed(recent.occurrences(key)):  # the most recent first
+            length = self._n
+            while (
+                length < self._max
+                and at - length > 0
+                and end - length > 0
+                and text[at - length - 1] == self._at(end - length - 1)
+            ):
+                length += 1
+            if length > best_len:
+                best, best_len = (text, at), length
+        if best is None:
+            return None
+        text, at = best
+        return Draft(text[at : at + limit], best_len, borrowed=True)
 
     def _agreement(
         self, tokens: list[int], seen: list[tuple[History, int]], end: int

@@ -38,6 +38,7 @@ class SlotRows:
     request: Request | None  # None for the runner's own batches (warm-up, calibration)
     seq: Sequence | None  # the sequence fed (None for a prompt chunk: the request's own)
     draft_match: int = 0  # VERIFY: the length of the match its draft came from
+    draft_borrowed: bool = False  # VERIFY: its draft came from another request's text
 
     @property
     def n_logits(self) -> int:

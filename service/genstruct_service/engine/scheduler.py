@@ -140,7 +140,8 @@ class StepScheduler:
                 draft = drafts.get(seq) if drafts else None
                 if draft is not None:
                     tokens = [pending[0], *draft.tokens]
-                    add(SlotRows(slot, verify, seq.pos, tokens, 0, request, seq, draft.match))
+                    add(SlotRows(slot, verify, seq.pos, tokens, 0, request, seq,
+                                 draft.match, draft.borrowed))
                     n += len(tokens)
                     continue
                 rows = min(len(pending), cap - n)

@@ -133,11 +133,16 @@ class Acceptance:
 
     def __init__(self, ngram_max: int) -> None:
         # per match length: [accepted, compared]; the live estimate mixes greedy and sampled
-        # requests, so it starts from the sampled table, the lower of the two
-        self._by_match = [
-            [self._START_WEIGHT * self.start(m, greedy=False), self._START_WEIGHT]
-            for m in range(ngram_max + 1)
-        ]
+        # requests, so it starts from the sampled table, the lower of the two. Drafts
+        # borrowed from other requests' texts (engine/ngrams.py) are learned apart: a match
+        # in another document's answer is worth less than one in the request's own text.
+        self._by_match, self._borrowed = (
+            [
+                [self._START_WEIGHT * self.start(m, greedy=False), self._START_WEIGHT]
+                for m in range(ngram_max + 1)
+            ]
+            for _ in range(2)
+        )
 
     @staticmethod
     def start(match: int, *, greedy: bool) -> float:
@@ -145,10 +150,10 @@ class Acceptance:
         table = GREEDY_ACCEPTANCE if greedy else SAMPLED_ACCEPTANCE
         return table[min(match, len(table) - 1)]
 
-    def rate(self, match: int, accepted: int, tried: int) -> float:
+    def rate(self, match: int, accepted: int, tried: int, *, borrowed: bool = False) -> float:
         """The estimate for a draft from a `match`-long match, for a sequence whose drafts
         from such matches so far had `accepted` of `tried` compared tokens accepted."""
-        acc, seen = self._by_match[match]
+        acc, seen = (self._borrowed if borrowed else self._by_match)[match]
         return self._shrunk(acc / seen, accepted, tried)
 
     def own_rate(self, match: int, accepted: int, tried: int, *, greedy: bool) -> float:
@@ -160,8 +165,8 @@ class Acceptance:
         rate = (accepted + self._PRIOR * prior) / (tried + self._PRIOR)
         return max(rate, self.FLOOR)
 
-    def record(self, match: int, drafted: int, accepted: int) -> None:
-        stats = self._by_match[match]
+    def record(self, match: int, drafted: int, accepted: int, *, borrowed: bool = False) -> None:
+        stats = (self._borrowed if borrowed else self._by_match)[match]
         stats[0] = stats[0] * self._DECAY + accepted
         stats[1] = stats[1] * self._DECAY + compared(drafted, accepted)
 
@@ -180,16 +185,19 @@ class DraftRecord:
     __slots__ = ("_accepted", "_compared")
 
     def __init__(self) -> None:
-        self._accepted: dict[int, int] = {}
-        self._compared: dict[int, int] = {}
+        # by (match length, borrowed from another request's text)
+        self._accepted: dict[tuple[int, bool], int] = {}
+        self._compared: dict[tuple[int, bool], int] = {}
 
-    def add(self, match: int, drafted: int, accepted: int) -> None:
-        self._accepted[match] = self._accepted.get(match, 0) + accepted
-        self._compared[match] = self._compared.get(match, 0) + compared(drafted, accepted)
+    def add(self, match: int, drafted: int, accepted: int, *, borrowed: bool = False) -> None:
+        key = match, borrowed
+        self._accepted[key] = self._accepted.get(key, 0) + accepted
+        self._compared[key] = self._compared.get(key, 0) + compared(drafted, accepted)
 
-    def of(self, match: int) -> tuple[int, int]:
+    def of(self, match: int, *, borrowed: bool = False) -> tuple[int, int]:
         """(accepted, compared) of its drafts from `match`-long matches."""
-        return self._accepted.get(match, 0), self._compared.get(match, 0)
+        key = match, borrowed
+        return self._accepted.get(key, 0), self._compared.get(key, 0)
 
 
 def compared(drafted: int, accepted: int) -> int:

@@ -155,9 +155,10 @@ class Updater:
         tokens = verify(draft, lambda i: seq.sampler.sample(first_row + i),
                         lambda token: self._append(request, seq, token))  # fmt: skip
         k, hits = len(draft), drafted_hits(draft, tokens)
+        match, borrowed = rows.draft_match, rows.draft_borrowed
         if self._drafts is not None:
-            self._drafts.acceptance.record(rows.draft_match, k, hits)
-        seq.drafts.add(rows.draft_match, k, hits)
+            self._drafts.acceptance.record(match, k, hits, borrowed=borrowed)
+        seq.drafts.add(match, k, hits, borrowed=borrowed)
         request.draft_tokens += k
         request.accepted_draft_tokens += hits
         if seq.finish_reason is None:
@@ -175,9 +176,11 @@ class Updater:
         return False
 
     def _ended(self, request: Request, seq: Sequence) -> None:
-        """`seq` ended on the token it just took."""
+        """`seq` ended on the token it just took; what it wrote may draft for others."""
         if not request.first_token:
             request.first_token = time.perf_counter()
+        if self._drafts is not None and seq.history is not None:
+            self._drafts.recent.add(seq.history.generated)
         self._release(request, seq)
 
     def _release(self, request: Request, seq: Sequence) -> None:
