@@ -248,7 +248,8 @@ def _learn_that_drafts_pay(engine: Any) -> None:
             engine._drafts.cost.observe(rows, 0.01)
     for _ in range(400):
         for match in range(engine._spec.ngram_max + 1):
-            engine._drafts.acceptance.record(match, drafted=16, accepted=16)
+            for borrowed in (False, True):
+                engine._drafts.acceptance.record(match, 16, 16, borrowed=borrowed)
 
 
 def _learn_that_drafts_never_pay(engine: Any) -> None:
@@ -259,7 +260,8 @@ def _learn_that_drafts_never_pay(engine: Any) -> None:
             engine._drafts.cost.observe(rows, 0.01 * rows)
     for _ in range(400):
         for match in range(engine._spec.ngram_max + 1):
-            engine._drafts.acceptance.record(match, drafted=16, accepted=0)
+            for borrowed in (False, True):
+                engine._drafts.acceptance.record(match, 16, 0, borrowed=borrowed)
 
 
 async def test_auto_plans_a_seeded_request_run_alone_from_itself(
@@ -269,6 +271,10 @@ async def test_auto_plans_a_seeded_request_run_alone_from_itself(
                "max_tokens": 160}  # fmt: skip
     requests = [req(i, **sampled) for i in range(3)] + [req(3, num_generations=2, **sampled)]
     fresh = [(await collect(auto, r))[1] for r in requests]
+    # what they wrote is now in the texts other requests borrow drafts from, as is what
+    # it would learn if every borrowed draft were accepted: neither moves a repeatable
+    # request alone
+    assert len(auto._drafts.recent) > 0
     _learn_that_drafts_pay(auto)
     learned = [(await collect(auto, r))[1] for r in requests]
     # another engine, with step costs timed afresh: a restart
