@@ -1,7 +1,7 @@
 """How close the draft planner comes to the best plan on a text: a replay, at 1 in flight.
 
     python -m bench.draft_replay [--documents bench/unseen.jsonl] [--docs 12]
-                                 [--price-with STEP_COSTS.json]
+                                 [--price-with STEP_COSTS.json] [--borrow]
                                  [--save-texts TEXTS.json | --texts TEXTS.json]
 
 The engine writes each document's greedy text once, alone and at its full length
@@ -20,6 +20,12 @@ the engine's own step times:
 - `foresight`: the fastest plan of all, which knows how much of every draft the text takes
   (a shortest path over the text's positions). No planner can beat it with these drafts:
   the room left between it and `planner` is all that better estimates could win.
+
+`--borrow` adds the live plan, as for a request whose text need not repeat (unseeded, run
+alone): rates learned over the documents in order (`Acceptance.rate`), planned on the very
+step times it is priced with, as the engine plans on the times it measures; then the same
+with drafts borrowed from the texts of the documents before (`RecentTexts`, where a
+document's own prompt and text have no match), and the foresight of those drafts.
 
 Seconds are the summed step times of decoding alone: no sampling, no prompts, no Python.
 Text is read back as tokens by the model's tokenizer. `--price-with` prices the same plans
@@ -43,7 +49,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from genstruct_service.engine import speculation
-from genstruct_service.engine.ngrams import History, PromptNgrams
+from genstruct_service.engine.ngrams import History, PromptNgrams, RecentTexts
 from genstruct_service.engine.step_cost import STEEP_ROW_COST, StepCost
 
 from bench import settings
@@ -62,6 +68,7 @@ class Point:
     good: int  # how many of them the text goes on with
     agreed: int = 0  # Draft.agreed
     contested: bool = False  # Draft.contested
+    borrowed: bool = False  # Draft.borrowed
 
 
 @dataclass
@@ -79,27 +86,42 @@ class Plan:
 
 
 def points(
-    prompt: list[int], text: list[int], spec: speculation.SpeculationSettings
+    prompt: list[int], text: list[int], spec: speculation.SpeculationSettings,
+    recent: RecentTexts | None = None,
 ) -> list[Point]:
     """The draft at each decode step's start, as the engine asks for it: the first token
-    comes from the prompt's step, and the last token of the budget is never drafted."""
+    comes from the prompt's step, and the last token of the budget is never drafted. With
+    `recent`, borrowing from it where the text's own sources have nothing."""
     history = History(PromptNgrams(prompt, spec.ngram_min), spec.ngram_max)
     history.append(text[0])
     found = []
     for at in range(1, len(text)):
         budget = len(text) - at - 1
-        draft = history.draft(min(spec.draft_max, budget))
+        draft = history.draft(min(spec.draft_max, budget), recent)
         if draft is None:
             found.append(Point(at, 0, 0, 0))
         else:
             good = 0
             while good < len(draft.tokens) and draft.tokens[good] == text[at + good]:
                 good += 1
-            found.append(
-                Point(at, draft.match, len(draft.tokens), good, draft.agreed, draft.contested)
-            )
+            found.append(Point(
+                at, draft.match, len(draft.tokens), good, draft.agreed, draft.contested,
+                draft.borrowed,
+            ))  # fmt: skip
         history.append(text[at])
     return found
+
+
+def borrowing_points(
+    pairs: list[tuple[list[int], list[int]]], spec: speculation.SpeculationSettings
+) -> list[list[Point]]:
+    """`points` for each (prompt, text) in order, borrowing from the texts before it."""
+    recent = RecentTexts(spec.ngram_min)
+    texts = []
+    for prompt, text in pairs:
+        texts.append(points(prompt, text, spec, recent))
+        recent.add(text)
+    return texts
 
 
 def replay_planner(
@@ -130,6 +152,40 @@ def replay_planner(
             accepted = min(k, p.good)
             if k:
                 record.add(p.match, k, accepted)
+            plan.step(price[k + 1], k, accepted)
+            i += accepted + 1
+    return plan
+
+
+def replay_live(
+    texts: list[list[Point]], price: list[float], ngram_max: int, cost: StepCost
+) -> Plan:
+    """The engine's live plan for a request alone whose text need not repeat, step by step:
+    rates learned over the texts in order, borrowed drafts apart (engine/drafts.py)."""
+    acceptance = speculation.Acceptance(ngram_max)
+    plan = Plan()
+    for found in texts:
+        record = speculation.DraftRecord()
+        i = 0
+        while i < len(found):
+            p = found[i]
+            k = 0
+            if p.draft:
+                tried = record.of(p.match, borrowed=p.borrowed)
+                candidate = speculation.Candidate(
+                    acceptance.rate(p.match, *tried, borrowed=p.borrowed), p.draft,
+                    agreed=p.agreed, agreed_rate=speculation.AGREED_ACCEPTANCE[0],
+                    contested=p.contested,
+                )
+                k = speculation.plan_drafts(
+                    [candidate], generating=1, decode_rows=1,
+                    prompt_rows=0, batch_rows=len(price), cost=cost, sample_seconds=0.0,
+                    lift=speculation.KEPT_LIFT,
+                )[0]
+            accepted = min(k, p.good)
+            if k:
+                record.add(p.match, k, accepted, borrowed=p.borrowed)
+                acceptance.record(p.match, k, accepted, borrowed=p.borrowed)
             plan.step(price[k + 1], k, accepted)
             i += accepted + 1
     return plan
@@ -226,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--price-with", type=Path,
                         help="step seconds by rows (JSON) to price the plans with, in place "
                         "of the engine's own")
+    parser.add_argument("--borrow", action="store_true",
+                        help="also replay the live plan, without and with drafts borrowed "
+                        "from the documents before")
     parser.add_argument("--save-texts", type=Path,
                         help="write the texts, step times and live drafts (JSON) for --texts")
     parser.add_argument("--texts", type=Path,
@@ -247,11 +306,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("the engine timed no steps before serving: nothing to price")
     vocab = llama_cpp.Llama(args.model, vocab_only=True, verbose=False)
     spec = spec_settings(args)
-    texts = []
-    for prompt, text in pairs:
-        prompt_ids = vocab.tokenize(prompt.encode(), add_bos=True, special=True)
-        text_ids = vocab.tokenize(text.encode(), add_bos=False, special=True)
-        texts.append(points(prompt_ids, text_ids, spec))
+    ids = [
+        (vocab.tokenize(prompt.encode(), add_bos=True, special=True),
+         vocab.tokenize(text.encode(), add_bos=False, special=True))
+        for prompt, text in pairs
+    ]  # fmt: skip
+    texts = [points(prompt, text, spec) for prompt, text in ids]
     if args.price_with:
         costs = {int(rows): s for rows, s in json.loads(args.price_with.read_text()).items()}
     curve = StepCost.fixed(costs)
@@ -259,11 +319,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     n_steps = sum(len(found) for found in texts)  # decoding a token a step
     plain = n_steps * price[1]
-    plans = (
+    plans = [
         ("planner", replay_planner(texts, price, spec.ngram_max)),
         ("planner, priced curve", replay_planner(texts, price, spec.ngram_max, curve)),
         ("foresight", foresight(texts, price)),
-    )
+    ]
+    if args.borrow:
+        borrowing = borrowing_points(ids, spec)
+        plans += [
+            ("live", replay_live(texts, price, spec.ngram_max, curve)),
+            ("live, borrowing", replay_live(borrowing, price, spec.ngram_max, curve)),
+            ("foresight, borrowing", foresight(borrowing, price)),
+        ]
     steps = ", ".join(f"{n}: {price[n] * 1e3:.1f}" for n in range(1, len(price)))
     print(f"{len(texts)} documents of {args.documents}, greedy, {args.max_tokens} tokens each; "
           f"priced with {args.price_with or 'its own step times'}, ms by rows: {steps}")

@@ -91,6 +91,7 @@ class Run:
     texts: list[str] = field(default_factory=list)
     # the engine's: step seconds by batch rows as timed before serving, and its drafts by the
     # length of the match they came from: match -> [drafts, drafted, compared, accepted]
+    # (drafts borrowed from other requests' texts under -match)
     step_costs: dict[int, float] = field(default_factory=dict)
     by_match: dict[int, list[int]] = field(default_factory=dict)
     # the sum over requests of the seconds from its first token to its end
@@ -147,13 +148,15 @@ def run_engine(mode: str, in_flight: int, args: argparse.Namespace) -> Run:
     by_match: dict[int, list[int]] = {}
     record = speculation.Acceptance.record
 
-    def counted(self: Any, match: int, drafted: int, accepted: int) -> None:
-        counts = by_match.setdefault(match, [0, 0, 0, 0])
+    def counted(
+        self: Any, match: int, drafted: int, accepted: int, *, borrowed: bool = False
+    ) -> None:
+        counts = by_match.setdefault(-match if borrowed else match, [0, 0, 0, 0])
         counts[0] += 1
         counts[1] += drafted
         counts[2] += speculation.compared(drafted, accepted)
         counts[3] += accepted
-        record(self, match, drafted, accepted)
+        record(self, match, drafted, accepted, borrowed=borrowed)
 
     speculation.Acceptance.record = counted  # type: ignore[method-assign]
     docs = documents(args.docs, args.documents, args.only)
@@ -295,7 +298,7 @@ def cost_table(runs: list[Run]) -> str:
 def acceptance_table(runs: list[Run]) -> str:
     """Drafts by the length of their match, summed over every run of each engine mode: the
     chance a drafted token is accepted after the one before it was (accepted / compared)."""
-    lines = [f"{'system':<16}{'match':>6}{'drafts':>8}{'drafted':>9}{'compared':>10}"
+    lines = [f"{'system':<16}{'match':>12}{'drafts':>8}{'drafted':>9}{'compared':>10}"
              f"{'accepted':>10}{'rate':>7}{'whole':>7}"]
     for system in sorted({r.system for r in runs if r.by_match}):
         total: dict[int, list[int]] = {}
@@ -305,11 +308,14 @@ def acceptance_table(runs: list[Run]) -> str:
                     mine = total.setdefault(match, [0, 0, 0, 0])
                     for i, n in enumerate(counts):
                         mine[i] += n
-        for match, (drafts, drafted, compared, accepted) in sorted(total.items()):
+        for match, (drafts, drafted, compared, accepted) in sorted(
+            total.items(), key=lambda item: (item[0] < 0, abs(item[0]))
+        ):
             rate = accepted / compared if compared else 0.0
             # the share of drafted tokens accepted: 1.0 when every draft is taken whole
             whole = accepted / drafted if drafted else 0.0
-            lines.append(f"{system:<16}{match:>6}{drafts:>8}{drafted:>9}{compared:>10}"
+            label = f"{-match} borrowed" if match < 0 else str(match)
+            lines.append(f"{system:<16}{label:>12}{drafts:>8}{drafted:>9}{compared:>10}"
                          f"{accepted:>10}{rate:>7.2f}{whole:>7.2f}")
     return "\n".join(lines)
 

@@ -6,8 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from genstruct_service.engine.speculation import SpeculationSettings
+from genstruct_service.engine.step_cost import StepCost
 
-from bench.draft_replay import Point, Written, foresight, points, replay_planner
+from bench.draft_replay import (
+    Point,
+    Written,
+    borrowing_points,
+    foresight,
+    points,
+    replay_live,
+    replay_planner,
+)
 
 
 def test_points_offer_the_copied_span_and_count_what_the_text_takes() -> None:
@@ -56,3 +65,22 @@ def test_saved_texts_come_back_as_written(tmp_path: Path) -> None:
     path = tmp_path / "texts.json"
     written.save(path)
     assert Written.load(path) == written  # JSON's string keys are rows again
+
+
+def test_a_later_document_borrows_what_an_earlier_one_wrote_and_the_live_plan_uses_it() -> None:
+    spec = SpeculationSettings(draft_max=8, ngram_min=2)
+    answer = [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51]  # the same answer to both
+    pairs = [([1, 2, 3], answer), ([4, 5, 6], answer)]
+    first, second = borrowing_points(pairs, spec)
+    assert first == points(*pairs[0], spec)  # nothing before it to borrow from
+    assert not any(p.draft for p in first)
+    # the second's own text has nothing: all its drafts are the first one's text
+    assert second[0] == Point(at=1, match=0, draft=0, good=0)  # one token: no 2-gram yet
+    assert all(p.borrowed and p.draft and p.good == p.draft for p in second[1:-1])
+    flat = [0.0] + [1.0] * 9
+    cost = StepCost.fixed({rows: 1.0 for rows in range(1, 10)})
+    own = replay_live([first, points(*pairs[1], spec)], flat, 8, cost)
+    borrowing = replay_live([first, second], flat, 8, cost)
+    for plan in (own, borrowing):
+        assert plan.steps + plan.accepted == 2 * (len(answer) - 1)
+    assert own.accepted == 0 < borrowing.accepted and borrowing.steps < own.steps

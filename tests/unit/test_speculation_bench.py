@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.speculation import Run, documents, main, paired_table, round_order, summed
+from bench.speculation import (
+    Run,
+    acceptance_table,
+    documents,
+    main,
+    paired_table,
+    round_order,
+    summed,
+)
 
 SYSTEMS = ["engine:off", "engine:auto", "server:ngram-mod", "server:ngram-simple"]
 
@@ -72,6 +80,21 @@ def test_runs_of_one_document_each_add_up_to_one_run_of_them_all() -> None:
     assert run.by_match == {2: [3, 16, 15, 14], 8: [1, 16, 16, 16]}
     assert run.step_costs == {1: 0.01, 2: 0.02}  # the first document's, as timed for it
     assert first.by_match == {2: [1, 10, 9, 8]}  # its parts are left as they were
+
+
+def test_the_acceptance_table_lists_borrowed_drafts_after_the_requests_own() -> None:
+    runs = [
+        Run("engine:auto", 1, 1, 128, 2.0, 36, 30, by_match={8: [1, 16, 16, 16],
+                                                               -2: [2, 8, 5, 4]}),
+        Run("engine:auto", 1, 1, 128, 2.0, 28, 23, by_match={-2: [1, 4, 4, 4],
+                                                               3: [3, 8, 6, 5]}),
+    ]  # fmt: skip
+    rows = [line.split() for line in acceptance_table(runs).splitlines()[1:]]
+    assert rows == [
+        ["engine:auto", "3", "3", "8", "6", "5", "0.83", "0.62"],
+        ["engine:auto", "8", "1", "16", "16", "16", "1.00", "1.00"],
+        ["engine:auto", "2", "borrowed", "3", "12", "9", "8", "0.89", "0.67"],
+    ]
 
 
 def test_only_picks_one_of_the_first_n_documents(tmp_path: Path) -> None:
