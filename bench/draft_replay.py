@@ -17,6 +17,8 @@ the engine's own step times:
   the live run's, which the table shows beside them: the replay is the engine's plan;
 - `planner, priced curve`: the same estimates planned against the very step times the
   plans are priced with, as a repeatable plan could be with a fixed per-host curve;
+- `planner, GPU shape`: the plan of an engine with every layer on a GPU, which plans a
+  repeatable request against `GPU_ROW_COST` instead (with `--price-with` a GPU's curve);
 - `foresight`: the fastest plan of all, which knows how much of every draft the text takes
   (a shortest path over the text's positions). No planner can beat it with these drafts:
   the room left between it and `planner` is all that better estimates could win.
@@ -50,7 +52,7 @@ from pathlib import Path
 
 from genstruct_service.engine import speculation
 from genstruct_service.engine.ngrams import History, PromptNgrams, RecentTexts
-from genstruct_service.engine.step_cost import STEEP_ROW_COST, StepCost
+from genstruct_service.engine.step_cost import GPU_ROW_COST, STEEP_ROW_COST, StepCost
 
 from bench import settings
 from bench.speculation import documents
@@ -322,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plans = [
         ("planner", replay_planner(texts, price, spec.ngram_max)),
         ("planner, priced curve", replay_planner(texts, price, spec.ngram_max, curve)),
+        ("planner, GPU shape",
+         replay_planner(texts, price, spec.ngram_max, StepCost.fixed(GPU_ROW_COST))),
         ("foresight", foresight(texts, price)),
     ]
     if args.borrow:

@@ -109,8 +109,8 @@ class Engine:
     """The scheduler and update, with the KV cache as cells per slot."""
 
     def __init__(self, *, n_slots: int, n_cells: int, n_batch: int, split: bool,
-                 spec: SpeculationSettings | None) -> None:  # fmt: skip
-        drafts = DraftChooser(spec, n_batch) if spec is not None else None
+                 spec: SpeculationSettings | None, offloaded: bool = False) -> None:  # fmt: skip
+        drafts = DraftChooser(spec, n_batch, offloaded=offloaded) if spec is not None else None
         self.scheduler = StepScheduler(n_slots, n_cells, n_batch=n_batch, split_kv=split,
                                        drafts=drafts)  # fmt: skip
         self.updater = Updater(self.scheduler, Inbox(max_queue=99, n_parallel=n_slots), drafts)
@@ -447,6 +447,31 @@ def test_a_request_alone_buys_no_draft_whose_rows_pay_only_for_their_own_step(
     verified, done = run_alone(engine, request, loop)
     assert verified == [] and done.draft_tokens == 0
     assert done.generations[0].completion_tokens == 24
+
+
+def test_a_request_alone_is_planned_on_the_fixed_row_costs_of_where_its_model_runs(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    # the drafts above, of 1 token agreed on: where every layer is on a GPU a second row
+    # costs a fifth of a step, and each is bought, whatever the engine measured
+    spec = SpeculationSettings("auto", draft_max=1, ngram_min=2, ngram_max=2)
+
+    def run(offloaded: bool) -> list[tuple[int, list[int]]]:
+        engine = Engine(n_slots=1, n_cells=1000, n_batch=64, split=True, spec=spec,
+                        offloaded=offloaded)  # fmt: skip
+        assert engine.scheduler.drafts is not None
+        for rows, share in STEEP_ROW_COST.items():  # measured: a CPU's steep curve
+            engine.scheduler.drafts.cost.set(rows, 0.01 * share)
+        request = make_request(loop, random.Random(5), prompt=21, generations=1,
+                               max_tokens=24, miss=0.0, spec=spec)  # fmt: skip
+        verified, done = run_alone(engine, request, loop)
+        assert done.generations[0].completion_tokens == 24
+        return [(r.first_pos, r.tokens) for r in verified]
+
+    assert run(offloaded=False) == []
+    on_gpu = run(offloaded=True)
+    assert len(on_gpu) >= 10 and all(len(tokens) == 2 for _, tokens in on_gpu)
+    assert run(offloaded=True) == on_gpu  # fixed: the same rows on every run
 
 
 def test_what_a_request_wrote_drafts_for_the_next_unless_its_text_must_repeat(

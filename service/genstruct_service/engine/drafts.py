@@ -26,7 +26,12 @@ from genstruct_service.engine.speculation import (
     plan_drafts,
     rows_left,
 )
-from genstruct_service.engine.step_cost import STEEP_ROW_COST, BatchShape, StepCost
+from genstruct_service.engine.step_cost import (
+    GPU_ROW_COST,
+    STEEP_ROW_COST,
+    BatchShape,
+    StepCost,
+)
 
 DEAR_ROW = 1.5  # a step of 2 rows against 1, from which rows are dear
 
@@ -35,15 +40,17 @@ class DraftChooser:
     """Drafts for the step's sequences where verifying them pays."""
 
     def __init__(
-        self, settings: SpeculationSettings, n_batch: int, shape: BatchShape | None = None
+        self, settings: SpeculationSettings, n_batch: int, shape: BatchShape | None = None,
+        *, offloaded: bool = False,
     ) -> None:
         self.settings = settings
         self.n_batch = n_batch
         self.shape = shape  # how llama.cpp cuts a batch into passes; None: one pass
         self.cost = StepCost()  # measured before serving, refined by every step
         self.acceptance = Acceptance(settings.ngram_max)
-        # a repeatable request run alone is planned against this, never against the measured
-        self.fixed_cost = StepCost.fixed(STEEP_ROW_COST)
+        # a repeatable request run alone is planned against this, never against the measured:
+        # the shape of where the model runs (every layer on a GPU, or not), fixed at start
+        self.fixed_cost = StepCost.fixed(GPU_ROW_COST if offloaded else STEEP_ROW_COST)
         self.sample_seconds = 0.0  # moving average per sampled token
         self.recent = RecentTexts(settings.ngram_min)  # fed as generations end (update.py)
 

@@ -303,8 +303,20 @@ class LlamaEngine:
         marker = self._format.answer_marker
         self._marker_tokens = len(runner.tokenizer.tokenize(marker, add_special=False))
         self._min_constrained_tokens = self._marker_tokens + self._format.answer_reserve + 4
+        info = self._info = engine_info(
+            loaded.model, loaded.ctx, model_name=self._model_name,
+            model_path=settings.model_path, n_parallel=settings.n_parallel,
+            n_gpu_layers=settings.n_gpu_layers, build=loaded.build,
+            flash_attn=loaded.flash_attn, cache_types=settings.cache_types,
+            speculation=spec, layout=loaded.layout,
+        )
         shape = BatchShape(split=not settings.kv_unified, n_ubatch=settings.n_ubatch)
-        drafts = DraftChooser(spec, settings.n_batch, shape) if spec.enabled else None
+        # every layer on a GPU: a repeatable request alone is planned on a GPU's row costs
+        offloaded = info.gpu_layers_offloaded == info.total_layers > 0
+        drafts = (
+            DraftChooser(spec, settings.n_batch, shape, offloaded=offloaded)
+            if spec.enabled else None
+        )  # fmt: skip
         self._drafts = drafts
         scheduler = StepScheduler(
             settings.n_parallel, loaded.layout.n_ctx, n_batch=settings.n_batch,
@@ -318,17 +330,12 @@ class LlamaEngine:
                 drafts.cost.set(rows, seconds)
             self._step_costs = measured
             log.info(
-                "speculation: step time by batch rows measured in %.2f s (%s)",
+                "speculation: step time by batch rows measured in %.2f s (%s); a greedy or "
+                "seeded request alone is planned on a %s's row costs",
                 time.perf_counter() - started,
                 ", ".join(f"{r}: {drafts.cost.estimate(r) * 1000:.1f} ms" for r in measured),
+                "GPU" if offloaded else "CPU",
             )
-        self._info = engine_info(
-            loaded.model, loaded.ctx, model_name=self._model_name,
-            model_path=settings.model_path, n_parallel=settings.n_parallel,
-            n_gpu_layers=settings.n_gpu_layers, build=loaded.build,
-            flash_attn=loaded.flash_attn, cache_types=settings.cache_types,
-            speculation=spec, layout=loaded.layout,
-        )
         updater = Updater(scheduler, self._inbox, drafts)
         return EngineLoop(self._inbox, scheduler, runner, updater,
                           make_request=self._make_request, on_step=self._on_step)  # fmt: skip

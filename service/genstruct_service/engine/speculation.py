@@ -16,8 +16,10 @@ A row verified in another batch shape can compute logits a hair apart and so cha
 token, and a live plan follows whatever the engine measured and learned before. So a
 request whose text must repeat (greedy, or sampled with a seed), when it runs alone, is
 planned from itself: its own record against a start fixed per match length, and a fixed
-cost shape (`STEEP_ROW_COST`) instead of the measured one. The same request run alone then
-drafts the same rows, and writes the same text, on every run and after every restart.
+cost shape instead of the measured one: a GPU's (`GPU_ROW_COST`) where every layer is on
+one, else the CPU's where rows cost most (`STEEP_ROW_COST`). The same request run alone
+then drafts the same rows, and writes the same text, on every run and after every restart
+with the same model, hardware and settings.
 Alongside other requests its batches depend on theirs anyway: the live plan applies to a
 greedy request, and under auto a seeded sampled one is not drafted there (engine/drafts.py).
 

@@ -24,6 +24,12 @@ STEEP_ROW_COST = {
     24: 8.45, 32: 10.40,
 }  # fmt: skip
 
+# The same on a GPU, for a model with every layer offloaded: the Genstruct-7B-shaped model
+# (Q4_K_M, random weights) on an NVIDIA H200, after a 384-token prompt, median of 5
+# (`python -m bench.verify_cost --model synthetic`, bench/results/gpu/2026-12-04-h200-
+# fd15c6ef). A step reads the weights once whatever its rows: 17 rows cost 2 steps.
+GPU_ROW_COST = {1: 1.0, 2: 1.18, 3: 1.20, 5: 1.43, 9: 1.84, 17: 2.02}
+
 
 class StepCost:
     """Seconds of one decode step by its batch rows, measured as the engine runs.
