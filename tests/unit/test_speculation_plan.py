@@ -7,6 +7,7 @@ import pytest
 from genstruct_service.engine.ngrams import History, PromptNgrams, RecentTexts
 from genstruct_service.engine.speculation import (
     AGREED_ACCEPTANCE,
+    BORROWED_START,
     CONTESTED,
     KEPT_LIFT,
     Acceptance,
@@ -276,6 +277,9 @@ def test_a_borrowed_draft_continues_a_match_in_a_recent_text(
 
 def test_borrowed_drafts_are_learned_apart_from_the_requests_own() -> None:
     a = Acceptance(ngram_max=8)
+    # another document's answer is worth less than the request's own text, however long
+    assert a.rate(8, 0, 0, borrowed=True) == pytest.approx(BORROWED_START)
+    assert BORROWED_START < a.rate(3, 0, 0)
     record = DraftRecord()
     for _ in range(100):
         a.record(8, drafted=8, accepted=0, borrowed=True)

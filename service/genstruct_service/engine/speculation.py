@@ -104,6 +104,19 @@ AGREED_ACCEPTANCE = (0.97, 0.86)
 # 3.3% and 2.3%): where rows are dear a short draft that stops before it beats a long one.
 CONTESTED = 0.3
 
+# The chance that a token of a draft borrowed from another request's text is accepted,
+# given the one before it was, before anything is learned, whatever the match. Borrowed
+# drafts take less than the request's own: replayed on the engine's greedy texts (Gemma 3
+# 270M Q4_K_M, 128 tokens each), borrowing from the documents before, they kept 52% of
+# their tokens on bench/unseen.jsonl and 24% on bench/heldout.jsonl, and live sampled
+# unseeded text (2 cores of an AMD EPYC) took 2 of 20 compared tokens when they started
+# from SAMPLED_ACCEPTANCE. With `python -m bench.draft_replay --borrow`, priced on the H200
+# curve of the Genstruct-7B-shaped model, 0.6 to 0.8 decoded within 1% of each other (unseen
+# 2.72x plain decoding, heldout 2.97x) where 0.5 left most of them undrafted (unseen 1.97x);
+# on this AMD EPYC's curve none is tried up to 0.8, and from 0.9 they cost time (1.22x
+# against 1.23x).
+BORROWED_START = 0.6
+
 # A request alone is planned to keep this many times the rate of decoding one token a step
 # (`plan_drafts`' `lift`): about what drafting kept over the texts it was planned on.
 # Replayed on the engine's greedy texts of bench/heldout.jsonl (Gemma 3 270M Q4_K_M, 128
@@ -136,15 +149,13 @@ class Acceptance:
     def __init__(self, ngram_max: int) -> None:
         # per match length: [accepted, compared]; the live estimate mixes greedy and sampled
         # requests, so it starts from the sampled table, the lower of the two. Drafts
-        # borrowed from other requests' texts (engine/ngrams.py) are learned apart: a match
-        # in another document's answer is worth less than one in the request's own text.
-        self._by_match, self._borrowed = (
-            [
-                [self._START_WEIGHT * self.start(m, greedy=False), self._START_WEIGHT]
-                for m in range(ngram_max + 1)
-            ]
-            for _ in range(2)
-        )
+        # borrowed from other requests' texts (engine/ngrams.py) are learned apart, from
+        # BORROWED_START: a match in another document's answer is worth less.
+        weight = self._START_WEIGHT
+        self._by_match = [
+            [weight * self.start(m, greedy=False), weight] for m in range(ngram_max + 1)
+        ]
+        self._borrowed = [[weight * BORROWED_START, weight] for _ in range(ngram_max + 1)]
 
     @staticmethod
     def start(match: int, *, greedy: bool) -> float:
