@@ -1,5 +1,5 @@
 """What a decode step costs, as the draft planner weighs it: the step time by batch rows
-(`StepCost`, measured before serving, with a fixed table for repeatable requests), the batch
+(`StepCost`, measured before serving, with fixed tables for repeatable requests), the batch
 sizes to measure, and how llama.cpp cuts a batch into passes over the weights (`BatchShape`).
 
 Pure Python, tested without a model (tests/unit/test_speculation_plan.py).
