@@ -131,32 +131,8 @@ def replay_planner(
 ) -> Plan:
     """The engine's plan for a repeatable request alone (engine/drafts.py), step by step,
     against `cost` (default: `STEEP_ROW_COST`, as the engine plans it)."""
-    acceptance = speculation.Acceptance(ngram_max)
     fixed = cost if cost is not None else StepCost.fixed(STEEP_ROW_COST)
-    plan = Plan()
-    for found in texts:
-        record = speculation.DraftRecord()
-        i = 0
-        while i < len(found):
-            p = found[i]
-            k = 0
-            if p.draft:
-                rate = acceptance.own_rate(p.match, *record.of(p.match), greedy=True)
-                candidate = speculation.Candidate(
-                    rate, p.draft, agreed=p.agreed,
-                    agreed_rate=speculation.AGREED_ACCEPTANCE[0], contested=p.contested,
-                )
-                k = speculation.plan_drafts(
-                    [candidate], generating=1, decode_rows=1,
-                    prompt_rows=0, batch_rows=len(price), cost=fixed, sample_seconds=0.0,
-                    lift=speculation.KEPT_LIFT,
-                )[0]
-            accepted = min(k, p.good)
-            if k:
-                record.add(p.match, k, accepted)
-            plan.step(price[k + 1], k, accepted)
-            i += accepted + 1
-    return plan
+    return _replay(texts, price, ngram_max, fixed, live=False)
 
 
 def replay_live(
@@ -164,6 +140,14 @@ def replay_live(
 ) -> Plan:
     """The engine's live plan for a request alone whose text need not repeat, step by step:
     rates learned over the texts in order, borrowed drafts apart (engine/drafts.py)."""
+    return _replay(texts, price, ngram_max, cost, live=True)
+
+
+def _replay(
+    texts: list[list[Point]], price: list[float], ngram_max: int, cost: StepCost, *, live: bool
+) -> Plan:
+    """Each text step by step as the engine plans a request alone against `cost`: from
+    rates learned over the texts (`live`), or from each text's own record and the start."""
     acceptance = speculation.Acceptance(ngram_max)
     plan = Plan()
     for found in texts:
@@ -174,10 +158,13 @@ def replay_live(
             k = 0
             if p.draft:
                 tried = record.of(p.match, borrowed=p.borrowed)
+                rate = (
+                    acceptance.rate(p.match, *tried, borrowed=p.borrowed) if live
+                    else acceptance.own_rate(p.match, *tried, greedy=True)
+                )  # fmt: skip
                 candidate = speculation.Candidate(
-                    acceptance.rate(p.match, *tried, borrowed=p.borrowed), p.draft,
-                    agreed=p.agreed, agreed_rate=speculation.AGREED_ACCEPTANCE[0],
-                    contested=p.contested,
+                    rate, p.draft, agreed=p.agreed,
+                    agreed_rate=speculation.AGREED_ACCEPTANCE[0], contested=p.contested,
                 )
                 k = speculation.plan_drafts(
                     [candidate], generating=1, decode_rows=1,
@@ -187,7 +174,8 @@ def replay_live(
             accepted = min(k, p.good)
             if k:
                 record.add(p.match, k, accepted, borrowed=p.borrowed)
-                acceptance.record(p.match, k, accepted, borrowed=p.borrowed)
+                if live:
+                    acceptance.record(p.match, k, accepted, borrowed=p.borrowed)
             plan.step(price[k + 1], k, accepted)
             i += accepted + 1
     return plan
