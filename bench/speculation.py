@@ -50,7 +50,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -205,20 +205,25 @@ def _engine_in_subprocess(mode: str, in_flight: int, args: argparse.Namespace) -
 def summed(runs: Sequence[Run]) -> Run:
     """The runs of one system that each ran one document (`--each-alone`), as one run of
     them all; the step costs are those timed for the first."""
-    by_match: dict[int, list[int]] = {}
-    for run in runs:
-        for match, counts in run.by_match.items():
-            total = by_match.setdefault(match, [0] * len(counts))
-            for i, n in enumerate(counts):
-                total[i] += n
     first = runs[0]
     return Run(
         first.system, first.in_flight, sum(r.documents for r in runs),
         sum(r.generated_tokens for r in runs), sum(r.seconds for r in runs),
         sum(r.drafted for r in runs), sum(r.accepted for r in runs),
-        sorted(text for r in runs for text in r.texts), first.step_costs, by_match,
-        sum(r.decode_seconds for r in runs),
+        sorted(text for r in runs for text in r.texts), first.step_costs,
+        merged_by_match(r.by_match for r in runs), sum(r.decode_seconds for r in runs),
     )
+
+
+def merged_by_match(tables: Iterable[dict[int, list[int]]]) -> dict[int, list[int]]:
+    """Drafts by match (`Run.by_match`) of several runs, added up."""
+    merged: dict[int, list[int]] = {}
+    for table in tables:
+        for match, counts in table.items():
+            total = merged.setdefault(match, [0] * len(counts))
+            for i, n in enumerate(counts):
+                total[i] += n
+    return merged
 
 
 # ---------------------------------------------------------------- llama-server
@@ -301,13 +306,7 @@ def acceptance_table(runs: list[Run]) -> str:
     lines = [f"{'system':<16}{'match':>12}{'drafts':>8}{'drafted':>9}{'compared':>10}"
              f"{'accepted':>10}{'rate':>7}{'whole':>7}"]
     for system in sorted({r.system for r in runs if r.by_match}):
-        total: dict[int, list[int]] = {}
-        for run in runs:
-            if run.system == system:
-                for match, counts in run.by_match.items():
-                    mine = total.setdefault(match, [0, 0, 0, 0])
-                    for i, n in enumerate(counts):
-                        mine[i] += n
+        total = merged_by_match(r.by_match for r in runs if r.system == system)
         for match, (drafts, drafted, compared, accepted) in sorted(
             total.items(), key=lambda item: (item[0] < 0, abs(item[0]))
         ):
